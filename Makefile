@@ -1,0 +1,28 @@
+# `make demo` and `make test` set up a fresh machine by themselves: they create .venv and install
+# the package with its dependencies (torch from the package registry) before doing their job.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p build/demo
+	$(BIN)/onnxprune models/mnist_cnn.onnx build/demo/mnist_cnn_80.onnx --sparsity 0.8 \
+		--calib models/mnist_calib.npz --eval models/mnist_eval.npz --force
+	@echo "pruned model: build/demo/mnist_cnn_80.onnx   report: build/demo/mnist_cnn_80.report.json"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,33 @@
+"""onnxprune: ONNX-to-ONNX pruning with second-order estimators, validated in onnxruntime.
+
+Public API: `prune(PruneConfig(...)) -> Report`, the estimator registry, and the error types.
+"""
+
+__version__ = "0.1.0"
+
+from .api import prune  # noqa: E402
+from .config import PruneConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    CalibrationDataError,
+    InvalidModelError,
+    NonFiniteError,
+    OnnxPruneError,
+    UnsupportedOperatorError,
+    UsageError,
+)
+from .estimators import ESTIMATORS, Estimator  # noqa: E402
+from .report import Report  # noqa: E402
+
+__all__ = [
+    "prune",
+    "PruneConfig",
+    "Report",
+    "ESTIMATORS",
+    "Estimator",
+    "OnnxPruneError",
+    "UsageError",
+    "InvalidModelError",
+    "UnsupportedOperatorError",
+    "CalibrationDataError",
+    "NonFiniteError",
+]
