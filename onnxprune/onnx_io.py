@@ -1,0 +1,256 @@
+"""Reading and writing ONNX files safely.
+
+Loading never follows external data outside the model's folder; saving is atomic (a temporary
+folder next to the target, then rename), so a failed run leaves either no output or the
+previous one, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import onnx
+from onnx import ModelProto, TensorProto
+
+from .errors import InvalidModelError, UsageError
+
+# protobuf refuses to serialise a message of 2 GiB or more; stay clear of it with a margin
+# for the graph structure itself.
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
+
+
+@dataclass
+class LoadedModel:
+    """A checked ModelProto with every tensor's bytes in memory, and where they came from."""
+
+    proto: ModelProto
+    path: Path
+    external_files: frozenset[Path] = field(default_factory=frozenset)
+
+    @property
+    def uses_external_data(self) -> bool:
+        return bool(self.external_files)
+
+
+def iter_tensors(model: ModelProto) -> Iterator[TensorProto]:
+    """Every TensorProto of the model: initializers and tensor attributes, subgraphs included."""
+
+    def from_graph(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from from_graph(attr.g)
+                for sub in attr.graphs:
+                    yield from from_graph(sub)
+
+    yield from from_graph(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Parse, load external data from inside the model's folder only, and check the model."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"input model {path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"input model {path} is not a regular file")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeError, ... depending on the damage
+        raise InvalidModelError(
+            f"{path} is not an ONNX model: protobuf could not parse it ({type(exc).__name__}: {exc})"
+        ) from None
+    if not proto.HasField("graph") or proto.ir_version <= 0:
+        raise InvalidModelError(f"{path} is not an ONNX model: it has no graph or no IR version")
+    external_files = _load_external_data(proto, path.parent)
+    _check(proto, path)
+    return LoadedModel(proto=proto, path=path, external_files=frozenset(external_files))
+
+
+def _check(proto: ModelProto, path: Path) -> None:
+    try:
+        if tensor_bytes(proto) < EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(proto)
+        else:
+            # The checker serialises a proto it is given; for large models let it read the
+            # file itself (its external data was already validated above).
+            onnx.checker.check_model(str(path))
+    except Exception as exc:
+        message = str(exc).strip().splitlines()
+        detail = message[0] if message else type(exc).__name__
+        raise InvalidModelError(f"{path} is not a valid ONNX model: {detail}") from None
+
+
+def tensor_bytes(model: ModelProto) -> int:
+    """Bytes of tensor data held in memory by the model."""
+    total = 0
+    for t in iter_tensors(model):
+        total += len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data))
+        total += 8 * (len(t.int64_data) + len(t.double_data))
+    return total
+
+
+def _external_fields(tensor: TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _resolve_inside(base: Path, location: str, tensor_name: str) -> Path:
+    """The real path of an external-data location, refusing anything that leaves `base`."""
+    where = f"external data of tensor {tensor_name!r} ({location!r})"
+    if not location or "\x00" in location:
+        raise InvalidModelError(f"{where}: empty or malformed location")
+    relative = Path(location)
+    if relative.is_absolute() or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        raise InvalidModelError(f"{where}: absolute paths are not allowed; keep data next to the model")
+    if any(part == ".." for part in relative.parts) or "\\" in location:
+        raise InvalidModelError(f"{where}: the location leaves the model's folder")
+    base_real = base.resolve()
+    current = base_real
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise InvalidModelError(f"{where}: {current} is a symbolic link; copy the data file instead")
+    if not str(current.resolve()).startswith(str(base_real) + os.sep):
+        raise InvalidModelError(f"{where}: the location leaves the model's folder")
+    return current
+
+
+def _load_external_data(proto: ModelProto, base: Path) -> set[Path]:
+    used: set[Path] = set()
+    for tensor in iter_tensors(proto):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = _external_fields(tensor)
+        file_path = _resolve_inside(base, info.get("location", ""), tensor.name)
+        try:
+            offset = int(info.get("offset", "0"))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise InvalidModelError(f"external data of tensor {tensor.name!r}: offset/length are not integers") from None
+        tensor.raw_data = _read_region(file_path, offset, length, tensor.name)
+        tensor.data_location = TensorProto.DEFAULT
+        del tensor.external_data[:]
+        used.add(file_path)
+    return used
+
+
+def _read_region(file_path: Path, offset: int, length: int | None, tensor_name: str) -> bytes:
+    where = f"external data of tensor {tensor_name!r} in {file_path.name}"
+    if offset < 0 or (length is not None and length < 0):
+        raise InvalidModelError(f"{where}: negative offset or length")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(file_path, flags)
+    except OSError as exc:
+        raise InvalidModelError(f"{where}: cannot open ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidModelError(f"{where}: not a regular file")
+        if info.st_nlink > 1:
+            raise InvalidModelError(
+                f"{where}: the file has {info.st_nlink} hard links, so it may be a file from elsewhere; "
+                "copy it to a plain file next to the model"
+            )
+        end = info.st_size if length is None else offset + length
+        if offset > info.st_size or end > info.st_size:
+            raise InvalidModelError(
+                f"{where}: offset {offset} + length {end - offset} is past the end of the file ({info.st_size} bytes)"
+            )
+        handle.seek(offset)
+        return handle.read(end - offset)
+
+
+# ----------------------------------------------------------------------------------- saving
+
+
+def external_data_name(output: Path) -> str:
+    """The name of the data file written next to `output` when it needs external data."""
+    return output.name + ".data"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp_dir)`, which creates files named as their targets in `tmp_dir`, then move
+    them into `path.parent`; the file named `path.name` moves last. Nothing is left on failure."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    try:
+        write(tmp)
+        produced = sorted(p.name for p in tmp.iterdir())
+        if path.name not in produced:
+            raise RuntimeError(f"atomic_write: {path.name} was not produced")
+        for name in produced:
+            _fsync(tmp / name)
+        for name in [n for n in produced if n != path.name] + [path.name]:
+            os.replace(tmp / name, folder / name)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    atomic_write(path, lambda tmp: (tmp / Path(path).name).write_bytes(data))
+
+
+def save_model(model: ModelProto, path: Path, *, external_data: bool) -> None:
+    """Write `model` to `path` atomically, with its tensors in `<name>.data` when asked.
+
+    With external data the model proto is modified (tensors now point to the file), so pass a
+    proto the caller does not need afterwards.
+    """
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        if external_data:
+            # A fresh folder: onnx appends to an existing data file, which must never be ours
+            # to append to (it could be the input's).
+            onnx.save_model(
+                model,
+                str(tmp / path.name),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=external_data_name(path),
+                size_threshold=1024,
+            )
+        else:
+            (tmp / path.name).write_bytes(model.SerializeToString())
+
+    atomic_write(path, write)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
