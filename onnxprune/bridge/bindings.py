@@ -1,0 +1,135 @@
+"""Which ONNX tensors are prunable weights, and writing pruned values back into the original model.
+
+Discovery works on the ONNX graph alone (original names), so it can be listed without converting.
+A weight is prunable when it is a float initializer of rank >= 2 that reaches the weight input of
+Conv, ConvTranspose, Gemm or MatMul, directly or through a chain of layout-only nodes. A tensor
+used by several nodes is one entry, pruned once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+
+# Inputs that carry weights, per operator. Gemm/MatMul: whichever operand is constant.
+WEIGHT_INPUTS: dict[str, frozenset[int]] = {
+    "Conv": frozenset({1}),
+    "ConvTranspose": frozenset({1}),
+    "Gemm": frozenset({0, 1}),
+    "MatMul": frozenset({0, 1}),
+}
+# Nodes that only change a tensor's layout; a weight may pass through them (data input 0).
+LAYOUT_ONLY = frozenset({"Transpose", "Identity", "Reshape"})
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A node that uses a weight: its name, op type, which input, and the layout nodes between."""
+
+    node: str
+    op_type: str
+    input_index: int
+    via: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        chain = "".join(f"{op} -> " for op in self.via)
+        return f"{chain}{self.op_type} {self.node!r} input {self.input_index}"
+
+
+@dataclass(frozen=True)
+class PrunableTensor:
+    """A weight that may be pruned: an initializer of the original model."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    consumers: tuple[Consumer, ...]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def matches(self, pattern: re.Pattern) -> bool:
+        """Whether `pattern` matches the tensor's name or the name of a node that uses it."""
+        return bool(pattern.search(self.name)) or any(pattern.search(c.node) for c in self.consumers)
+
+
+def find_prunable(model: ModelProto) -> list[PrunableTensor]:
+    """Prunable weights of the model's main graph, in initializer order."""
+    graph = model.graph
+    users: dict[str, list[tuple[NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name:
+                users[name].append((node, index))
+
+    found = []
+    for tensor in graph.initializer:
+        if tensor.data_type not in FLOAT_TYPES or len(tensor.dims) < 2:
+            continue
+        consumers = tuple(_weight_consumers(tensor.name, users, via=(), seen=set()))
+        if consumers:
+            found.append(
+                PrunableTensor(
+                    name=tensor.name,
+                    shape=tuple(int(d) for d in tensor.dims),
+                    dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type),
+                    consumers=consumers,
+                )
+            )
+    return found
+
+
+def _weight_consumers(
+    value: str, users: Mapping[str, list[tuple[NodeProto, int]]], via: tuple[str, ...], seen: set[str]
+) -> Iterable[Consumer]:
+    if value in seen:  # a malformed graph may loop; never walk a value twice
+        return
+    seen.add(value)
+    for node, index in users.get(value, ()):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if index in WEIGHT_INPUTS.get(node.op_type, ()):
+            yield Consumer(node=node.name, op_type=node.op_type, input_index=index, via=via)
+        elif node.op_type in LAYOUT_ONLY and index == 0:
+            for output in node.output:
+                yield from _weight_consumers(output, users, via + (node.op_type,), seen)
+
+
+def select(tensors: Iterable[PrunableTensor], exclude: Iterable[str]) -> list[PrunableTensor]:
+    """`tensors` without those matched by any of the `exclude` regular expressions."""
+    patterns = [re.compile(p) for p in exclude]
+    return [t for t in tensors if not any(t.matches(p) for p in patterns)]
+
+
+def write_back(model: ModelProto, arrays: Mapping[str, np.ndarray]) -> ModelProto:
+    """A copy of `model` whose initializers named in `arrays` hold the new values.
+
+    Everything else (nodes, names, opsets, IR version, metadata, other tensors) is copied as is.
+    Values keep the original tensor's dtype and shape.
+    """
+    out = ModelProto()
+    out.CopyFrom(model)
+    remaining = dict(arrays)
+    for tensor in out.graph.initializer:
+        if tensor.name not in remaining:
+            continue
+        array = np.asarray(remaining.pop(tensor.name))
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        shape = tuple(tensor.dims)
+        if array.shape != shape:
+            raise ValueError(f"write_back: {tensor.name!r} has shape {shape}, got {array.shape}")
+        replacement = numpy_helper.from_array(np.ascontiguousarray(array.astype(dtype, copy=False)), tensor.name)
+        # Replace only the payload, so the tensor's other fields (doc, metadata) stay as they were.
+        for typed_field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            tensor.ClearField(typed_field)
+        tensor.raw_data = replacement.raw_data
+    if remaining:
+        raise KeyError(f"write_back: no initializer named {sorted(remaining)}")
+    return out
