@@ -1,0 +1,188 @@
+"""The report of one run: what was pruned, how close the output stays, and whether the gate passed.
+
+`Report.to_dict()` is the JSON document (`SCHEMA_VERSION` changes when a field changes meaning or
+disappears; new fields may be added within a version). `format_human()` is the short table on
+stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .validate import OutputError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    size_bytes: int  # the .onnx file plus its external data files
+    ir_version: int
+    opsets: dict[str, int]
+    producer: str
+    external_data: bool
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    source: str
+    samples: int
+    synthetic: bool
+    labels: bool
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorSparsity:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int  # counted in the written tensor
+    sparsity: float
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Pruning:
+    method: str
+    scope: str
+    target_sparsity: float
+    tensors: tuple[TensorSparsity, ...]
+    params: int  # entries of the pruned tensors
+    zeros: int
+    sparsity: float  # zeros / params over the pruned tensors
+    excluded: tuple[str, ...]  # prunable tensors left dense by --exclude
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """The dense torch model against onnxruntime on the original: is the bridge faithful?"""
+
+    samples: int
+    max_abs_error: float
+    relative_error: float  # max_abs_error / largest |reference output|
+    outputs: tuple[OutputError, ...]
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The headline metric: accuracy with labels, else top-1 agreement, else output cosine."""
+
+    metric: str
+    output: str
+    before: float
+    after: float
+    drop: float
+
+
+@dataclass(frozen=True)
+class Validation:
+    samples: int
+    accuracy_before: float | None
+    accuracy_after: float | None
+    top1_agreement: float | None
+    outputs: tuple[OutputError, ...]
+    quality: Quality
+
+
+@dataclass(frozen=True)
+class Gate:
+    max_drop: float
+    metric: str
+    drop: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Report:
+    tool_version: str
+    device: str
+    config: dict[str, Any]
+    input: ModelInfo
+    output: ModelInfo
+    calibration: DataInfo | None
+    evaluation: DataInfo
+    pruning: Pruning
+    conversion: Conversion
+    validation: Validation
+    gate: Gate | None
+    timings: dict[str, float]
+    warnings: tuple[str, ...] = field(default=())
+    report_path: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def gate_failed(self) -> bool:
+        return self.gate is not None and not self.gate.passed
+
+    @property
+    def exit_code(self) -> int:
+        return 6 if self.gate_failed else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["exit_code"] = self.exit_code
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_jsonable) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_human(report: Report, max_rows: int = 30) -> str:
+    """A short table for people: per-tensor sparsity, quality before/after, sizes, gate."""
+    p, v = report.pruning, report.validation
+    lines = [
+        f"onnxprune {report.tool_version}: {p.method}, {p.scope} scope, target sparsity {p.target_sparsity:.2f}"
+        f" -> {report.output.path}",
+    ]
+    width = max([len("pruned tensor")] + [len(t.name) for t in p.tensors[:max_rows]]) + 2
+    lines.append(f"  {'pruned tensor':<{width}}{'shape':>16}{'params':>12}{'sparsity':>10}")
+    for t in p.tensors[:max_rows]:
+        shape = "x".join(str(d) for d in t.shape)
+        lines.append(f"  {t.name:<{width}}{shape:>16}{t.numel:>12,}{t.sparsity:>10.4f}")
+    if len(p.tensors) > max_rows:
+        lines.append(f"  ... {len(p.tensors) - max_rows} more (see the JSON report)")
+    lines.append(f"  {'total (' + str(len(p.tensors)) + ' tensors)':<{width}}{'':>16}{p.params:>12,}{p.sparsity:>10.4f}")
+    if p.excluded:
+        lines.append(f"  left dense by --exclude: {', '.join(p.excluded[:8])}{' ...' if len(p.excluded) > 8 else ''}")
+    c = report.conversion
+    lines.append(f"conversion check (torch vs onnxruntime, {c.samples} samples): max abs error {c.max_abs_error:.2e}")
+    e = report.evaluation
+    lines.append(f"evaluation: {e.samples} samples from {e.source}{' (synthetic)' if e.synthetic else ''}")
+    if v.accuracy_before is not None:
+        lines.append(
+            f"  accuracy         {v.accuracy_before:.4f} -> {v.accuracy_after:.4f}  (drop {v.accuracy_before - v.accuracy_after:+.4f})"
+        )
+    if v.top1_agreement is not None:
+        lines.append(f"  top-1 agreement  {v.top1_agreement:.4f}")
+    for o in v.outputs:
+        lines.append(
+            f"  output {o.name!r}: max abs {o.max_abs_error:.3e}  mean abs {o.mean_abs_error:.3e}  cosine {o.cosine:.5f}"
+        )
+    lines.append(f"size: {_size(report.input.size_bytes)} -> {_size(report.output.size_bytes)}")
+    if report.gate is not None:
+        g = report.gate
+        verdict = "passed" if g.passed else "FAILED"
+        lines.append(f"gate: {g.metric} drop {g.drop:.4f} {'<=' if g.passed else '>'} max-drop {g.max_drop:.4f}: {verdict}")
+    for w in report.warnings:
+        lines.append(f"warning: {w}")
+    if report.report_path:
+        lines.append(f"report: {report.report_path}")
+    return "\n".join(lines)

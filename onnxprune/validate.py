@@ -1,0 +1,104 @@
+"""Running models in onnxruntime and measuring how far the pruned one strays from the original."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .data import Dataset, InputSpec, run_batches
+from .errors import CalibrationDataError, InvalidModelError
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+class OrtModel:
+    """An onnxruntime session on a model file, CPU provider (deterministic, present everywhere)."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise InvalidModelError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
+        self.path = Path(path)
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, dataset: Dataset, specs: Sequence[InputSpec], batch_size: int, limit: int | None = None) -> list[np.ndarray]:
+        """Outputs over the dataset; feeds the model rejects are a data problem (exit 5)."""
+        try:
+            return run_batches(lambda feeds: self.session.run(None, feeds), dataset, specs, batch_size, limit)
+        except CalibrationDataError:
+            raise
+        except Exception as exc:
+            raise CalibrationDataError(
+                f"onnxruntime rejected the data from {dataset.source} on {self.path.name}: {_first_line(exc)}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """How one output of the candidate differs from the reference, over all samples."""
+
+    name: str
+    max_abs_error: float
+    mean_abs_error: float
+    cosine: float  # mean over samples of the cosine similarity of the flattened outputs
+
+
+def output_error(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputError:
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if ref.shape != cand.shape:
+        raise ValueError(f"output {name!r}: shapes differ {ref.shape} vs {cand.shape}")
+    diff = np.abs(ref - cand)
+    return OutputError(
+        name=name,
+        max_abs_error=float(diff.max()) if diff.size else 0.0,
+        mean_abs_error=float(diff.mean()) if diff.size else 0.0,
+        cosine=mean_cosine(ref, cand),
+    )
+
+
+def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean over samples (axis 0) of the cosine similarity; two zero vectors count as identical."""
+    a = np.asarray(reference, dtype=np.float64)
+    a = a.reshape(len(a), -1) if a.ndim else a.reshape(1, 1)
+    b = np.asarray(candidate, dtype=np.float64).reshape(a.shape)
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = np.where((norm_a == 0) & (norm_b == 0), 1.0, 0.0)
+    cos = np.divide((a * b).sum(axis=1), norm_a * norm_b, out=both_zero, where=norm_a * norm_b > 0)
+    return float(cos.mean()) if cos.size else 1.0
+
+
+def is_classifier_output(output: np.ndarray) -> bool:
+    """Scores over classes: a float array of shape (samples, classes) with at least two classes."""
+    return output.ndim == 2 and output.shape[1] >= 2 and np.issubdtype(output.dtype, np.floating)
+
+
+def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Fraction of samples whose arg-max class is the same in both outputs."""
+    return float(np.mean(np.argmax(reference, axis=1) == np.argmax(candidate, axis=1)))
+
+
+def accuracy(output: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of class scores against integer labels."""
+    return float(np.mean(np.argmax(output, axis=1) == labels.reshape(-1)))
+
+
+def labels_usable(output: np.ndarray, labels: np.ndarray | None) -> bool:
+    """Whether `labels` are class indices for the classifier `output`."""
+    if labels is None or not is_classifier_output(output):
+        return False
+    flat = labels.reshape(-1) if labels.ndim <= 2 and labels.size == len(labels) else None
+    if flat is None or flat.dtype.kind not in "iu" or len(flat) != len(output):
+        return False
+    return bool(flat.size == 0 or (flat.min() >= 0 and flat.max() < output.shape[1]))
