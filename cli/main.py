@@ -1,0 +1,152 @@
+"""The `onnxprune` command: options → PruneConfig → prune() → report. No logic of its own."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import click
+
+EXIT_CODES = """\b
+Exit codes:
+  0  ok
+  1  internal error (a bug: please report it)
+  2  usage error (bad option, output exists without --force, ...)
+  3  invalid or unsafe model
+  4  unsupported operator
+  5  bad calibration or evaluation data
+  6  accuracy gate failed (--max-drop); output and report are written
+  7  non-finite weights or scores; nothing is written
+"""
+
+
+def _registry_names() -> list[str]:
+    from onnxprune.estimators import ESTIMATORS
+
+    return list(ESTIMATORS.names())
+
+
+def _sparsity(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise click.BadParameter(f"{value} is not in [0, 1)")
+    return value
+
+
+def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise click.BadParameter(f"{value} is not in [0, 1]")
+    return value
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EXIT_CODES,
+)
+@click.argument("input_path", metavar="IN.onnx", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("output_path", metavar="OUT.onnx", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--sparsity", type=float, required=True, callback=_sparsity,
+              help="Fraction of the prunable weights to zero, in [0, 1).")
+@click.option("--method", type=click.Choice(_registry_names()), default=None, show_default="magnitude",
+              help="Estimator deciding which weights to drop.")
+@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+              help="global: one threshold over all weights; layer: every tensor to the same sparsity.")
+@click.option("--exclude", multiple=True, metavar="REGEX",
+              help="Leave dense the weights whose tensor name or consumer node name matches (repeatable).")
+@click.option("--calib", type=click.Path(exists=True, path_type=Path),
+              help="Calibration data: a .npz keyed by input name (+ optional 'labels'), or a folder of them.")
+@click.option("--eval", "evaluation", type=click.Path(exists=True, path_type=Path),
+              help="Evaluation data, same format. Default: a held-out quarter of --calib.")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the JSON report. Default: OUT.report.json next to the output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (and nothing else there).")
+@click.option("--max-drop", type=float, callback=_max_drop,
+              help="Fail with exit 6 if accuracy (or top-1 agreement, or output cosine) drops by more than this.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits and synthesis.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where torch computes; cuda without a usable GPU is an error.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output and report.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings on stderr; no table.")
+@click.option("--debug", is_flag=True, help="Show the traceback of internal errors.")
+@click.version_option(package_name="onnxprune", prog_name="onnxprune")
+def main(input_path: Path, output_path: Path, sparsity: float, method: str | None, scope: str,
+         exclude: tuple[str, ...], calib: Path | None, evaluation: Path | None, report: Path | None,
+         as_json: bool, max_drop: float | None, seed: int, device: str, force: bool, quiet: bool,
+         debug: bool) -> None:
+    """Prune IN.onnx into OUT.onnx and validate it with onnxruntime.
+
+    The output keeps the input's graph, node and tensor names, opsets and IR version; only the
+    pruned weight tensors change. A JSON report is written next to the output and a short table
+    is printed on stderr.
+    """
+    _configure_logging(quiet)
+    from onnxprune import PruneConfig, prune
+    from onnxprune.errors import OnnxPruneError
+    from onnxprune.estimators import DEFAULT_METHOD
+    from onnxprune.report import format_human
+
+    try:
+        with _stdout_to_stderr():
+            config = PruneConfig(
+                input=input_path, output=output_path, sparsity=sparsity, method=method or DEFAULT_METHOD,
+                scope=scope, exclude=exclude, calibration=calib, evaluation=evaluation, report=report,
+                max_drop=max_drop, seed=seed, device=device, force=force,
+            )
+            result = prune(config)
+    except OnnxPruneError as exc:
+        click.echo(f"onnxprune: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("onnxprune: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"onnxprune: internal error: {type(exc).__name__}: {exc}", err=True)
+        click.echo("onnxprune: this is a bug; rerun with --debug and report the traceback", err=True)
+        sys.exit(1)
+
+    if not quiet:
+        click.echo(format_human(result), err=True)
+    if as_json:
+        click.echo(result.to_json(), nl=False)
+    sys.exit(result.exit_code)
+
+
+def _configure_logging(quiet: bool) -> None:
+    logger = logging.getLogger("onnxprune")
+    logger.handlers[:] = []
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("onnxprune: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (by us or by libraries, Python or C) to stderr, so that
+    stdout carries only the JSON report."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:
+        saved = None
+    python_stdout, sys.stdout = sys.stdout, sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = python_stdout
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The command line end to end: exit codes, reports, exact sparsity, the gate, files left alone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+import onnx
+
+from builders import mlp, model, ort_run, randn, save, save_npz, tensor
+from onnxprune.masks import prune_count
+from onnxprune_cli.main import main
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def mlp_files(tmp_path):
+    """A 3-layer classifier, calibration data with labels, evaluation data without."""
+    m = model(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1", transB=1),
+            helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+            helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], name="fc2", transB=0, alpha=0.5),
+            helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+            helper.make_node("MatMul", ["r2", "w3"], ["logits"], name="head"),
+        ],
+        [tensor("x", ["N", 10])], [tensor("logits", ["N", 5])],
+        {"w1": randn(24, 10, seed=1), "b1": randn(24, seed=2), "w2": randn(24, 16, seed=3),
+         "b2": randn(16, seed=4), "w3": randn(16, 5, seed=5)},
+    )
+    path = save(m, tmp_path / "model.onnx")
+    x = randn(300, 10, seed=6)
+    labels = np.argmax(ort_run(m, {"x": x})[0], axis=1)  # the dense model is right on its own labels
+    calib = save_npz(tmp_path / "calib.npz", x=x[:200], labels=labels[:200])
+    evaluation = save_npz(tmp_path / "eval.npz", x=x[200:], labels=labels[200:])
+    return path, calib, evaluation, tmp_path
+
+
+def load_report(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def written(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+# ------------------------------------------------------------------------------ success
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_prunes_to_the_exact_target_and_matches_its_own_report(mlp_files, scope):
+    path, calib, evaluation, tmp = mlp_files
+    before = sha(path)
+    result = run_cli(path, tmp / "out.onnx", "--sparsity", "0.7", "--scope", scope,
+                     "--calib", calib, "--eval", evaluation, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report == load_report(tmp / "out.report.json")
+    assert sha(path) == before
+
+    tensors = written(tmp / "out.onnx")
+    sizes = {"w1": 240, "w2": 384, "w3": 80}
+    zeros = {name: int((tensors[name] == 0).sum()) for name in sizes}
+    if scope == "global":
+        assert sum(zeros.values()) == prune_count(sum(sizes.values()), 0.7)
+    else:
+        assert zeros == {name: prune_count(n, 0.7) for name, n in sizes.items()}
+    rows = {row["name"]: row for row in report["pruning"]["tensors"]}
+    assert {name: rows[name]["zeros"] for name in sizes} == zeros
+    assert report["pruning"]["zeros"] == sum(zeros.values())
+    # biases untouched, bit for bit
+    original = written(path)
+    assert original["b1"].tobytes() == tensors["b1"].tobytes()
+    assert report["validation"]["accuracy_before"] == 1.0
+    assert report["exit_code"] == 0 and report["schema_version"] == 1
+    assert report["conversion"]["max_abs_error"] < 1e-4
+
+
+def test_written_model_keeps_graph_names_opsets_ir_and_matches_masked_weights(mlp_files):
+    path, calib, evaluation, tmp = mlp_files
+    assert run_cli(path, tmp / "out.onnx", "--sparsity", "0.5", "--calib", calib, "--eval", evaluation).exit_code == 0
+    a, b = onnx.load(str(path)), onnx.load(str(tmp / "out.onnx"))
+    assert (b.ir_version, list(b.opset_import)) == (a.ir_version, list(a.opset_import))
+    assert list(b.graph.node) == list(a.graph.node)
+    assert [t.name for t in b.graph.initializer] == [t.name for t in a.graph.initializer]
+    # every surviving weight is the original value exactly, and (global magnitude) every pruned
+    # weight is no larger than any survivor
+    old_tensors, new_tensors = written(path), written(tmp / "out.onnx")
+    for name, new in new_tensors.items():
+        assert np.array_equal(new[new != 0], old_tensors[name][new != 0])
+    weights = ["w1", "w2", "w3"]
+    dropped = np.concatenate([np.abs(old_tensors[n][new_tensors[n] == 0]) for n in weights])
+    kept = np.concatenate([np.abs(old_tensors[n][new_tensors[n] != 0]) for n in weights])
+    assert dropped.size == prune_count(240 + 384 + 80, 0.5) and dropped.max() <= kept.min()
+
+
+def test_sparsity_zero_reproduces_the_original_outputs_exactly(mlp_files):
+    path, calib, evaluation, tmp = mlp_files
+    result = run_cli(path, tmp / "out.onnx", "--sparsity", "0", "--eval", evaluation)
+    assert result.exit_code == 0, result.stderr
+    x = np.load(evaluation)["x"]
+    assert ort_run(tmp / "out.onnx", {"x": x})[0].tobytes() == ort_run(path, {"x": x})[0].tobytes()
+    assert all(written(path)[k].tobytes() == v.tobytes() for k, v in written(tmp / "out.onnx").items())
+    report = load_report(tmp / "out.report.json")
+    assert report["validation"]["outputs"][0]["max_abs_error"] == 0.0
+    assert report["validation"]["top1_agreement"] == 1.0
+
+
+def test_exclude_leaves_matching_weights_dense(mlp_files):
+    path, calib, evaluation, tmp = mlp_files
+    result = run_cli(path, tmp / "out.onnx", "--sparsity", "0.6", "--exclude", "^head$", "--eval", evaluation)
+    assert result.exit_code == 0, result.stderr
+    assert written(tmp / "out.onnx")["w3"].tobytes() == written(path)["w3"].tobytes()
+    report = load_report(tmp / "out.report.json")
+    assert report["pruning"]["excluded"] == ["w3"]
+    assert report["pruning"]["zeros"] == prune_count(240 + 384, 0.6)
+
+
+def test_without_any_data_it_synthesizes_and_says_so(mlp_files):
+    path, _, _, tmp = mlp_files
+    result = run_cli(path, tmp / "out.onnx", "--sparsity", "0.5")
+    assert result.exit_code == 0, result.stderr
+    assert "synthetic" in result.stderr
+    report = load_report(tmp / "out.report.json")
+    assert report["evaluation"]["synthetic"] is True
+    assert any("synthetic" in w for w in report["warnings"])
+
+
+def test_calib_without_eval_holds_out_a_quarter(mlp_files):
+    path, calib, _, tmp = mlp_files
+    assert run_cli(path, tmp / "out.onnx", "--sparsity", "0.5", "--calib", calib).exit_code == 0
+    assert load_report(tmp / "out.report.json")["evaluation"]["samples"] == 50
+
+
+# ------------------------------------------------------------------------------ the gate
+
+
+def test_max_drop_gate_passes_and_fails_with_output_and_report_written(mlp_files):
+    path, calib, evaluation, tmp = mlp_files
+    ok = run_cli(path, tmp / "ok.onnx", "--sparsity", "0.3", "--eval", evaluation, "--max-drop", "1.0")
+    assert ok.exit_code == 0, ok.stderr
+    assert load_report(tmp / "ok.report.json")["gate"]["passed"] is True
+
+    bad = run_cli(path, tmp / "bad.onnx", "--sparsity", "0.9", "--eval", evaluation, "--max-drop", "0.0")
+    assert bad.exit_code == 6, bad.stderr
+    report = load_report(tmp / "bad.report.json")
+    assert report["gate"]["passed"] is False and report["gate"]["metric"] == "accuracy"
+    assert report["gate"]["drop"] > 0 and report["exit_code"] == 6
+    assert (tmp / "bad.onnx").exists()
+    assert "FAILED" in bad.stderr
+
+
+# ------------------------------------------------------------------------------ exit codes
+
+
+def test_exit_2_usage_errors(mlp_files):
+    path, _, _, tmp = mlp_files
+    assert run_cli(path, tmp / "o.onnx", "--sparsity", "1.5").exit_code == 2
+    assert run_cli(path, tmp / "o.onnx", "--sparsity", "-0.1").exit_code == 2
+    assert run_cli(path, tmp / "o.onnx", "--sparsity", "0.5", "--method", "nope").exit_code == 2
+    same = run_cli(path, path, "--sparsity", "0.5")
+    assert same.exit_code == 2 and "is the input model" in same.stderr
+    (tmp / "exists.onnx").write_bytes(b"keep me")
+    exists = run_cli(path, tmp / "exists.onnx", "--sparsity", "0.5")
+    assert exists.exit_code == 2 and "--force" in exists.stderr
+    assert (tmp / "exists.onnx").read_bytes() == b"keep me"
+    assert run_cli(path, tmp / "exists.onnx", "--sparsity", "0.5", "--force").exit_code == 0
+    bad_regex = run_cli(path, tmp / "r.onnx", "--sparsity", "0.5", "--exclude", "(")
+    assert bad_regex.exit_code == 2 and "regular expression" in bad_regex.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_exit_2_cuda_requested_without_a_gpu(mlp_files):
+    path, _, _, tmp = mlp_files
+    result = run_cli(path, tmp / "o.onnx", "--sparsity", "0.5", "--device", "cuda")
+    assert result.exit_code == 2 and "no usable CUDA device" in result.stderr
+    assert not (tmp / "o.onnx").exists()
+
+
+def test_exit_3_not_an_onnx_file(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"this is not a protobuf \xff\xff\xff")
+    result = run_cli(tmp_path / "junk.onnx", tmp_path / "o.onnx", "--sparsity", "0.5")
+    assert result.exit_code == 3 and "not an ONNX model" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o.onnx").exists()
+
+
+def test_exit_4_unsupported_operator_lists_what_is_missing(tmp_path):
+    m = model([helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Hardmax", ["a"], ["y"], name="hm")],
+              [tensor("x", ["n", 3])], [tensor("y", ["n", 3])], {"w": randn(3, 3)})
+    path = save(m, tmp_path / "m.onnx")
+    result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5")
+    assert result.exit_code == 4
+    assert "Hardmax (ai.onnx, opset 17) x1" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_exit_5_bad_calibration_data(mlp_files):
+    path, _, _, tmp = mlp_files
+    bad = save_npz(tmp / "bad.npz", x=np.zeros((4, 7), np.float32))
+    result = run_cli(path, tmp / "o.onnx", "--sparsity", "0.5", "--calib", bad)
+    assert result.exit_code == 5 and "bad.npz" in result.stderr and "should be 10, is 7" in result.stderr
+    assert not (tmp / "o.onnx").exists()
+
+
+def test_exit_7_non_finite_weights(tmp_path):
+    w = randn(4, 3)
+    w[1, 2] = np.nan
+    m = model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+              [tensor("x", ["n", 4])], [tensor("y", ["n", 3])], {"w": w})
+    path = save(m, tmp_path / "m.onnx")
+    result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5")
+    assert result.exit_code == 7 and "'w'" in result.stderr and "NaN" in result.stderr
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "o.report.json").exists()
+
+
+def test_exit_1_internal_error_is_one_line_without_traceback(mlp_files, monkeypatch):
+    path, _, evaluation, tmp = mlp_files
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr("onnxprune.api.write_back", broken)
+    result = run_cli(path, tmp / "o.onnx", "--sparsity", "0.5", "--eval", evaluation)
+    assert result.exit_code == 1
+    assert "internal error: RuntimeError: simulated bug" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp / "o.onnx").exists()
+
+
+def test_installed_command_keeps_stdout_for_json_only(mlp_files):
+    path, calib, evaluation, tmp = mlp_files
+    command = Path(sys.executable).with_name("onnxprune")
+    done = subprocess.run(
+        [str(command), str(path), str(tmp / "o.onnx"), "--sparsity", "0.5", "--eval", str(evaluation), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # exactly one JSON document, nothing else
+    assert report["pruning"]["target_sparsity"] == 0.5
+    assert "pruned tensor" in done.stderr
