@@ -12,6 +12,10 @@ from typing import Iterator
 
 import click
 
+from onnxprune.config import DEVICES
+from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS
+from onnxprune.masks import SCOPES
+
 EXIT_CODES = """\b
 Exit codes:
   0  ok
@@ -23,12 +27,6 @@ Exit codes:
   6  accuracy gate failed (--max-drop); output and report are written
   7  non-finite weights or scores; nothing is written
 """
-
-
-def _registry_names() -> list[str]:
-    from onnxprune.estimators import ESTIMATORS
-
-    return list(ESTIMATORS.names())
 
 
 def _sparsity(ctx: click.Context, param: click.Parameter, value: float) -> float:
@@ -51,9 +49,9 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
 @click.argument("output_path", metavar="OUT.onnx", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--sparsity", type=float, required=True, callback=_sparsity,
               help="Fraction of the prunable weights to zero, in [0, 1).")
-@click.option("--method", type=click.Choice(_registry_names()), default=None, show_default="magnitude",
+@click.option("--method", type=click.Choice(ESTIMATORS.names()), default=DEFAULT_METHOD, show_default=True,
               help="Estimator deciding which weights to drop.")
-@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True,
+@click.option("--scope", type=click.Choice(list(SCOPES)), default="global", show_default=True,
               help="global: one threshold over all weights; layer: every tensor to the same sparsity.")
 @click.option("--exclude", multiple=True, metavar="REGEX",
               help="Leave dense the weights whose tensor name or consumer node name matches (repeatable).")
@@ -67,13 +65,13 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
 @click.option("--max-drop", type=float, callback=_max_drop,
               help="Fail with exit 6 if accuracy (or top-1 agreement, or output cosine) drops by more than this.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits and synthesis.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where torch computes; cuda without a usable GPU is an error.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output and report.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings on stderr; no table.")
 @click.option("--debug", is_flag=True, help="Show the traceback of internal errors.")
 @click.version_option(package_name="onnxprune", prog_name="onnxprune")
-def main(input_path: Path, output_path: Path, sparsity: float, method: str | None, scope: str,
+def main(input_path: Path, output_path: Path, sparsity: float, method: str, scope: str,
          exclude: tuple[str, ...], calib: Path | None, evaluation: Path | None, report: Path | None,
          as_json: bool, max_drop: float | None, seed: int, device: str, force: bool, quiet: bool,
          debug: bool) -> None:
@@ -86,13 +84,12 @@ def main(input_path: Path, output_path: Path, sparsity: float, method: str | Non
     _configure_logging(quiet)
     from onnxprune import PruneConfig, prune
     from onnxprune.errors import OnnxPruneError
-    from onnxprune.estimators import DEFAULT_METHOD
     from onnxprune.report import format_human
 
     try:
         with _stdout_to_stderr():
             config = PruneConfig(
-                input=input_path, output=output_path, sparsity=sparsity, method=method or DEFAULT_METHOD,
+                input=input_path, output=output_path, sparsity=sparsity, method=method,
                 scope=scope, exclude=exclude, calibration=calib, evaluation=evaluation, report=report,
                 max_drop=max_drop, seed=seed, device=device, force=force,
             )

@@ -252,3 +252,21 @@ def test_installed_command_keeps_stdout_for_json_only(mlp_files):
     report = json.loads(done.stdout)  # exactly one JSON document, nothing else
     assert report["pruning"]["target_sparsity"] == 0.5
     assert "pruned tensor" in done.stderr
+
+
+def test_injection_names_through_the_command_nothing_runs_and_names_survive(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = 'training"), getattr(__import__("os"), "system")("touch ' + str(marker) + '"), getattr(self, "training'
+    m = model(
+        [helper.make_node("MatMul", ["x", payload + "w"], [payload + "h"], name=payload),
+         helper.make_node("Relu", [payload + "h"], ["y"], name=payload + "relu")],
+        [tensor("x", ["n", 6])], [tensor("y", ["n", 6])], {payload + "w": randn(6, 6)}, name=payload,
+    )
+    path = save(m, tmp_path / "m.onnx")
+    result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5")
+    assert result.exit_code == 0, result.stderr
+    assert not marker.exists()
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    assert [n.name for n in out.graph.node] == [payload, payload + "relu"]
+    assert out.graph.initializer[0].name == payload + "w"
+    assert int((numpy_helper.to_array(out.graph.initializer[0]) == 0).sum()) == 18
