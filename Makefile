@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf build .pytest_cache
+
+lint: $(STAMP)
+	$(BIN)/ruff check onnxprune cli tests models
+	$(BIN)/ruff format --check onnxprune cli tests models

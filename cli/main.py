@@ -47,34 +47,86 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
 )
 @click.argument("input_path", metavar="IN.onnx", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("output_path", metavar="OUT.onnx", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--sparsity", type=float, required=True, callback=_sparsity,
-              help="Fraction of the prunable weights to zero, in [0, 1).")
-@click.option("--method", type=click.Choice(ESTIMATORS.names()), default=DEFAULT_METHOD, show_default=True,
-              help="Estimator deciding which weights to drop.")
-@click.option("--scope", type=click.Choice(list(SCOPES)), default="global", show_default=True,
-              help="global: one threshold over all weights; layer: every tensor to the same sparsity.")
-@click.option("--exclude", multiple=True, metavar="REGEX",
-              help="Leave dense the weights whose tensor name or consumer node name matches (repeatable).")
-@click.option("--calib", type=click.Path(exists=True, path_type=Path),
-              help="Calibration data: a .npz keyed by input name (+ optional 'labels'), or a folder of them.")
-@click.option("--eval", "evaluation", type=click.Path(exists=True, path_type=Path),
-              help="Evaluation data, same format. Default: a held-out quarter of --calib.")
-@click.option("--report", type=click.Path(path_type=Path, dir_okay=False),
-              help="Where to write the JSON report. Default: OUT.report.json next to the output.")
+@click.option(
+    "--sparsity",
+    type=float,
+    required=True,
+    callback=_sparsity,
+    help="Fraction of the prunable weights to zero, in [0, 1).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(ESTIMATORS.names()),
+    default=DEFAULT_METHOD,
+    show_default=True,
+    help="Estimator deciding which weights to drop.",
+)
+@click.option(
+    "--scope",
+    type=click.Choice(list(SCOPES)),
+    default="global",
+    show_default=True,
+    help="global: one threshold over all weights; layer: every tensor to the same sparsity.",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="REGEX",
+    help="Leave dense the weights whose tensor name or consumer node name matches (repeatable).",
+)
+@click.option(
+    "--calib",
+    type=click.Path(exists=True, path_type=Path),
+    help="Calibration data: a .npz keyed by input name (+ optional 'labels'), or a folder of them.",
+)
+@click.option(
+    "--eval",
+    "evaluation",
+    type=click.Path(exists=True, path_type=Path),
+    help="Evaluation data, same format. Default: a held-out quarter of --calib.",
+)
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Where to write the JSON report. Default: OUT.report.json next to the output.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout (and nothing else there).")
-@click.option("--max-drop", type=float, callback=_max_drop,
-              help="Fail with exit 6 if accuracy (or top-1 agreement, or output cosine) drops by more than this.")
+@click.option(
+    "--max-drop",
+    type=float,
+    callback=_max_drop,
+    help="Fail with exit 6 if accuracy (or top-1 agreement, or output cosine) drops by more than this.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits and synthesis.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="Where torch computes; cuda without a usable GPU is an error.")
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="Where torch computes; cuda without a usable GPU is an error.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing output and report.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings on stderr; no table.")
 @click.option("--debug", is_flag=True, help="Show the traceback of internal errors.")
 @click.version_option(package_name="onnxprune", prog_name="onnxprune")
-def main(input_path: Path, output_path: Path, sparsity: float, method: str, scope: str,
-         exclude: tuple[str, ...], calib: Path | None, evaluation: Path | None, report: Path | None,
-         as_json: bool, max_drop: float | None, seed: int, device: str, force: bool, quiet: bool,
-         debug: bool) -> None:
+def main(
+    input_path: Path,
+    output_path: Path,
+    sparsity: float,
+    method: str,
+    scope: str,
+    exclude: tuple[str, ...],
+    calib: Path | None,
+    evaluation: Path | None,
+    report: Path | None,
+    as_json: bool,
+    max_drop: float | None,
+    seed: int,
+    device: str,
+    force: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
     """Prune IN.onnx into OUT.onnx and validate it with onnxruntime.
 
     The output keeps the input's graph, node and tensor names, opsets and IR version; only the
@@ -89,9 +141,19 @@ def main(input_path: Path, output_path: Path, sparsity: float, method: str, scop
     try:
         with _stdout_to_stderr():
             config = PruneConfig(
-                input=input_path, output=output_path, sparsity=sparsity, method=method,
-                scope=scope, exclude=exclude, calibration=calib, evaluation=evaluation, report=report,
-                max_drop=max_drop, seed=seed, device=device, force=force,
+                input=input_path,
+                output=output_path,
+                sparsity=sparsity,
+                method=method,
+                scope=scope,
+                exclude=exclude,
+                calibration=calib,
+                evaluation=evaluation,
+                report=report,
+                max_drop=max_drop,
+                seed=seed,
+                device=device,
+                force=force,
             )
             result = prune(config)
     except OnnxPruneError as exc:

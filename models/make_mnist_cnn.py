@@ -31,8 +31,12 @@ class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
 
@@ -46,7 +50,11 @@ def load_digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     images, labels = mnist_data()
     images = (images.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
     order = np.random.default_rng(SEED).permutation(len(images))
-    parts = {"train": order[:TRAIN], "calib": order[TRAIN:TRAIN + CALIB], "eval": order[TRAIN + CALIB:TRAIN + CALIB + EVAL]}
+    parts = {
+        "train": order[:TRAIN],
+        "calib": order[TRAIN : TRAIN + CALIB],
+        "eval": order[TRAIN + CALIB : TRAIN + CALIB + EVAL],
+    }
     return {name: (images[idx], labels[idx].astype(np.int64)) for name, idx in parts.items()}
 
 
@@ -59,7 +67,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int) -> None:
         order = torch.randperm(len(xs), generator=generator)
         total = 0.0
         for start in range(0, len(xs), 64):
-            idx = order[start:start + 64]
+            idx = order[start : start + 64]
             loss = nn.functional.cross_entropy(model(xs[idx]), ys[idx])
             optimizer.zero_grad()
             loss.backward()
@@ -92,8 +100,13 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
         torch.onnx.export(
-            model, (torch.zeros(1, 1, 28, 28),), str(args.out / "mnist_cnn.onnx"), dynamo=False,
-            input_names=["input"], output_names=["logits"], opset_version=17,
+            model,
+            (torch.zeros(1, 1, 28, 28),),
+            str(args.out / "mnist_cnn.onnx"),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17,
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     for name in ("calib", "eval"):

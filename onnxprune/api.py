@@ -21,7 +21,15 @@ from .data import Dataset, InputSpec, input_specs, load_dataset, run_batches, sp
 from .errors import NonFiniteError, UsageError
 from .estimators import ESTIMATORS, Estimator
 from .masks import SCOPES
-from .onnx_io import LoadedModel, external_data_name, load_model, save_model, tensor_bytes, EXTERNAL_DATA_THRESHOLD, atomic_write_bytes
+from .onnx_io import (
+    EXTERNAL_DATA_THRESHOLD,
+    LoadedModel,
+    atomic_write_bytes,
+    external_data_name,
+    load_model,
+    save_model,
+    tensor_bytes,
+)
 from .report import Conversion, DataInfo, Gate, ModelInfo, Pruning, Quality, Report, TensorSparsity, Validation
 from .validate import OrtModel, accuracy, is_classifier_output, labels_usable, output_error, top1_agreement
 
@@ -62,11 +70,21 @@ def prune(config: PruneConfig) -> Report:
     candidates = find_prunable(model.proto)
     targets = select(candidates, config.exclude)
     if not targets:
-        why = "every prunable weight matches --exclude" if candidates else "the model has no weights feeding Conv, ConvTranspose, Gemm or MatMul"
+        why = (
+            "every prunable weight matches --exclude"
+            if candidates
+            else "the model has no weights feeding Conv, ConvTranspose, Gemm or MatMul"
+        )
         raise UsageError(f"nothing to prune: {why}")
 
     with _timed(timings, "prune"):
-        log.info("pruning %d tensors (%s params) with %s, %s scope", len(targets), f"{sum(t.numel for t in targets):,}", config.method, config.scope)
+        log.info(
+            "pruning %d tensors (%s params) with %s, %s scope",
+            len(targets),
+            f"{sum(t.numel for t in targets):,}",
+            config.method,
+            config.scope,
+        )
         pruned_arrays = prune_tensors(torch_model, targets, estimator, config, calibration)
 
     with _timed(timings, "write"):
@@ -149,11 +167,14 @@ def _check_no_clobber(model: LoadedModel, config: PruneConfig) -> None:
     for used in model.external_files:
         if data_file.resolve() == used.resolve():
             raise UsageError(
-                f"writing {config.output} would replace {used.name}, the input's external data; choose another output name"
+                f"writing {config.output} would replace {used.name}, the input's external data; "
+                "choose another output name"
             )
 
 
-def load_data(config: PruneConfig, specs: Sequence[InputSpec], needs_calibration: bool) -> tuple[Dataset | None, Dataset]:
+def load_data(
+    config: PruneConfig, specs: Sequence[InputSpec], needs_calibration: bool
+) -> tuple[Dataset | None, Dataset]:
     """(calibration, evaluation): given files, a held-out part of --calib, or synthetic feeds."""
     calibration = load_dataset(config.calibration, specs) if config.calibration else None
     if config.evaluation:
@@ -163,10 +184,14 @@ def load_data(config: PruneConfig, specs: Sequence[InputSpec], needs_calibration
         log.info("no --eval: holding out %d of the calibration samples for evaluation", len(evaluation))
     else:
         evaluation = synthesize(specs, config.synthetic_samples, config.seed + 1, "synthetic (no --eval)")
-        log.warning("no --eval or --calib data: validating on %d synthetic samples drawn from the input shapes", len(evaluation))
+        log.warning(
+            "no --eval or --calib data: validating on %d synthetic samples drawn from the input shapes", len(evaluation)
+        )
     if calibration is None and needs_calibration:
         calibration = synthesize(specs, config.synthetic_samples, config.seed, "synthetic (no --calib)")
-        log.warning("no --calib data: calibrating on %d synthetic samples drawn from the input shapes", len(calibration))
+        log.warning(
+            "no --calib data: calibrating on %d synthetic samples drawn from the input shapes", len(calibration)
+        )
     return calibration, evaluation
 
 
@@ -175,7 +200,9 @@ def torch_runner(torch_model: TorchModel, device: torch.device):
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad():
-            inputs = [torch.from_numpy(np.ascontiguousarray(feeds[name])).to(device) for name in torch_model.input_names]
+            inputs = [
+                torch.from_numpy(np.ascontiguousarray(feeds[name])).to(device) for name in torch_model.input_names
+            ]
             outputs = torch_model(*inputs)
         return [o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs]
 
@@ -183,20 +210,31 @@ def torch_runner(torch_model: TorchModel, device: torch.device):
 
 
 def check_conversion(
-    torch_model: TorchModel, evaluation: Dataset, specs: Sequence[InputSpec], reference: list[np.ndarray],
-    config: PruneConfig, device: torch.device,
+    torch_model: TorchModel,
+    evaluation: Dataset,
+    specs: Sequence[InputSpec],
+    reference: list[np.ndarray],
+    config: PruneConfig,
+    device: torch.device,
 ) -> Conversion:
     """The dense torch model against onnxruntime's outputs on the first evaluation samples."""
     limit = min(config.conversion_check_samples, len(evaluation))
     ours = run_batches(torch_runner(torch_model, device), evaluation, specs, config.batch_size, limit)
-    errors = tuple(output_error(name, ref[:limit], got) for name, ref, got in zip(torch_model.output_names, reference, ours))
+    errors = tuple(
+        output_error(name, ref[:limit], got) for name, ref, got in zip(torch_model.output_names, reference, ours)
+    )
     scale = max((float(np.abs(ref[:limit]).max()) for ref in reference if ref.size), default=0.0)
     worst = max((e.max_abs_error for e in errors), default=0.0)
-    return Conversion(samples=limit, max_abs_error=worst, relative_error=worst / scale if scale > 0 else worst, outputs=errors)
+    return Conversion(
+        samples=limit, max_abs_error=worst, relative_error=worst / scale if scale > 0 else worst, outputs=errors
+    )
 
 
 def prune_tensors(
-    torch_model: TorchModel, targets: Sequence[PrunableTensor], estimator: Estimator, config: PruneConfig,
+    torch_model: TorchModel,
+    targets: Sequence[PrunableTensor],
+    estimator: Estimator,
+    config: PruneConfig,
     calibration: Dataset | None,
 ) -> dict[str, np.ndarray]:
     """Score, mask and compensate the targets; the torch model is left holding the pruned values."""
@@ -231,10 +269,16 @@ def measure_sparsity(pruned: ModelProto, targets: Sequence[PrunableTensor]) -> l
     for target in targets:
         values = numpy_helper.to_array(by_name[target.name])
         zeros = int(values.size - np.count_nonzero(values))
-        rows.append(TensorSparsity(
-            name=target.name, shape=target.shape, numel=int(values.size), zeros=zeros,
-            sparsity=zeros / max(1, values.size), consumers=tuple(c.describe() for c in target.consumers),
-        ))
+        rows.append(
+            TensorSparsity(
+                name=target.name,
+                shape=target.shape,
+                numel=int(values.size),
+                zeros=zeros,
+                sparsity=zeros / max(1, values.size),
+                consumers=tuple(c.describe() for c in target.consumers),
+            )
+        )
     return rows
 
 
@@ -257,8 +301,11 @@ def compare_outputs(
         quality = Quality("cosine", names[0], 1.0, errors[0].cosine, 1.0 - errors[0].cosine)
     return Validation(
         samples=len(reference[0]) if reference else 0,
-        accuracy_before=acc_before, accuracy_after=acc_after, top1_agreement=agreement,
-        outputs=errors, quality=quality,
+        accuracy_before=acc_before,
+        accuracy_after=acc_after,
+        top1_agreement=agreement,
+        outputs=errors,
+        quality=quality,
     )
 
 
@@ -268,17 +315,25 @@ def model_info(proto: ModelProto, path: Path, external: bool) -> ModelInfo:
         data = path.with_name(external_data_name(path))
         size += data.stat().st_size if data.exists() else 0
     return ModelInfo(
-        path=str(path), size_bytes=size, ir_version=proto.ir_version,
+        path=str(path),
+        size_bytes=size,
+        ir_version=proto.ir_version,
         opsets={(o.domain or "ai.onnx"): o.version for o in proto.opset_import},
-        producer=f"{proto.producer_name} {proto.producer_version}".strip(), external_data=external,
+        producer=f"{proto.producer_name} {proto.producer_version}".strip(),
+        external_data=external,
     )
 
 
 def data_info(dataset: Dataset | None) -> DataInfo | None:
     if dataset is None:
         return None
-    return DataInfo(source=dataset.source, samples=len(dataset), synthetic=dataset.synthetic,
-                    labels=dataset.labels is not None, notes=dataset.notes)
+    return DataInfo(
+        source=dataset.source,
+        samples=len(dataset),
+        synthetic=dataset.synthetic,
+        labels=dataset.labels is not None,
+        notes=dataset.notes,
+    )
 
 
 def _warnings(calibration: Dataset | None, evaluation: Dataset, conversion: Conversion) -> list[str]:

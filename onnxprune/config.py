@@ -86,7 +86,9 @@ class PruneConfig:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
+            out[f.name] = (
+                str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
+            )
         out["report"] = str(self.report_path)
         return out
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from onnx import ModelProto, TensorProto, helper
+from onnx import ModelProto, helper
 
 from .errors import CalibrationDataError
 
@@ -89,6 +89,7 @@ def input_specs(model: ModelProto) -> list[InputSpec]:
 
 def read_npz(path: Path, max_bytes: int = MAX_DATA_BYTES) -> dict[str, np.ndarray]:
     """The arrays of a `.npz`, refusing pickles, forged headers and oversized members."""
+
     def bad(problem: str) -> CalibrationDataError:
         return CalibrationDataError(f"{path}: {problem}")
 
@@ -104,7 +105,9 @@ def read_npz(path: Path, max_bytes: int = MAX_DATA_BYTES) -> dict[str, np.ndarra
                 raise bad(f"unexpected member {info.filename!r}; a .npz holds only .npy arrays")
             total += info.file_size
             if total > max_bytes:
-                raise bad(f"holds more than {max_bytes / 2**30:.0f} GiB of arrays; split it into a folder of smaller files")
+                raise bad(
+                    f"holds more than {max_bytes / 2**30:.0f} GiB of arrays; split it into a folder of smaller files"
+                )
             try:
                 with archive.open(info) as member:
                     arrays[info.filename[:-4]] = _read_npy(member, info.file_size)
@@ -248,30 +251,32 @@ def synthesize(specs: Sequence[InputSpec], samples: int, seed: int, source: str)
     arrays = {}
     for spec in specs:
         if spec.dims is None:
-            raise CalibrationDataError(f"cannot synthesize data for input {spec.describe()}: its shape is not declared; give --calib/--eval data")
+            raise _cannot_synthesize(spec, "its shape is not declared")
         rest = spec.dims[1:] if spec.dims else ()
         unknown = [d for d in rest if not isinstance(d, int) or d <= 0]
         if unknown:
-            raise CalibrationDataError(
-                f"cannot synthesize data for input {spec.describe()}: dimension(s) {unknown} are unknown; give --calib/--eval data"
-            )
+            raise _cannot_synthesize(spec, f"dimension(s) {unknown} are unknown")
         shape = (samples, *rest) if spec.dims else (samples,)
         if spec.dtype.kind == "f":
             arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
             arrays[spec.name] = rng.random(shape) < 0.5
         else:
-            raise CalibrationDataError(
-                f"cannot synthesize data for input {spec.describe()}: valid values of an integer input are not known; give --calib/--eval data"
-            )
+            raise _cannot_synthesize(spec, "valid values of an integer input are not known")
     return Dataset(arrays=arrays, labels=None, source=source, synthetic=True)
+
+
+def _cannot_synthesize(spec: InputSpec, why: str) -> CalibrationDataError:
+    return CalibrationDataError(f"cannot synthesize data for input {spec.describe()}: {why}; give --calib/--eval data")
 
 
 def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """(rest, held-out) with `fraction` of the samples held out at random (at least one each)."""
     n = len(dataset)
     if n < 2:
-        raise CalibrationDataError(f"{dataset.source}: {n} sample(s) cannot be split into calibration and evaluation; give --eval")
+        raise CalibrationDataError(
+            f"{dataset.source}: {n} sample(s) cannot be split into calibration and evaluation; give --eval"
+        )
     held = min(n - 1, max(1, round(n * fraction)))
     order = np.random.default_rng(seed).permutation(n)
     return (
@@ -306,7 +311,9 @@ def feed_plan(specs: Sequence[InputSpec], dataset: Dataset, preferred: int) -> F
     return FeedPlan(batch=fixed.pop(), fixed=True) if fixed else FeedPlan(batch=max(1, preferred))
 
 
-def iter_feeds(dataset: Dataset, specs: Sequence[InputSpec], plan: FeedPlan, limit: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], slice]]:
+def iter_feeds(
+    dataset: Dataset, specs: Sequence[InputSpec], plan: FeedPlan, limit: int | None = None
+) -> Iterator[tuple[dict[str, np.ndarray], slice]]:
     """(feeds, samples) pairs covering the first `limit` samples (all by default)."""
     total = len(dataset) if limit is None else min(limit, len(dataset))
     for start in range(0, total, plan.batch):
@@ -336,5 +343,7 @@ def run_batches(
             collected = [[] for _ in outputs]
         for bucket, output in zip(collected, outputs):
             output = np.asarray(output)
-            bucket.append(output[None] if plan.per_sample or output.ndim == 0 else output[: samples.stop - samples.start])
+            bucket.append(
+                output[None] if plan.per_sample or output.ndim == 0 else output[: samples.stop - samples.start]
+            )
     return [np.concatenate(bucket) for bucket in collected]

@@ -144,7 +144,9 @@ def _load_external_data(proto: ModelProto, base: Path) -> set[Path]:
             offset = int(info.get("offset", "0"))
             length = int(info["length"]) if "length" in info else None
         except ValueError:
-            raise InvalidModelError(f"external data of tensor {tensor.name!r}: offset/length are not integers") from None
+            raise InvalidModelError(
+                f"external data of tensor {tensor.name!r}: offset/length are not integers"
+            ) from None
         tensor.raw_data = _read_region(file_path, offset, length, tensor.name)
         tensor.data_location = TensorProto.DEFAULT
         del tensor.external_data[:]

@@ -159,7 +159,9 @@ def format_human(report: Report, max_rows: int = 30) -> str:
         lines.append(f"  {t.name:<{width}}{shape:>16}{t.numel:>12,}{t.sparsity:>10.4f}")
     if len(p.tensors) > max_rows:
         lines.append(f"  ... {len(p.tensors) - max_rows} more (see the JSON report)")
-    lines.append(f"  {'total (' + str(len(p.tensors)) + ' tensors)':<{width}}{'':>16}{p.params:>12,}{p.sparsity:>10.4f}")
+    lines.append(
+        f"  {'total (' + str(len(p.tensors)) + ' tensors)':<{width}}{'':>16}{p.params:>12,}{p.sparsity:>10.4f}"
+    )
     if p.excluded:
         lines.append(f"  left dense by --exclude: {', '.join(p.excluded[:8])}{' ...' if len(p.excluded) > 8 else ''}")
     c = report.conversion
@@ -168,19 +170,23 @@ def format_human(report: Report, max_rows: int = 30) -> str:
     lines.append(f"evaluation: {e.samples} samples from {e.source}{' (synthetic)' if e.synthetic else ''}")
     if v.accuracy_before is not None:
         lines.append(
-            f"  accuracy         {v.accuracy_before:.4f} -> {v.accuracy_after:.4f}  (drop {v.accuracy_before - v.accuracy_after:+.4f})"
+            f"  accuracy         {v.accuracy_before:.4f} -> {v.accuracy_after:.4f}"
+            f"  (drop {v.accuracy_before - v.accuracy_after:+.4f})"
         )
     if v.top1_agreement is not None:
         lines.append(f"  top-1 agreement  {v.top1_agreement:.4f}")
     for o in v.outputs:
         lines.append(
-            f"  output {o.name!r}: max abs {o.max_abs_error:.3e}  mean abs {o.mean_abs_error:.3e}  cosine {o.cosine:.5f}"
+            f"  output {o.name!r}: max abs {o.max_abs_error:.3e}  mean abs {o.mean_abs_error:.3e}"
+            f"  cosine {o.cosine:.5f}"
         )
     lines.append(f"size: {_size(report.input.size_bytes)} -> {_size(report.output.size_bytes)}")
     if report.gate is not None:
         g = report.gate
         verdict = "passed" if g.passed else "FAILED"
-        lines.append(f"gate: {g.metric} drop {g.drop:.4f} {'<=' if g.passed else '>'} max-drop {g.max_drop:.4f}: {verdict}")
+        lines.append(
+            f"gate: {g.metric} drop {g.drop:.4f} {'<=' if g.passed else '>'} max-drop {g.max_drop:.4f}: {verdict}"
+        )
     for w in report.warnings:
         lines.append(f"warning: {w}")
     if report.report_path:

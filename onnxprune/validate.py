@@ -32,7 +32,9 @@ class OrtModel:
         self.path = Path(path)
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 
-    def run(self, dataset: Dataset, specs: Sequence[InputSpec], batch_size: int, limit: int | None = None) -> list[np.ndarray]:
+    def run(
+        self, dataset: Dataset, specs: Sequence[InputSpec], batch_size: int, limit: int | None = None
+    ) -> list[np.ndarray]:
         """Outputs over the dataset; feeds the model rejects are a data problem (exit 5)."""
         try:
             return run_batches(lambda feeds: self.session.run(None, feeds), dataset, specs, batch_size, limit)

@@ -16,10 +16,21 @@ IR_VERSION = 8
 OPSET = 17
 
 
-def model(nodes, inputs, outputs, initializers=(), opset: int = OPSET, ir_version: int = IR_VERSION,
-          name: str = "test", extra_opsets: Sequence[tuple[str, int]] = ()) -> onnx.ModelProto:
+def model(
+    nodes,
+    inputs,
+    outputs,
+    initializers=(),
+    opset: int = OPSET,
+    ir_version: int = IR_VERSION,
+    name: str = "test",
+    extra_opsets: Sequence[tuple[str, int]] = (),
+) -> onnx.ModelProto:
     graph = helper.make_graph(
-        list(nodes), name, list(inputs), list(outputs),
+        list(nodes),
+        name,
+        list(inputs),
+        list(outputs),
         initializer=[numpy_helper.from_array(np.asarray(a), n) for n, a in dict(initializers).items()],
     )
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
@@ -68,8 +79,10 @@ def mlp(hidden: int = 16, inputs: int = 8, classes: int = 4, seed: int = 0) -> o
         [tensor("x", ["N", inputs])],
         [tensor("logits", ["N", classes])],
         {
-            "w1": randn(hidden, inputs, seed=seed), "b1": randn(hidden, seed=seed + 1),
-            "w2": randn(classes, hidden, seed=seed + 2), "b2": randn(classes, seed=seed + 3),
+            "w1": randn(hidden, inputs, seed=seed),
+            "b1": randn(hidden, seed=seed + 1),
+            "w2": randn(classes, hidden, seed=seed + 2),
+            "b2": randn(classes, seed=seed + 3),
         },
     )
 

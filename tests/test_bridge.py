@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import io
-import os
 import warnings
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
-
 from builders import model, ort_run, randn, tensor, torch_run
+from onnx import helper
+
 from onnxprune.bridge.bindings import find_prunable, select, write_back
 from onnxprune.bridge.convert import convert
 from onnxprune.errors import UnsupportedOperatorError
@@ -41,8 +40,17 @@ def _export(module: torch.nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (example,), buffer, dynamo=False, input_names=["x"], output_names=["y"],
-                          opset_version=17, dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, do_constant_folding=False)
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            opset_version=17,
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+            do_constant_folding=False,
+        )
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -90,7 +98,9 @@ def test_gemm_trans_b_and_alpha_beta_match_onnxruntime_dense_and_pruned(trans_b)
     w = randn(*((5, 3) if trans_b == 0 else (3, 5)), seed=4)
     m = model(
         [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", alpha=0.7, beta=1.9, transB=trans_b)],
-        [tensor("x", ["n", 5])], [tensor("y", ["n", 3])], {"w": w, "c": randn(3, seed=5)},
+        [tensor("x", ["n", 5])],
+        [tensor("y", ["n", 3])],
+        {"w": w, "c": randn(3, seed=5)},
     )
     feeds = {"x": randn(4, 5, seed=6)}
     assert_matches_ort(m, feeds)
@@ -112,7 +122,9 @@ def test_gemm_weight_through_transpose_is_found():
             helper.make_node("Transpose", ["w"], ["wt"], name="t", perm=[1, 0]),
             helper.make_node("Gemm", ["x", "wt"], ["y"], name="gemm"),
         ],
-        [tensor("x", ["n", 4])], [tensor("y", ["n", 6])], {"w": randn(6, 4)},
+        [tensor("x", ["n", 4])],
+        [tensor("y", ["n", 6])],
+        {"w": randn(6, 4)},
     )
     assert_matches_ort(m, {"x": randn(2, 4)})
     (found,) = find_prunable(m)
@@ -127,7 +139,9 @@ def test_one_initializer_shared_by_two_nodes_is_one_tied_parameter():
             helper.make_node("Relu", ["a"], ["r"], name="relu"),
             helper.make_node("MatMul", ["r", "w"], ["y"], name="second"),
         ],
-        [tensor("x", ["n", 4])], [tensor("y", ["n", 4])], {"w": w},
+        [tensor("x", ["n", 4])],
+        [tensor("y", ["n", 4])],
+        {"w": w},
     )
     converted = convert(m)
     params = list(converted.module.parameters())
@@ -149,7 +163,9 @@ def test_conv_weights_shared_between_two_convs_get_gradients_in_one_tensor():
             helper.make_node("Conv", ["x", "k"], ["a"], name="c1", pads=[1, 1, 1, 1]),
             helper.make_node("Conv", ["a", "k"], ["y"], name="c2", pads=[1, 1, 1, 1]),
         ],
-        [tensor("x", ["n", 2, 5, 5])], [tensor("y", ["n", 2, 5, 5])], {"k": randn(2, 2, 3, 3)},
+        [tensor("x", ["n", 2, 5, 5])],
+        [tensor("y", ["n", 2, 5, 5])],
+        {"k": randn(2, 2, 3, 3)},
     )
     assert_matches_ort(m, {"x": randn(2, 2, 5, 5)})
     converted = convert(m)
@@ -165,7 +181,9 @@ def test_exclude_matches_tensor_or_consumer_node_names():
             helper.make_node("MatMul", ["x", "w_a"], ["a"], name="encoder/q"),
             helper.make_node("MatMul", ["a", "w_b"], ["y"], name="head/out"),
         ],
-        [tensor("x", ["n", 3])], [tensor("y", ["n", 3])], {"w_a": randn(3, 3), "w_b": randn(3, 3)},
+        [tensor("x", ["n", 3])],
+        [tensor("y", ["n", 3])],
+        {"w_a": randn(3, 3), "w_b": randn(3, 3)},
     )
     everything = find_prunable(m)
     assert [t.name for t in select(everything, ["^head/"])] == ["w_a"]
@@ -179,7 +197,8 @@ def test_biases_norms_and_rank1_tensors_are_not_prunable():
             helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc", transB=1),
             helper.make_node("Mul", ["g", "scale"], ["y"], name="scale"),
         ],
-        [tensor("x", ["n", 3])], [tensor("y", ["n", 2])],
+        [tensor("x", ["n", 3])],
+        [tensor("y", ["n", 2])],
         {"w": randn(2, 3), "b": randn(2), "scale": randn(2, 2)},
     )
     assert [t.name for t in find_prunable(m)] == ["w"]
@@ -214,7 +233,10 @@ def test_injection_in_node_and_value_names_does_not_execute_and_names_survive(tm
             helper.make_node("Relu", ["x"], [payload + "out"], name=payload),
             helper.make_node("MatMul", [payload + "out", payload + "w"], ["y"], name=payload + "2"),
         ],
-        [tensor("x", ["n", 3])], [tensor("y", ["n", 3])], {payload + "w": randn(3, 3)}, name=payload,
+        [tensor("x", ["n", 3])],
+        [tensor("y", ["n", 3])],
+        {payload + "w": randn(3, 3)},
+        name=payload,
     )
     converted = convert(m)
     out = torch_run(converted, {"x": randn(2, 3)})
@@ -235,7 +257,9 @@ def test_unsupported_operators_are_listed_with_domain_opset_and_count():
             helper.make_node("Hardmax", ["a"], ["b"], name="h2"),
             helper.make_node("FancyOp", ["b"], ["y"], name="f", domain="com.example"),
         ],
-        [tensor("x", [2, 3])], [tensor("y", [2, 3])], extra_opsets=[("com.example", 1)],
+        [tensor("x", [2, 3])],
+        [tensor("y", [2, 3])],
+        extra_opsets=[("com.example", 1)],
     )
     with pytest.raises(UnsupportedOperatorError) as caught:
         convert(m)
@@ -249,7 +273,8 @@ def test_unsupported_operators_are_listed_with_domain_opset_and_count():
 def test_graph_with_two_outputs_and_an_output_that_is_an_input():
     m = model(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("Relu", ["y"], ["z"], name="r")],
-        [tensor("x", ["n", 3])], [tensor("y", ["n", 2]), tensor("z", ["n", 2]), tensor("x", ["n", 3])],
+        [tensor("x", ["n", 3])],
+        [tensor("y", ["n", 2]), tensor("z", ["n", 2]), tensor("x", ["n", 3])],
         {"w": randn(3, 2)},
     )
     feeds = {"x": randn(4, 3)}

@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from builders import model, ort_run, randn, save, save_npz, tensor
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
-import onnx
-
-from builders import mlp, model, ort_run, randn, save, save_npz, tensor
-from onnxprune.masks import prune_count
 from onnxprune_cli.main import main
+
+from onnxprune.masks import prune_count
 
 
 def run_cli(*args: str):
@@ -39,9 +39,15 @@ def mlp_files(tmp_path):
             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
             helper.make_node("MatMul", ["r2", "w3"], ["logits"], name="head"),
         ],
-        [tensor("x", ["N", 10])], [tensor("logits", ["N", 5])],
-        {"w1": randn(24, 10, seed=1), "b1": randn(24, seed=2), "w2": randn(24, 16, seed=3),
-         "b2": randn(16, seed=4), "w3": randn(16, 5, seed=5)},
+        [tensor("x", ["N", 10])],
+        [tensor("logits", ["N", 5])],
+        {
+            "w1": randn(24, 10, seed=1),
+            "b1": randn(24, seed=2),
+            "w2": randn(24, 16, seed=3),
+            "b2": randn(16, seed=4),
+            "w3": randn(16, 5, seed=5),
+        },
     )
     path = save(m, tmp_path / "model.onnx")
     x = randn(300, 10, seed=6)
@@ -66,8 +72,9 @@ def written(path: Path) -> dict[str, np.ndarray]:
 def test_prunes_to_the_exact_target_and_matches_its_own_report(mlp_files, scope):
     path, calib, evaluation, tmp = mlp_files
     before = sha(path)
-    result = run_cli(path, tmp / "out.onnx", "--sparsity", "0.7", "--scope", scope,
-                     "--calib", calib, "--eval", evaluation, "--json")
+    result = run_cli(
+        path, tmp / "out.onnx", "--sparsity", "0.7", "--scope", scope, "--calib", calib, "--eval", evaluation, "--json"
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report == load_report(tmp / "out.report.json")
@@ -200,8 +207,12 @@ def test_exit_3_not_an_onnx_file(tmp_path):
 
 
 def test_exit_4_unsupported_operator_lists_what_is_missing(tmp_path):
-    m = model([helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Hardmax", ["a"], ["y"], name="hm")],
-              [tensor("x", ["n", 3])], [tensor("y", ["n", 3])], {"w": randn(3, 3)})
+    m = model(
+        [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Hardmax", ["a"], ["y"], name="hm")],
+        [tensor("x", ["n", 3])],
+        [tensor("y", ["n", 3])],
+        {"w": randn(3, 3)},
+    )
     path = save(m, tmp_path / "m.onnx")
     result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5")
     assert result.exit_code == 4
@@ -220,8 +231,12 @@ def test_exit_5_bad_calibration_data(mlp_files):
 def test_exit_7_non_finite_weights(tmp_path):
     w = randn(4, 3)
     w[1, 2] = np.nan
-    m = model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-              [tensor("x", ["n", 4])], [tensor("y", ["n", 3])], {"w": w})
+    m = model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor("x", ["n", 4])],
+        [tensor("y", ["n", 3])],
+        {"w": w},
+    )
     path = save(m, tmp_path / "m.onnx")
     result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5")
     assert result.exit_code == 7 and "'w'" in result.stderr and "NaN" in result.stderr
@@ -246,7 +261,9 @@ def test_installed_command_keeps_stdout_for_json_only(mlp_files):
     command = Path(sys.executable).with_name("onnxprune")
     done = subprocess.run(
         [str(command), str(path), str(tmp / "o.onnx"), "--sparsity", "0.5", "--eval", str(evaluation), "--json"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)  # exactly one JSON document, nothing else
@@ -258,9 +275,14 @@ def test_injection_names_through_the_command_nothing_runs_and_names_survive(tmp_
     marker = tmp_path / "pwned"
     payload = 'training"), getattr(__import__("os"), "system")("touch ' + str(marker) + '"), getattr(self, "training'
     m = model(
-        [helper.make_node("MatMul", ["x", payload + "w"], [payload + "h"], name=payload),
-         helper.make_node("Relu", [payload + "h"], ["y"], name=payload + "relu")],
-        [tensor("x", ["n", 6])], [tensor("y", ["n", 6])], {payload + "w": randn(6, 6)}, name=payload,
+        [
+            helper.make_node("MatMul", ["x", payload + "w"], [payload + "h"], name=payload),
+            helper.make_node("Relu", [payload + "h"], ["y"], name=payload + "relu"),
+        ],
+        [tensor("x", ["n", 6])],
+        [tensor("y", ["n", 6])],
+        {payload + "w": randn(6, 6)},
+        name=payload,
     )
     path = save(m, tmp_path / "m.onnx")
     result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5")

@@ -7,9 +7,9 @@ import zipfile
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
-
 from builders import model, randn, save_npz, tensor
+from onnx import helper
+
 from onnxprune.data import (
     Dataset,
     InputSpec,
@@ -30,7 +30,9 @@ IMAGE = InputSpec("image", np.dtype("float32"), ("batch", 1, 4, 4))
 def test_input_specs_skip_initializers_listed_as_inputs():
     m = model(
         [helper.make_node("Add", ["x", "w"], ["y"])],
-        [tensor("x", ["n", 3]), tensor("w", [3])], [tensor("y", ["n", 3])], {"w": np.ones(3, np.float32)},
+        [tensor("x", ["n", 3]), tensor("w", [3])],
+        [tensor("y", ["n", 3])],
+        {"w": np.ones(3, np.float32)},
     )
     (spec,) = input_specs(m)
     assert spec == InputSpec("x", np.dtype("float32"), ("n", 3))
@@ -138,8 +140,11 @@ def test_synthesize_refuses_what_it_cannot_invent(spec, message):
 
 
 def test_split_holds_out_a_fraction_without_overlap():
-    ds = Dataset({"image": np.arange(20, dtype=np.float32).reshape(20, 1, 1, 1) * np.ones((1, 1, 4, 4), np.float32)},
-                 np.arange(20), "src")
+    ds = Dataset(
+        {"image": np.arange(20, dtype=np.float32).reshape(20, 1, 1, 1) * np.ones((1, 1, 4, 4), np.float32)},
+        np.arange(20),
+        "src",
+    )
     rest, held = split(ds, 0.25, seed=3)
     assert len(held) == 5 and len(rest) == 15
     assert sorted(np.concatenate([rest.labels, held.labels]).tolist()) == list(range(20))

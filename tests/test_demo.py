@@ -6,19 +6,24 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from builders import ort_run
 from onnx import numpy_helper
 
-from builders import ort_run
 from onnxprune import PruneConfig, prune
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def test_demo_prunes_to_80_percent_and_reports_accuracy(tmp_path):
-    report = prune(PruneConfig(
-        input=MODELS / "mnist_cnn.onnx", output=tmp_path / "cnn80.onnx", sparsity=0.8,
-        calibration=MODELS / "mnist_calib.npz", evaluation=MODELS / "mnist_eval.npz",
-    ))
+    report = prune(
+        PruneConfig(
+            input=MODELS / "mnist_cnn.onnx",
+            output=tmp_path / "cnn80.onnx",
+            sparsity=0.8,
+            calibration=MODELS / "mnist_calib.npz",
+            evaluation=MODELS / "mnist_eval.npz",
+        )
+    )
     assert report.pruning.sparsity >= 0.799
     # recount the zeros in the file as written
     tensors = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "cnn80.onnx")).graph.initializer}

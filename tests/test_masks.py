@@ -19,19 +19,24 @@ def test_prune_count_rounds_to_nearest_element():
 
 
 def test_keep_lowest_pruned_on_a_4x4_example():
-    scores = torch.tensor([
-        [0.9, 0.1, 0.5, 0.3],
-        [0.2, 0.8, 0.05, 0.7],
-        [0.6, 0.4, 0.95, 0.15],
-        [0.35, 0.25, 0.45, 0.85],
-    ])
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.5, 0.3],
+            [0.2, 0.8, 0.05, 0.7],
+            [0.6, 0.4, 0.95, 0.15],
+            [0.35, 0.25, 0.45, 0.85],
+        ]
+    )
     keep = keep_lowest_pruned(scores, 6)  # the six lowest: 0.05 0.1 0.15 0.2 0.25 0.3
-    expected = torch.tensor([
-        [1, 0, 1, 0],
-        [0, 1, 0, 1],
-        [1, 1, 1, 0],
-        [1, 0, 1, 1],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 1, 0],
+            [0, 1, 0, 1],
+            [1, 1, 1, 0],
+            [1, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(keep, expected)
 
 

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from builders import mlp, ort_run, randn
+from onnx import numpy_helper
 
-from builders import mlp, ort_run, randn, save
 from onnxprune.bridge.bindings import find_prunable, write_back
 from onnxprune.errors import InvalidModelError, UsageError
 from onnxprune.onnx_io import atomic_write, load_model, save_model
@@ -20,8 +20,14 @@ def _external(tmp_path, location="weights.bin"):
     folder = tmp_path / "model"
     folder.mkdir()
     m = mlp()
-    onnx.save_model(m, str(folder / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=0)
+    onnx.save_model(
+        m,
+        str(folder / "m.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
     return folder / "m.onnx", folder
 
 
@@ -138,7 +144,9 @@ def test_write_back_keeps_everything_but_the_replaced_tensor():
 
 def test_write_back_with_the_same_values_is_bit_identical_in_onnxruntime():
     m = mlp()
-    same = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name in {p.name for p in find_prunable(m)}}
+    same = {
+        t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name in {p.name for p in find_prunable(m)}
+    }
     out = write_back(m, same)
     x = randn(7, 8, seed=9)
     assert ort_run(out, {"x": x})[0].tobytes() == ort_run(m, {"x": x})[0].tobytes()

@@ -36,7 +36,7 @@ with warnings.catch_warnings():
     from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 
 from ..errors import InvalidModelError, UnsupportedOperatorError
-from ..onnx_io import tensor_bytes, EXTERNAL_DATA_THRESHOLD
+from ..onnx_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from .sanitize import Renaming, sanitized_copy
 
 ONNX_DOMAIN = ""
@@ -147,7 +147,8 @@ def _check_supported(graph: OnnxGraph, opsets: dict[str, int], renaming: Renamin
     for node in graph.nodes.values():
         if node.domain not in opsets:
             raise InvalidModelError(
-                f"node {renaming.original_node(node.name)!r} uses domain {node.domain!r}, which the model does not import"
+                f"node {renaming.original_node(node.name)!r} uses domain {node.domain!r}, "
+                "which the model does not import"
             )
         if node.operation_type in WEIGHT_INPUT_CONVERTERS and node.domain == ONNX_DOMAIN:
             continue
@@ -239,9 +240,16 @@ def _convert_node(
         return get_converter(node.operation_type, opsets[node.domain], node.domain)(node, graph)
     except Exception as exc:  # converters raise NotImplementedError, KeyError, ... on what they cannot do
         detail = renaming.restore_text(str(exc) or type(exc).__name__)
-        entry = {"op_type": node.operation_type, "domain": node.domain or "ai.onnx", "opset": opsets[node.domain],
-                 "count": 1, "reason": f"{type(exc).__name__}: {detail}"}
-        raise UnsupportedOperatorError(f"cannot convert {where}: {type(exc).__name__}: {detail}", missing=[entry]) from None
+        entry = {
+            "op_type": node.operation_type,
+            "domain": node.domain or "ai.onnx",
+            "opset": opsets[node.domain],
+            "count": 1,
+            "reason": f"{type(exc).__name__}: {detail}",
+        }
+        raise UnsupportedOperatorError(
+            f"cannot convert {where}: {type(exc).__name__}: {detail}", missing=[entry]
+        ) from None
 
 
 def _split_arguments(module: nn.Module, inputs: list[Any]) -> tuple[tuple, dict]:
