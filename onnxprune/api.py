@@ -11,10 +11,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from onnx import ModelProto, numpy_helper
+from onnx import ModelProto
 
 from . import __version__
-from .bridge.bindings import PrunableTensor, find_prunable, select, write_back
+from .bridge.bindings import PrunableTensor, read_tensor, select, write_back
 from .bridge.convert import TorchModel, convert
 from .config import PruneConfig
 from .data import Dataset, InputSpec, input_specs, load_dataset, run_batches, split, synthesize
@@ -67,7 +67,7 @@ def prune(config: PruneConfig) -> Report:
         torch_model.module.to(device)
         conversion = check_conversion(torch_model, evaluation, specs, reference, config, device)
 
-    candidates = find_prunable(model.proto)
+    candidates = torch_model.prunable
     targets = select(candidates, config.exclude)
     if not targets:
         why = (
@@ -264,10 +264,9 @@ def _require_finite(tensor: torch.Tensor, what: str) -> None:
 
 def measure_sparsity(pruned: ModelProto, targets: Sequence[PrunableTensor]) -> list[TensorSparsity]:
     """Zeros counted in the tensors as written (after the cast to their ONNX dtype)."""
-    by_name = {t.name: t for t in pruned.graph.initializer}
     rows = []
     for target in targets:
-        values = numpy_helper.to_array(by_name[target.name])
+        values = read_tensor(pruned, target.name)
         zeros = int(values.size - np.count_nonzero(values))
         rows.append(
             TensorSparsity(

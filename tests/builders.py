@@ -56,7 +56,7 @@ def ort_run(model_or_path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def torch_run(torch_model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     with torch.no_grad():
-        outputs = torch_model(*[torch.from_numpy(feeds[n]) for n in torch_model.input_names])
+        outputs = torch_model(*[torch.from_numpy(np.asarray(feeds[n])) for n in torch_model.input_names])
     return [o.numpy() for o in outputs]
 
 

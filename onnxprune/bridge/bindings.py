@@ -1,9 +1,11 @@
 """Which ONNX tensors are prunable weights, and writing pruned values back into the original model.
 
-Discovery works on the ONNX graph alone (original names), so it can be listed without converting.
 A weight is prunable when it is a float initializer of rank >= 2 that reaches the weight input of
-Conv, ConvTranspose, Gemm or MatMul, directly or through a chain of layout-only nodes. A tensor
-used by several nodes is one entry, pruned once.
+Conv, ConvTranspose, Gemm, MatMul or a recurrent node (W, R), directly or through a chain of
+layout-only nodes. A tensor used by several nodes is one entry, pruned once. The bridge runs
+discovery on its preprocessed working graph (where Constant-node weights are initializers too)
+and reports original names; write-back finds each tensor by name wherever it lives in the
+original model: an initializer, or the value of a Constant node, in the main graph or a subgraph.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
-from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
 # Inputs that carry weights, per operator. Gemm/MatMul: whichever operand is constant.
 WEIGHT_INPUTS: dict[str, frozenset[int]] = {
@@ -22,9 +24,12 @@ WEIGHT_INPUTS: dict[str, frozenset[int]] = {
     "ConvTranspose": frozenset({1}),
     "Gemm": frozenset({0, 1}),
     "MatMul": frozenset({0, 1}),
+    "LSTM": frozenset({1, 2}),
+    "GRU": frozenset({1, 2}),
+    "RNN": frozenset({1, 2}),
 }
-# Nodes that only change a tensor's layout; a weight may pass through them (data input 0).
-LAYOUT_ONLY = frozenset({"Transpose", "Identity", "Reshape"})
+# Nodes that only change a tensor's layout or dtype; a weight may pass through them (input 0).
+LAYOUT_ONLY = frozenset({"Transpose", "Identity", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten"})
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
 
 
@@ -44,12 +49,13 @@ class Consumer:
 
 @dataclass(frozen=True)
 class PrunableTensor:
-    """A weight that may be pruned: an initializer of the original model."""
+    """A weight that may be pruned, named as in the original model."""
 
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
     consumers: tuple[Consumer, ...]
+    source: str = "initializer"  # or "constant": the value of a Constant node
 
     @property
     def numel(self) -> int:
@@ -61,7 +67,7 @@ class PrunableTensor:
 
 
 def find_prunable(model: ModelProto) -> list[PrunableTensor]:
-    """Prunable weights of the model's main graph, in initializer order."""
+    """Prunable initializers of the model's main graph, in initializer order."""
     graph = model.graph
     users: dict[str, list[tuple[NodeProto, int]]] = defaultdict(list)
     for node in graph.node:
@@ -108,8 +114,27 @@ def select(tensors: Iterable[PrunableTensor], exclude: Iterable[str]) -> list[Pr
     return [t for t in tensors if not any(t.matches(p) for p in patterns)]
 
 
+def named_tensors(model: ModelProto) -> Iterator[tuple[str, TensorProto]]:
+    """(value name, tensor) for every tensor a write-back may target: initializers and the values
+    of Constant nodes (named by the Constant's output), in the main graph and all subgraphs."""
+
+    def walk(graph: GraphProto) -> Iterator[tuple[str, TensorProto]]:
+        for tensor in graph.initializer:
+            yield tensor.name, tensor
+        for node in graph.node:
+            for attr in node.attribute:
+                if node.op_type == "Constant" and attr.name == "value" and node.output:
+                    yield node.output[0], attr.t
+                if attr.HasField("g"):
+                    yield from walk(attr.g)
+                for sub in attr.graphs:
+                    yield from walk(sub)
+
+    yield from walk(model.graph)
+
+
 def write_back(model: ModelProto, arrays: Mapping[str, np.ndarray]) -> ModelProto:
-    """A copy of `model` whose initializers named in `arrays` hold the new values.
+    """A copy of `model` whose tensors named in `arrays` hold the new values.
 
     Everything else (nodes, names, opsets, IR version, metadata, other tensors) is copied as is.
     Values keep the original tensor's dtype and shape.
@@ -117,19 +142,27 @@ def write_back(model: ModelProto, arrays: Mapping[str, np.ndarray]) -> ModelProt
     out = ModelProto()
     out.CopyFrom(model)
     remaining = dict(arrays)
-    for tensor in out.graph.initializer:
-        if tensor.name not in remaining:
+    for name, tensor in named_tensors(out):
+        if name not in remaining:
             continue
-        array = np.asarray(remaining.pop(tensor.name))
+        array = np.asarray(remaining.pop(name))
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
         shape = tuple(tensor.dims)
         if array.shape != shape:
-            raise ValueError(f"write_back: {tensor.name!r} has shape {shape}, got {array.shape}")
-        replacement = numpy_helper.from_array(np.ascontiguousarray(array.astype(dtype, copy=False)), tensor.name)
+            raise ValueError(f"write_back: {name!r} has shape {shape}, got {array.shape}")
+        replacement = numpy_helper.from_array(np.ascontiguousarray(array.astype(dtype, copy=False)))
         # Replace only the payload, so the tensor's other fields (doc, metadata) stay as they were.
         for typed_field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             tensor.ClearField(typed_field)
         tensor.raw_data = replacement.raw_data
     if remaining:
-        raise KeyError(f"write_back: no initializer named {sorted(remaining)}")
+        raise KeyError(f"write_back: no initializer or Constant named {sorted(remaining)}")
     return out
+
+
+def read_tensor(model: ModelProto, name: str) -> np.ndarray:
+    """The value of the initializer or Constant called `name`, wherever it is in the model."""
+    for found, tensor in named_tensors(model):
+        if found == name:
+            return numpy_helper.to_array(tensor)
+    raise KeyError(f"no initializer or Constant named {name!r}")

@@ -2,14 +2,13 @@
 
 We drive onnx2torch's converter registry with our own graph-building loop because its `convert()`
 loses what we need: it copies an initializer once per use (so a shared weight is not one tensor),
-absorbs Conv/Gemm weights into modules in a transformed layout (Gemm with `transB=0` is stored
-transposed and scaled by alpha), and puts ONNX names into generated Python code.
+absorbs Conv/Gemm weights into modules in a transformed layout, returns a multi-output node's
+tuple as a graph output, and puts ONNX names into generated Python code.
 
-Here every ONNX initializer becomes exactly one tensor of a `tensors` submodule, in its ONNX
-layout (float ones as Parameters, others as buffers), passed as an input to every node that uses
-it. Modules that would absorb a weight (Conv, ConvTranspose, Gemm) get it as an input instead, so
-the layout transform happens in the forward pass, gradients reach the shared ONNX-layout tensor,
-and writing it back needs no inverse transform at all.
+Here a sanitized, preprocessed working copy is converted. Every initializer becomes exactly one
+tensor of a `tensors` submodule, in its ONNX layout (float ones as Parameters, others as buffers),
+passed as an input to every node that uses it. The prunable weights are discovered on that same
+working graph and reported under their original names.
 """
 
 from __future__ import annotations
@@ -17,26 +16,25 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import getitem
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from onnx import ModelProto, numpy_helper, shape_inference
+from onnx import ModelProto, numpy_helper
 from torch import fx, nn
-from torch.func import functional_call
-from torch.nn.modules.conv import _ConvNd
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from onnx2torch.node_converters import get_converter
-    from onnx2torch.node_converters.gemm import OnnxGemm
     from onnx2torch.onnx_graph import OnnxGraph, ValueType
     from onnx2torch.onnx_node import OnnxNode
-    from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
+    from onnx2torch.utils.common import OperationConverterResult
 
 from ..errors import InvalidModelError, UnsupportedOperatorError
-from ..onnx_io import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from .bindings import PrunableTensor, find_prunable
+from .converters import OVERRIDES
+from .preprocess import Prepared, infer_shapes, preprocess
 from .sanitize import Renaming, sanitized_copy
 
 ONNX_DOMAIN = ""
@@ -49,64 +47,12 @@ class TorchModel:
     module: fx.GraphModule
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]  # every initializer (and former Constant) by ONNX name
+    prunable: list[PrunableTensor]  # weights feeding Conv/ConvTranspose/Gemm/MatMul/RNNs
+    inlined_ifs: int = 0
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.module(*inputs)
-
-
-class WeightsAsInputs(nn.Module):
-    """Runs a module whose weights onnx2torch absorbed, taking those weights as inputs instead.
-
-    `slots` are the module's own tensor paths (e.g. 'weight', '1.bias'), in the order the ONNX
-    node lists them after the data input.
-    """
-
-    def __init__(self, inner: nn.Module, slots: tuple[str, ...]):
-        super().__init__()
-        self.inner = inner
-        self.slots = slots
-        for path in slots:
-            owner, _, attr = path.rpartition(".")
-            setattr(inner.get_submodule(owner) if owner else inner, attr, None)
-
-    def forward(self, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.inner, dict(zip(self.slots, tensors)), (x,))
-
-
-def _conv_as_inputs(node: OnnxNode, graph: OnnxGraph, opset: int) -> OperationConverterResult:
-    result = get_converter(node.operation_type, opset, node.domain)(node, graph)
-    conv_paths = [name for name, module in result.torch_module.named_modules() if isinstance(module, _ConvNd)]
-    if len(conv_paths) != 1:
-        raise NotImplementedError(f"unexpected module layout for {node.operation_type}")
-    prefix = conv_paths[0] + "." if conv_paths[0] else ""
-    present = [value for value in node.input_values[1:] if value]
-    slots = (prefix + "weight", prefix + "bias")[: len(present)]
-    return OperationConverterResult(
-        torch_module=WeightsAsInputs(result.torch_module, slots),
-        onnx_mapping=OnnxMapping(inputs=(node.input_values[0], *present), outputs=node.output_values),
-    )
-
-
-def _gemm_as_inputs(node: OnnxNode, graph: OnnxGraph, opset: int) -> OperationConverterResult:
-    attributes = node.attributes
-    module = OnnxGemm(
-        alpha=attributes.get("alpha", 1.0),
-        beta=attributes.get("beta", 1.0),
-        trans_a=attributes.get("transA", 0) != 0,
-        trans_b=attributes.get("transB", 0) != 0,
-    )
-    return OperationConverterResult(
-        torch_module=module, onnx_mapping=OnnxMapping(inputs=node.input_values, outputs=node.output_values)
-    )
-
-
-# Ops whose onnx2torch converter would absorb (copy, transpose, scale) a prunable weight.
-WEIGHT_INPUT_CONVERTERS: dict[str, Callable[[OnnxNode, OnnxGraph, int], OperationConverterResult]] = {
-    "Conv": _conv_as_inputs,
-    "ConvTranspose": _conv_as_inputs,
-    "Gemm": _gemm_as_inputs,
-}
 
 
 def _domain(domain: str) -> str:
@@ -123,23 +69,28 @@ def convert(model: ModelProto) -> TorchModel:
     kept_inputs = [info for info in work.graph.input if info.name not in initializer_names]
     del work.graph.input[:]
     work.graph.input.extend(kept_inputs)
-    work = _infer_shapes(work)
+    prepared = preprocess(work)
+    work = infer_shapes(prepared.model)
 
     opsets = {_domain(entry.domain): entry.version for entry in work.opset_import}
     graph = OnnxGraph(work.graph)
     _check_supported(graph, opsets, renaming)
-    return _build(graph, opsets, renaming)
+    torch_model = _build(graph, opsets, renaming)
+    torch_model.prunable = _original_names(find_prunable(work), prepared, renaming)
+    torch_model.inlined_ifs = prepared.inlined_ifs
+    return torch_model
 
 
-def _infer_shapes(work: ModelProto) -> ModelProto:
-    # Shapes help a few converters; a model too big to serialise or one inference rejects
-    # is converted without them rather than refused.
-    if tensor_bytes(work) >= EXTERNAL_DATA_THRESHOLD:
-        return work
-    try:
-        return shape_inference.infer_shapes(work)
-    except Exception:
-        return work
+def _original_names(found: list[PrunableTensor], prepared: Prepared, renaming: Renaming) -> list[PrunableTensor]:
+    return [
+        replace(
+            tensor,
+            name=renaming.original_value(tensor.name),
+            source="constant" if tensor.name in prepared.from_constants else "initializer",
+            consumers=tuple(replace(c, node=renaming.original_node(c.node)) for c in tensor.consumers),
+        )
+        for tensor in found
+    ]
 
 
 def _check_supported(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> None:
@@ -150,7 +101,7 @@ def _check_supported(graph: OnnxGraph, opsets: dict[str, int], renaming: Renamin
                 f"node {renaming.original_node(node.name)!r} uses domain {node.domain!r}, "
                 "which the model does not import"
             )
-        if node.operation_type in WEIGHT_INPUT_CONVERTERS and node.domain == ONNX_DOMAIN:
+        if node.domain == ONNX_DOMAIN and node.operation_type in OVERRIDES:
             continue
         try:
             get_converter(node.operation_type, opsets[node.domain], node.domain)
@@ -185,10 +136,8 @@ def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> Torc
         if name in pending:
             values[name] = fx_graph.call_function(getitem, args=pending.pop(name))
             return values[name]
-        kind = graph.value_type(name)
-        if kind == ValueType.GRAPH_INITIALIZER:
-            array = numpy_helper.to_array(graph.initializers[name].proto).copy()
-            tensor = torch.from_numpy(array)
+        if graph.value_type(name) == ValueType.GRAPH_INITIALIZER:
+            tensor = torch.from_numpy(numpy_helper.to_array(graph.initializers[name].proto).copy())
             attr = f"t{len(tensor_slots)}"
             if tensor.is_floating_point():
                 store.register_parameter(attr, nn.Parameter(tensor, requires_grad=False))
@@ -216,40 +165,41 @@ def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> Torc
     fx_graph.lint()
     # ONNX graphs have inference semantics (BatchNorm uses running statistics, Dropout is off).
     module = fx.GraphModule(root, fx_graph).eval()
-    converted_store = module.get_submodule("tensors")
-    tensors = {name: getattr(converted_store, attr) for name, attr in tensor_slots.items()}
+    # GraphModule copies only what the graph references: no `tensors` child without initializers.
+    held = module.get_submodule("tensors") if tensor_slots else None
+    tensors = {name: getattr(held, attr) for name, attr in tensor_slots.items()}
     return TorchModel(
         module=module,
         input_names=tuple(renaming.original_value(name) for name in graph.input_values),
         output_names=tuple(renaming.original_value(name) for name in graph.output_values),
         tensors=tensors,
+        prunable=[],
     )
 
 
 def _convert_node(
     node: OnnxNode, graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming
 ) -> OperationConverterResult:
+    opset = opsets[node.domain]
     where = (
-        f"{node.operation_type} node {renaming.original_node(node.name)!r} "
-        f"({node.domain or 'ai.onnx'}, opset {opsets[node.domain]})"
+        f"{node.operation_type} node {renaming.original_node(node.name)!r} ({node.domain or 'ai.onnx'}, opset {opset})"
     )
-    override = WEIGHT_INPUT_CONVERTERS.get(node.operation_type) if node.domain == ONNX_DOMAIN else None
     try:
-        if override is not None:
-            return override(node, graph, opsets[node.domain])
-        return get_converter(node.operation_type, opsets[node.domain], node.domain)(node, graph)
+        if node.domain == ONNX_DOMAIN and node.operation_type in OVERRIDES:
+            result = OVERRIDES.get(node.operation_type)(node, graph, opset)
+            if result is not None:
+                return result
+        return get_converter(node.operation_type, opset, node.domain)(node, graph)
     except Exception as exc:  # converters raise NotImplementedError, KeyError, ... on what they cannot do
-        detail = renaming.restore_text(str(exc) or type(exc).__name__)
+        reason = f"{type(exc).__name__}: {renaming.restore_text(str(exc) or type(exc).__name__)}"
         entry = {
             "op_type": node.operation_type,
             "domain": node.domain or "ai.onnx",
-            "opset": opsets[node.domain],
+            "opset": opset,
             "count": 1,
-            "reason": f"{type(exc).__name__}: {detail}",
+            "reason": reason,
         }
-        raise UnsupportedOperatorError(
-            f"cannot convert {where}: {type(exc).__name__}: {detail}", missing=[entry]
-        ) from None
+        raise UnsupportedOperatorError(f"cannot convert {where}: {reason}", missing=[entry]) from None
 
 
 def _split_arguments(module: nn.Module, inputs: list[Any]) -> tuple[tuple, dict]:
