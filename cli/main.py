@@ -15,6 +15,7 @@ import click
 from onnxprune.config import DEVICES
 from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS
 from onnxprune.masks import SCOPES
+from onnxprune.validate import METRICS
 
 EXIT_CODES = """\b
 Exit codes:
@@ -97,6 +98,14 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     callback=_max_drop,
     help="Fail with exit 6 if accuracy (or top-1 agreement, or output cosine) drops by more than this.",
 )
+@click.option(
+    "--metric",
+    type=click.Choice(METRICS),
+    default="auto",
+    show_default=True,
+    help="Headline and gate metric. auto: accuracy with labels, else top-1 agreement for a classifier "
+    "output, else cosine similarity of the first output.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits and synthesis.")
 @click.option(
     "--device",
@@ -121,6 +130,7 @@ def main(
     report: Path | None,
     as_json: bool,
     max_drop: float | None,
+    metric: str,
     seed: int,
     device: str,
     force: bool,
@@ -151,6 +161,7 @@ def main(
                 evaluation=evaluation,
                 report=report,
                 max_drop=max_drop,
+                metric=metric,
                 seed=seed,
                 device=device,
                 force=force,

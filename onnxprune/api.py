@@ -31,7 +31,16 @@ from .onnx_io import (
     tensor_bytes,
 )
 from .report import Conversion, DataInfo, Gate, ModelInfo, Pruning, Quality, Report, TensorSparsity, Validation
-from .validate import OrtModel, accuracy, is_classifier_output, labels_usable, output_error, top1_agreement
+from .validate import (
+    Headline,
+    OrtModel,
+    accuracy,
+    choose_headline,
+    is_classifier_output,
+    labels_usable,
+    output_error,
+    top1_agreement,
+)
 
 log = logging.getLogger("onnxprune")
 
@@ -60,6 +69,7 @@ def prune(config: PruneConfig) -> Report:
     with _timed(timings, "reference"):
         log.info("running the original model in onnxruntime on %d evaluation samples", len(evaluation))
         reference = OrtModel(config.input).run(evaluation, specs, config.batch_size)
+        headline = choose_headline(reference, evaluation.labels, config.metric)
 
     with _timed(timings, "convert"):
         log.info("converting to torch")
@@ -100,7 +110,7 @@ def prune(config: PruneConfig) -> Report:
         log.info("validating %s in onnxruntime", config.output)
         written = OrtModel(config.output)
         candidate = written.run(evaluation, specs, config.batch_size)
-        validation = compare_outputs(reference, candidate, evaluation.labels, written.output_names)
+        validation = compare_outputs(reference, candidate, evaluation.labels, written.output_names, headline)
 
     timings["total"] = time.perf_counter() - started
     gate = None
@@ -196,14 +206,17 @@ def load_data(
 
 
 def torch_runner(torch_model: TorchModel, device: torch.device):
-    """A feeds → outputs function running the torch model without gradients."""
+    """A feeds → outputs function running the torch model without gradients. A failure inside
+    the converted model is reported as exit 4, naming the ONNX node that failed."""
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        with torch.no_grad():
-            inputs = [
-                torch.from_numpy(np.ascontiguousarray(feeds[name])).to(device) for name in torch_model.input_names
-            ]
-            outputs = torch_model(*inputs)
+        inputs = [torch.from_numpy(np.asarray(feeds[name], order="C")).to(device) for name in torch_model.input_names]
+        try:
+            with torch.no_grad():
+                outputs = torch_model(*inputs)
+        except Exception as exc:
+            located = torch_model.locate_failure(*inputs)
+            raise (located or exc) from None
         return [o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs]
 
     return run
@@ -225,9 +238,8 @@ def check_conversion(
     )
     scale = max((float(np.abs(ref[:limit]).max()) for ref in reference if ref.size), default=0.0)
     worst = max((e.max_abs_error for e in errors), default=0.0)
-    return Conversion(
-        samples=limit, max_abs_error=worst, relative_error=worst / scale if scale > 0 else worst, outputs=errors
-    )
+    relative = worst / scale if scale > 0 else worst
+    return Conversion(samples=limit, max_abs_error=worst, relative_error=relative, outputs=errors)
 
 
 def prune_tensors(
@@ -282,7 +294,11 @@ def measure_sparsity(pruned: ModelProto, targets: Sequence[PrunableTensor]) -> l
 
 
 def compare_outputs(
-    reference: list[np.ndarray], candidate: list[np.ndarray], labels: np.ndarray | None, names: Sequence[str]
+    reference: list[np.ndarray],
+    candidate: list[np.ndarray],
+    labels: np.ndarray | None,
+    names: Sequence[str],
+    headline: Headline,
 ) -> Validation:
     """Accuracy, top-1 agreement and output error of the candidate against the reference."""
     errors = tuple(output_error(name, ref, got) for name, ref, got in zip(names, reference, candidate))
@@ -292,12 +308,14 @@ def compare_outputs(
         agreement = top1_agreement(reference[head], candidate[head])
         if labels_usable(reference[head], labels):
             acc_before, acc_after = accuracy(reference[head], labels), accuracy(candidate[head], labels)
-    if acc_before is not None:
-        quality = Quality("accuracy", names[head], acc_before, acc_after, acc_before - acc_after)
-    elif agreement is not None:
-        quality = Quality("top1_agreement", names[head], 1.0, agreement, 1.0 - agreement)
+    name = names[headline.output]
+    if headline.metric == "accuracy":
+        quality = Quality("accuracy", name, acc_before, acc_after, acc_before - acc_after)
+    elif headline.metric == "top1_agreement":
+        quality = Quality("top1_agreement", name, 1.0, agreement, 1.0 - agreement)
     else:
-        quality = Quality("cosine", names[0], 1.0, errors[0].cosine, 1.0 - errors[0].cosine)
+        cosine = errors[headline.output].cosine
+        quality = Quality("cosine", name, 1.0, cosine, 1.0 - cosine)
     return Validation(
         samples=len(reference[0]) if reference else 0,
         accuracy_before=acc_before,

@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import UsageError
 from .estimators import DEFAULT_METHOD, ESTIMATORS
 from .masks import SCOPES
+from .validate import METRICS
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -33,6 +34,9 @@ class PruneConfig:
     evaluation: Path | None = None
     report: Path | None = None  # default: <output stem>.report.json next to the output
     max_drop: float | None = None
+    # The headline/gate metric: auto = accuracy with labels, else top-1 agreement for a
+    # classifier output, else cosine similarity of the first output (embeddings, regressions).
+    metric: str = "auto"
     seed: int = 0
     device: str = "auto"
     force: bool = False
@@ -57,6 +61,8 @@ class PruneConfig:
         ESTIMATORS.get(self.method)  # raises with the valid names
         if self.scope not in SCOPES:
             raise UsageError(f"unknown scope {self.scope!r}; valid: {', '.join(SCOPES)}")
+        if self.metric not in METRICS:
+            raise UsageError(f"unknown metric {self.metric!r}; valid: {', '.join(METRICS)}")
         if self.device not in DEVICES:
             raise UsageError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
         for pattern in self.exclude:

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .data import Dataset, InputSpec, run_batches
-from .errors import CalibrationDataError, InvalidModelError
+from .errors import CalibrationDataError, InvalidModelError, UsageError
 
 
 def _first_line(exc: BaseException) -> str:
@@ -81,9 +81,50 @@ def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(cos.mean()) if cos.size else 1.0
 
 
+def output_kind(output: np.ndarray) -> str:
+    """What a [samples, features] float output looks like: 'probabilities' (rows non-negative,
+    summing to 1), 'embedding' (rows of unit L2 norm), 'logits' (any other scores over at least
+    two classes), or 'other' (any other shape or dtype)."""
+    if output.ndim != 2 or output.shape[1] < 2 or not np.issubdtype(output.dtype, np.floating) or not len(output):
+        return "other"
+    rows = output.astype(np.float64)
+    if (rows >= 0).all() and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3):
+        return "probabilities"
+    if np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3):
+        return "embedding"
+    return "logits"
+
+
 def is_classifier_output(output: np.ndarray) -> bool:
-    """Scores over classes: a float array of shape (samples, classes) with at least two classes."""
-    return output.ndim == 2 and output.shape[1] >= 2 and np.issubdtype(output.dtype, np.floating)
+    """Scores over classes (logits or probabilities), shape [samples, classes]."""
+    return output_kind(output) in ("logits", "probabilities")
+
+
+METRICS = ("auto", "accuracy", "agreement", "cosine")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The metric the report leads with and the gate uses, and the output it is measured on."""
+
+    metric: str
+    output: int
+
+
+def choose_headline(reference: list[np.ndarray], labels: np.ndarray | None, requested: str = "auto") -> Headline:
+    """auto: accuracy with usable labels, else top-1 agreement for a classifier output, else the
+    cosine of the first output. An explicit request that the data cannot support is an error."""
+    classifier = next((i for i, out in enumerate(reference) if is_classifier_output(out)), None)
+    labelled = classifier is not None and labels_usable(reference[classifier], labels)
+    if requested == "accuracy" and not labelled:
+        raise UsageError("--metric accuracy needs a classifier output and integer class labels in the evaluation data")
+    if requested == "agreement" and classifier is None:
+        raise UsageError("--metric agreement needs a classifier output ([samples, classes] scores)")
+    if requested == "accuracy" or (requested == "auto" and labelled):
+        return Headline("accuracy", classifier)
+    if requested == "agreement" or (requested == "auto" and classifier is not None):
+        return Headline("top1_agreement", classifier)
+    return Headline("cosine", 0)
 
 
 def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -280,3 +280,18 @@ def test_graph_with_two_outputs_and_an_output_that_is_an_input():
     feeds = {"x": randn(4, 3)}
     assert_matches_ort(m, feeds)
     assert convert(m).output_names == ("y", "z", "x")
+
+
+def test_a_node_failing_at_run_time_is_located_by_name():
+    m = model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="the_matmul")],
+        [tensor("x", ["n", 3])],
+        [tensor("y", ["n", 2])],
+        {"w": randn(3, 2)},
+    )
+    converted = convert(m)
+    wrong = torch.from_numpy(randn(2, 4))  # 4 features where the weight expects 3
+    error = converted.locate_failure(wrong)
+    assert isinstance(error, UnsupportedOperatorError)
+    assert "MatMul node 'the_matmul'" in str(error) and "While executing" not in str(error)
+    assert converted.locate_failure(torch.from_numpy(randn(2, 3))) is None

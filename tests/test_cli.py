@@ -292,3 +292,18 @@ def test_injection_names_through_the_command_nothing_runs_and_names_survive(tmp_
     assert [n.name for n in out.graph.node] == [payload, payload + "relu"]
     assert out.graph.initializer[0].name == payload + "w"
     assert int((numpy_helper.to_array(out.graph.initializer[0]) == 0).sum()) == 18
+
+
+def test_metric_choice_is_checked_against_the_data_before_writing(mlp_files):
+    path, calib, evaluation, tmp = mlp_files
+    unlabelled = save_npz(tmp / "unlabelled.npz", x=np.load(evaluation)["x"])
+    result = run_cli(path, tmp / "o.onnx", "--sparsity", "0.5", "--eval", unlabelled, "--metric", "accuracy")
+    assert result.exit_code == 2 and "needs a classifier output and integer class labels" in result.stderr
+    assert not (tmp / "o.onnx").exists()
+    cosine = run_cli(
+        path, tmp / "c.onnx", "--sparsity", "0.5", "--eval", evaluation, "--metric", "cosine", "--max-drop", "1"
+    )
+    assert cosine.exit_code == 0
+    report = load_report(tmp / "c.report.json")
+    assert report["validation"]["quality"]["metric"] == "cosine" == report["gate"]["metric"]
+    assert report["validation"]["quality"]["after"] == report["validation"]["outputs"][0]["cosine"]

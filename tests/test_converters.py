@@ -240,6 +240,15 @@ def test_clip_with_min_max_computed_in_the_graph():
         opset=13,
     )
     check(only_max, {"x": randn(3, 4), "hi": scalar(0.1)})
+    # a constant min and an absent max (''), as torch.onnx.export writes clamp(min=...)
+    const_min = model(
+        [helper.make_node("Clip", ["x", "lo", ""], ["y"])],
+        [tensor("x", None)],
+        [tensor("y", None)],
+        {"lo": np.array(1e-9, np.float32)},
+        opset=17,
+    )
+    check(const_min, {"x": randn(3, 4)}, {"x": randn(2, 5, seed=1)})
 
 
 # --------------------------------------------------------------------------- aliases

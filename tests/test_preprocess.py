@@ -194,3 +194,23 @@ def test_discovery_through_cast_squeeze_chains_and_rnn_weights():
     assert (found["W"].op_type, found["W"].input_index, found["R"].input_index) == ("GRU", 1, 2)
     feeds = {"x": randn(4, 3, seed=3)}
     np.testing.assert_allclose(torch_run(convert(m), feeds)[0], ort_run(m, feeds)[0], atol=1e-3)
+
+
+def test_scalar_constants_stay_scalars():
+    # Gather with a 0-d index yields a 0-d tensor; a (1,)-shaped index would add an axis
+    m = model(
+        [
+            const("idx", np.array(1, np.int64)),
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Gather", ["s", "idx"], ["d"], axis=0),
+            const("ax", np.array([0], np.int64)),
+            helper.make_node("Unsqueeze", ["d", "ax"], ["y"]),
+        ],
+        [tensor("x", ["n", 5])],
+        [tensor("y", None, TensorProto.INT64)],
+        opset=13,
+    )
+    converted = convert(m)
+    assert tuple(converted.tensors["idx"].shape) == ()
+    feeds = {"x": randn(3, 5)}
+    assert torch_run(converted, feeds)[0].tolist() == ort_run(m, feeds)[0].tolist() == [5]

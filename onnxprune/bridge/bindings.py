@@ -150,7 +150,7 @@ def write_back(model: ModelProto, arrays: Mapping[str, np.ndarray]) -> ModelProt
         shape = tuple(tensor.dims)
         if array.shape != shape:
             raise ValueError(f"write_back: {name!r} has shape {shape}, got {array.shape}")
-        replacement = numpy_helper.from_array(np.ascontiguousarray(array.astype(dtype, copy=False)))
+        replacement = numpy_helper.from_array(np.asarray(array, dtype=dtype, order="C"))
         # Replace only the payload, so the tensor's other fields (doc, metadata) stay as they were.
         for typed_field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             tensor.ClearField(typed_field)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from operator import getitem
 from typing import Any
 
@@ -49,10 +49,40 @@ class TorchModel:
     output_names: tuple[str, ...]
     tensors: dict[str, torch.Tensor]  # every initializer (and former Constant) by ONNX name
     prunable: list[PrunableTensor]  # weights feeding Conv/ConvTranspose/Gemm/MatMul/RNNs
+    nodes: dict[str, tuple[str, str]] = field(default_factory=dict)  # module name -> (op type, ONNX node)
     inlined_ifs: int = 0
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.module(*inputs)
+
+    def locate_failure(self, *inputs: torch.Tensor) -> UnsupportedOperatorError | None:
+        """Re-run node by node; the first node that raises, as an exit-4 error naming it."""
+        nodes, failed = self.nodes, []
+
+        class Tracing(fx.Interpreter):
+            def run_node(self, n: fx.Node):
+                try:
+                    return super().run_node(n)
+                except Exception as exc:
+                    failed.append((n, exc))
+                    raise
+
+        try:
+            with torch.no_grad():
+                Tracing(self.module).run(*inputs)
+        except Exception:
+            if not failed:
+                raise
+        if not failed:
+            return None
+        n, exc = failed[0]
+        op_type, name = nodes.get(str(n.target), ("?", str(n.target)))
+        message = str(exc).split("\n\nWhile executing")[0].strip().splitlines()
+        reason = f"{type(exc).__name__}: {message[0] if message else ''}"
+        return UnsupportedOperatorError(
+            f"the converted model fails at {op_type} node {name!r}: {reason}",
+            missing=[{"op_type": op_type, "node": name, "reason": reason}],
+        )
 
 
 def _domain(domain: str) -> str:
@@ -148,10 +178,12 @@ def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> Torc
             return values[name]
         raise InvalidModelError(f"value {renaming.original_value(name)!r} is used but never defined")
 
+    nodes: dict[str, tuple[str, str]] = {}
     for index, node in enumerate(graph.nodes.values()):
         module, mapping = _convert_node(node, graph, opsets, renaming)
         module_name = f"m{index}"
         root.add_module(module_name, module)
+        nodes[module_name] = (node.operation_type, renaming.original_node(node.name))
         inputs = [value(name) if name else None for name in mapping.inputs]
         args, kwargs = _split_arguments(module, inputs)
         call = fx_graph.call_module(module_name, args=args, kwargs=kwargs)
@@ -174,6 +206,7 @@ def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> Torc
         output_names=tuple(renaming.original_value(name) for name in graph.output_values),
         tensors=tensors,
         prunable=[],
+        nodes=nodes,
     )
 
 

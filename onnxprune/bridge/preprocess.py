@@ -72,7 +72,7 @@ def constants_to_initializers(graph: GraphProto) -> set[str]:
         if value is None:
             kept.append(node)
             continue
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), node.output[0])
+        tensor = numpy_helper.from_array(np.asarray(value, order="C"), node.output[0])
         graph.initializer.append(tensor)
         converted.add(node.output[0])
     if converted:

@@ -104,7 +104,8 @@ def _reshape(node: OnnxNode, graph: OnnxGraph, opset: int) -> Optional[Operation
 
 
 class ClipTensors(nn.Module):
-    """Clip-11+ whose min/max are computed in the graph (onnx2torch needs constants)."""
+    """Clip-11+, bounds as (optional) inputs: onnx2torch needs them constant and mistakes an
+    absent optional input ('') for a computed one."""
 
     def forward(self, x: torch.Tensor, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
         if lo is None and hi is None:
@@ -114,10 +115,7 @@ class ClipTensors(nn.Module):
 
 @OVERRIDES.register("Clip")
 def _clip(node: OnnxNode, graph: OnnxGraph, opset: int) -> Optional[OperationConverterResult]:
-    bounds = [name for name in node.input_values[1:] if name]
-    if opset < 11 or all(name in graph.initializers for name in bounds):
-        return None
-    return _result(ClipTensors(), node)
+    return None if opset < 11 else _result(ClipTensors(), node)
 
 
 class Flatten(nn.Module):
