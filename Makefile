@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint coverage install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Real exporters' files for docs/coverage.md. The model packages are installed without their
+# dependencies: they only contribute .onnx files, and rapidocr/nudenet would pull in plain
+# onnxruntime, which shadows onnxruntime-gpu (same module name).
+coverage: $(STAMP)
+	$(BIN)/python -m pip install -e '.[dev,models]'
+	$(BIN)/python -m pip install --no-deps silero-vad==6.2.3 rapidocr_onnxruntime==1.4.4 nudenet==3.4.2
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/coverage.py
+
 clean:
 	rm -rf build .pytest_cache
 
 lint: $(STAMP)
-	$(BIN)/ruff check onnxprune cli tests models
-	$(BIN)/ruff format --check onnxprune cli tests models
+	$(BIN)/ruff check onnxprune cli tests models benchmarks
+	$(BIN)/ruff format --check onnxprune cli tests models benchmarks

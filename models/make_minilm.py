@@ -79,8 +79,10 @@ def stdlib_sentences() -> list[str]:
 
 def tokenize(tokenizer, sentences: list[str]) -> dict[str, np.ndarray]:
     encoded = tokenizer(sentences, padding="max_length", truncation=True, max_length=SEQUENCE, return_tensors="np")
-    return {"input_ids": encoded["input_ids"].astype(np.int64),
-            "attention_mask": encoded["attention_mask"].astype(np.int64)}
+    return {
+        "input_ids": encoded["input_ids"].astype(np.int64),
+        "attention_mask": encoded["attention_mask"].astype(np.int64),
+    }
 
 
 def export(module: nn.Module, example: dict[str, torch.Tensor], path: Path, dynamo: bool) -> None:
@@ -91,17 +93,29 @@ def export(module: nn.Module, example: dict[str, torch.Tensor], path: Path, dyna
         if dynamo:
             batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
             program = torch.onnx.export(
-                module, args, dynamo=True, input_names=["input_ids", "attention_mask"],
-                output_names=["sentence_embedding"], opset_version=18,
+                module,
+                args,
+                dynamo=True,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["sentence_embedding"],
+                opset_version=18,
                 dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
             )
             program.save(str(path), external_data=False)
         else:
             torch.onnx.export(
-                module, args, str(path), dynamo=False, opset_version=17,
-                input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
-                dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                              "sentence_embedding": {0: "batch"}},
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["sentence_embedding"],
+                dynamic_axes={
+                    "input_ids": {0: "batch", 1: "sequence"},
+                    "attention_mask": {0: "batch", 1: "sequence"},
+                    "sentence_embedding": {0: "batch"},
+                },
             )
 
 

@@ -9,12 +9,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from builders import model, ort_run, randn, tensor, torch_run
 from onnx import helper
 
 from onnxprune.bridge.bindings import find_prunable, select, write_back
 from onnxprune.bridge.convert import convert
 from onnxprune.errors import UnsupportedOperatorError
+
+from builders import model, ort_run, randn, tensor, torch_run
 
 
 def assert_matches_ort(m: onnx.ModelProto, feeds: dict[str, np.ndarray], atol: float = 1e-5) -> None:

@@ -12,12 +12,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from builders import model, ort_run, randn, save, save_npz, tensor
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
-from onnxprune_cli.main import main
 
 from onnxprune.masks import prune_count
+from onnxprune_cli.main import main
+
+from builders import model, ort_run, randn, save, save_npz, tensor
 
 
 def run_cli(*args: str):

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from builders import model, ort_run, randn, tensor, torch_run
 from onnx import TensorProto, helper
 
 from onnxprune.bridge.convert import convert
 from onnxprune.errors import UnsupportedOperatorError
+
+from builders import model, ort_run, randn, tensor, torch_run
 
 
 def check(m, *feed_sets, atol=1e-5, rtol=1e-5):
@@ -271,21 +272,19 @@ def test_newer_opset_versions_served_by_aliases():
 
 
 def test_alias_refuses_a_new_attribute_set_to_a_non_default_value():
-    m = model(
-        [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], dilations=[2, 2])],
-        [tensor("x", [1, 1, 6, 6])],
-        [tensor("y", None)],
-        opset=19,
-    )
-    with pytest.raises(UnsupportedOperatorError, match=r"AveragePool-19 attribute dilations=\[2, 2\]"):
-        convert(m)
-    ok = model(
-        [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], dilations=[1, 1])],
-        [tensor("x", [1, 1, 6, 6])],
-        [tensor("y", None)],
-        opset=19,
-    )
-    check(ok, {"x": randn(1, 1, 6, 6)})
+    def resize(**attrs):
+        node = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear", **attrs)
+        return model(
+            [node],
+            [tensor("x", [1, 2, 4, 4])],
+            [tensor("y", None)],
+            {"scales": np.array([1, 1, 2, 2], np.float32)},
+            opset=18,
+        )
+
+    with pytest.raises(UnsupportedOperatorError, match=r"Resize-18 attribute antialias=1 is not supported"):
+        convert(resize(antialias=1))
+    check(resize(antialias=0), {"x": randn(1, 2, 4, 4)})
 
 
 # --------------------------------------------------------------------------- recurrent
@@ -403,3 +402,129 @@ def test_lstm_at_opset_7_without_optional_inputs_and_only_y():
         opset=9,
     )
     check(m, {"x": randn(4, 2, 2)}, {"x": randn(1, 5, 2, seed=3)})
+
+
+def test_dropout_with_declared_mask_output_keeps_the_batch():
+    m = model(
+        [helper.make_node("Dropout", ["x"], ["y", "mask"], ratio=0.5), helper.make_node("Relu", ["y"], ["z"])],
+        [tensor("x", None)],
+        [tensor("z", None)],
+        opset=9,
+    )
+    check(m, {"x": randn(3, 4)}, {"x": randn(2, 3, 5, seed=1)})
+
+
+# --------------------------------------------------------------------------- pooling, SAME, slice, pad
+
+from onnxprune.bridge.converters.layout import pool_output_size, same_pads  # noqa: E402
+
+
+def test_same_pads_and_pool_output_size_by_hand():
+    # size 5, kernel 3, stride 2: out = ceil(5/2) = 3, total pad = (3-1)*2 + 3 - 5 = 2
+    assert same_pads([5], [3], [2], [1], upper=True) == [1, 1]
+    # size 6, kernel 3, stride 2: out 3, total pad = 4 + 3 - 6 = 1 -> the odd pad goes last (UPPER) or first
+    assert same_pads([6], [3], [2], [1], upper=True) == [0, 1]
+    assert same_pads([6], [3], [2], [1], upper=False) == [1, 0]
+    assert pool_output_size(6, 3, 2, 1, 0, 0, ceil=False) == 2  # (6-3)//2 + 1
+    assert pool_output_size(6, 3, 2, 1, 0, 0, ceil=True) == 3  # ceil(3/2) + 1
+    assert pool_output_size(5, 2, 2, 1, 0, 1, ceil=True) == 3  # last window starts at 4 < 5: kept
+    assert pool_output_size(4, 2, 2, 1, 0, 1, ceil=True) == 2  # ceil(3/2)+1 = 3, but window 3 would start at 4
+
+
+POOLS = [
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 2]),
+    dict(kernel_shape=[2, 3], pads=[1, 0, 0, 1], ceil_mode=1, strides=[2, 2]),
+    dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER"),
+    dict(kernel_shape=[3, 2], strides=[2, 1], auto_pad="SAME_LOWER"),
+    dict(kernel_shape=[2, 2], strides=[2, 2], auto_pad="VALID", ceil_mode=1),
+    dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1),
+    dict(kernel_shape=[3, 3], pads=[0, 0, 2, 1], count_include_pad=1, strides=[2, 2]),
+]
+
+
+@pytest.mark.parametrize("op", ["AveragePool", "MaxPool"])
+@pytest.mark.parametrize("attrs", POOLS, ids=range(len(POOLS)))
+def test_pooling_pads_ceil_same_and_count_include_pad(op, attrs):
+    if op == "MaxPool":
+        attrs = {k: v for k, v in attrs.items() if k != "count_include_pad"}
+    m = model(
+        [helper.make_node(op, ["x"], ["y"], **attrs)], [tensor("x", ["n", 2, "h", "w"])], [tensor("y", None)], opset=11
+    )
+    check(m, {"x": randn(1, 2, 7, 6)}, {"x": randn(3, 2, 8, 9, seed=1)}, {"x": randn(2, 2, 5, 5, seed=2)})
+
+
+def test_maxpool_dilations_and_1d_3d():
+    dilated = model(
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], dilations=[2, 2], pads=[1, 0, 0, 1])],
+        [tensor("x", None)],
+        [tensor("y", None)],
+        opset=12,
+    )
+    check(dilated, {"x": randn(2, 3, 7, 7)})
+    one_d = model(
+        [helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3], strides=[2], pads=[0, 2])],
+        [tensor("x", None)],
+        [tensor("y", None)],
+        opset=11,
+    )
+    check(one_d, {"x": randn(2, 3, 9)}, {"x": randn(1, 1, 4, seed=1)})
+    three_d = model(
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2, 2], strides=[2, 2, 2], auto_pad="SAME_UPPER")],
+        [tensor("x", None)],
+        [tensor("y", None)],
+        opset=11,
+    )
+    check(three_d, {"x": randn(1, 2, 5, 4, 3)})
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_conv_with_auto_pad_same(auto_pad):
+    m = model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], auto_pad=auto_pad, strides=[2, 2])],
+        [tensor("x", None)],
+        [tensor("y", None)],
+        {"w": randn(4, 3, 3, 2), "b": randn(4, seed=1)},
+        opset=11,
+    )
+    check(m, {"x": randn(1, 3, 8, 7)}, {"x": randn(2, 3, 5, 6, seed=1)})
+    (found,) = convert(m).prunable
+    assert found.name == "w"
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge", "constant"])
+def test_pad_13_any_rank(mode):
+    m = model(
+        [helper.make_node("Pad", ["x", "pads"], ["y"], mode=mode)],
+        [tensor("x", None)],
+        [tensor("y", None)],
+        {"pads": np.array([0, 3, 0, 2], np.int64)},
+        opset=13,
+    )
+    check(m, {"x": randn(2, 5)}, {"x": randn(1, 6, seed=1)})
+
+
+SLICES = [
+    ([1], [-1], [1], [1]),
+    ([-1], [-(2**63)], [0], [-1]),  # reverse the whole first axis
+    ([5, 0], [1, 10**9], [0, -1], [-2, 2]),
+    ([0, -3], [2**63 - 1, -1], [-1, 0], [1, 1]),
+    ([10], [0], [0], [-3]),  # start clamped to the last element
+]
+
+
+@pytest.mark.parametrize("starts, ends, axes, steps", SLICES, ids=range(len(SLICES)))
+def test_slice_steps_clamping_and_negative_axes(starts, ends, axes, steps):
+    inits = {
+        "s": np.array(starts, np.int64),
+        "e": np.array(ends, np.int64),
+        "a": np.array(axes, np.int64),
+        "t": np.array(steps, np.int64),
+    }
+    m = model(
+        [helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y"])],
+        [tensor("x", None)],
+        [tensor("y", None)],
+        inits,
+        opset=13,
+    )
+    check(m, {"x": randn(6, 7)}, {"x": randn(4, 9, seed=1)})

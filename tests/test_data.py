@@ -7,7 +7,6 @@ import zipfile
 
 import numpy as np
 import pytest
-from builders import model, randn, save_npz, tensor
 from onnx import helper
 
 from onnxprune.data import (
@@ -23,6 +22,8 @@ from onnxprune.data import (
     synthesize,
 )
 from onnxprune.errors import CalibrationDataError
+
+from builders import model, randn, save_npz, tensor
 
 IMAGE = InputSpec("image", np.dtype("float32"), ("batch", 1, 4, 4))
 

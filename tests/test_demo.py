@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from builders import ort_run
 from onnx import numpy_helper
 
 from onnxprune import PruneConfig, prune
+
+from builders import ort_run
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

@@ -7,12 +7,13 @@ import os
 import numpy as np
 import onnx
 import pytest
-from builders import mlp, ort_run, randn
 from onnx import numpy_helper
 
 from onnxprune.bridge.bindings import find_prunable, write_back
 from onnxprune.errors import InvalidModelError, UsageError
 from onnxprune.onnx_io import atomic_write, load_model, save_model
+
+from builders import mlp, ort_run, randn
 
 
 def _external(tmp_path, location="weights.bin"):

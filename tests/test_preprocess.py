@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import model, ort_run, randn, save, save_npz, tensor, torch_run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import PruneConfig, prune
 from onnxprune.bridge.bindings import read_tensor
 from onnxprune.bridge.convert import convert
 from onnxprune.masks import prune_count
+
+from builders import model, ort_run, randn, save, save_npz, tensor, torch_run
 
 
 def const(name: str, array: np.ndarray) -> onnx.NodeProto:
@@ -214,3 +215,33 @@ def test_scalar_constants_stay_scalars():
     assert tuple(converted.tensors["idx"].shape) == ()
     feeds = {"x": randn(3, 5)}
     assert torch_run(converted, feeds)[0].tolist() == ort_run(m, feeds)[0].tolist() == [5]
+
+
+def test_rank_after_a_data_dependent_reshape_comes_from_symbolic_shape_inference():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "ax"], ["n1"]),
+        helper.make_node("Div", ["n1", "two"], ["half"]),
+        helper.make_node("Concat", ["half", "rest"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["r"]),
+        helper.make_node("BatchNormalization", ["r", "sc", "b", "m", "v"], ["y"]),  # its converter needs the rank
+    ]
+    inits = {
+        "zero": np.array(0, np.int64),
+        "ax": np.array([0], np.int64),
+        "two": np.array([2], np.int64),
+        "rest": np.array([6, 4, 4], np.int64),
+        "sc": randn(6, seed=1),
+        "b": randn(6, seed=2),
+        "m": randn(6, seed=3),
+        "v": np.abs(randn(6, seed=4)) + 0.5,
+    }
+    m = model(nodes, [tensor("x", ["n", 3, 4, 4])], [tensor("y", None)], inits, opset=13)
+    inferred = onnx.shape_inference.infer_shapes(m)
+    reshaped = next(v for v in inferred.graph.value_info if v.name == "r")
+    assert not reshaped.type.tensor_type.HasField("shape")  # onnx's inference loses the rank here
+    converted = convert(m)
+    for batch in (2, 6):
+        feeds = {"x": randn(batch, 3, 4, 4, seed=batch)}
+        np.testing.assert_allclose(torch_run(converted, feeds)[0], ort_run(m, feeds)[0], atol=1e-5)

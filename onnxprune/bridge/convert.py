@@ -17,7 +17,6 @@ import inspect
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from operator import getitem
 from typing import Any
 
 import torch
@@ -152,8 +151,7 @@ def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> Torc
     store = nn.Module()
     root.add_module("tensors", store)
     values: dict[str, fx.Node] = {}
-    # Outputs of multi-output nodes, fetched with getitem only when used: some converters
-    # return a single tensor for a node that declares an unused second output.
+    # Outputs of multi-output nodes, selected only when used (see select_output).
     pending: dict[str, tuple[fx.Node, int]] = {}
     tensor_slots: dict[str, str] = {}  # original initializer name -> attribute in `store`
 
@@ -164,7 +162,7 @@ def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> Torc
         if name in values:
             return values[name]
         if name in pending:
-            values[name] = fx_graph.call_function(getitem, args=pending.pop(name))
+            values[name] = fx_graph.call_function(select_output, args=pending.pop(name))
             return values[name]
         if graph.value_type(name) == ValueType.GRAPH_INITIALIZER:
             tensor = torch.from_numpy(numpy_helper.to_array(graph.initializers[name].proto).copy())
@@ -208,6 +206,17 @@ def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> Torc
         prunable=[],
         nodes=nodes,
     )
+
+
+def select_output(result: Any, index: int) -> Any:
+    """Output `index` of a node's module. Some converters return a single tensor for a node that
+    declares extra outputs nobody uses (Dropout's mask, MaxPool's indices); indexing that tensor
+    would silently take its first row, so only real tuples are indexed."""
+    if isinstance(result, (tuple, list)):
+        return result[index]
+    if index == 0:
+        return result
+    raise NotImplementedError(f"the converter returned one output, the graph uses output {index}")
 
 
 def _convert_node(

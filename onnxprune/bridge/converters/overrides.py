@@ -16,6 +16,8 @@ from torch.func import functional_call
 from torch.nn.modules.conv import _ConvNd
 
 from ...registry import Registry
+from .added import Pad18
+from .layout import Pool, SamePadding, Slice
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -61,6 +63,18 @@ class WeightsAsInputs(nn.Module):
 @OVERRIDES.register("Conv")
 @OVERRIDES.register("ConvTranspose")
 def _conv(node: OnnxNode, graph: OnnxGraph, opset: int) -> OperationConverterResult:
+    auto_pad = node.attributes.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if node.operation_type != "Conv":
+            raise NotImplementedError(f"ConvTranspose with auto_pad={auto_pad}")
+        result = _conv(_without_padding(node), graph, opset)
+        module = SamePadding(
+            result.torch_module,
+            node.attributes.get("strides"),
+            node.attributes.get("dilations"),
+            upper=auto_pad == "SAME_UPPER",
+        )
+        return OperationConverterResult(torch_module=module, onnx_mapping=result.onnx_mapping)
     result = get_converter(node.operation_type, opset, node.domain)(node, graph)
     conv_paths = [name for name, module in result.torch_module.named_modules() if isinstance(module, _ConvNd)]
     if len(conv_paths) != 1:
@@ -72,6 +86,16 @@ def _conv(node: OnnxNode, graph: OnnxGraph, opset: int) -> OperationConverterRes
         torch_module=WeightsAsInputs(result.torch_module, slots),
         onnx_mapping=OnnxMapping(inputs=(node.input_values[0], *present), outputs=node.output_values),
     )
+
+
+def _without_padding(node: OnnxNode) -> OnnxNode:
+    """The same node with auto_pad NOTSET and no pads (padding is then applied outside)."""
+    proto = type(node.proto)()
+    proto.CopyFrom(node.proto)
+    kept = [a for a in proto.attribute if a.name not in ("auto_pad", "pads")]
+    del proto.attribute[:]
+    proto.attribute.extend(kept)
+    return OnnxNode(proto, unique_name=node.unique_name)
 
 
 @OVERRIDES.register("Gemm")
@@ -135,3 +159,39 @@ class Flatten(nn.Module):
 @OVERRIDES.register("Flatten")
 def _flatten(node: OnnxNode, graph: OnnxGraph, opset: int) -> OperationConverterResult:
     return _result(Flatten(node.attributes.get("axis", 1)), node)
+
+
+# --------------------------------------------------------------------------- pooling, pad, slice
+
+
+@OVERRIDES.register("AveragePool")
+@OVERRIDES.register("MaxPool")
+def _pool(node: OnnxNode, graph: OnnxGraph, opset: int) -> OperationConverterResult:
+    attributes = node.attributes
+    if node.operation_type == "MaxPool" and len([o for o in node.output_values if o]) > 1:
+        raise NotImplementedError("MaxPool with an Indices output")
+    module = Pool(
+        kind="max" if node.operation_type == "MaxPool" else "avg",
+        kernel=attributes["kernel_shape"],
+        strides=attributes.get("strides"),
+        pads=attributes.get("pads"),
+        auto_pad=attributes.get("auto_pad", "NOTSET"),
+        dilations=attributes.get("dilations"),
+        ceil_mode=attributes.get("ceil_mode", 0) != 0,
+        count_include_pad=attributes.get("count_include_pad", 0) != 0,
+    )
+    return _result(module, node)
+
+
+@OVERRIDES.register("Pad")
+def _pad(node: OnnxNode, graph: OnnxGraph, opset: int) -> Optional[OperationConverterResult]:
+    # onnx2torch's Pad-11/13 uses torch's reflect/replicate, which handle only some ranks
+    if opset < 11:
+        return None
+    return _result(Pad18(node.attributes.get("mode", "constant")), node)
+
+
+@OVERRIDES.register("Slice")
+def _slice(node: OnnxNode, graph: OnnxGraph, opset: int) -> Optional[OperationConverterResult]:
+    # onnx2torch's Slice indexes with a list of slices, which torch deprecates (and will reinterpret)
+    return None if opset < 10 else _result(Slice(), node)
