@@ -20,7 +20,9 @@ from .config import PruneConfig
 from .data import Dataset, InputSpec, input_specs, load_dataset, run_batches, split, synthesize
 from .errors import NonFiniteError, UsageError
 from .estimators import ESTIMATORS, Estimator
-from .masks import SCOPES
+from .gradients import GradientSource, choose_loss
+from .memory import GIB, available_bytes, peak_bytes
+from .oneshot import OneShotResult, prune_oneshot
 from .onnx_io import (
     EXTERNAL_DATA_THRESHOLD,
     LoadedModel,
@@ -30,7 +32,20 @@ from .onnx_io import (
     save_model,
     tensor_bytes,
 )
-from .report import Conversion, DataInfo, Gate, ModelInfo, Pruning, Quality, Report, TensorSparsity, Validation
+from .progress import Progress, progress_enabled
+from .report import (
+    Conversion,
+    DataInfo,
+    Fisher,
+    Gate,
+    ModelInfo,
+    Pruning,
+    Quality,
+    Report,
+    StepInfo,
+    TensorSparsity,
+    Validation,
+)
 from .validate import (
     Headline,
     OrtModel,
@@ -63,8 +78,8 @@ def prune(config: PruneConfig) -> Report:
         model = load_model(config.input)
         _check_no_clobber(model, config)
         specs = input_specs(model.proto)
-        estimator = ESTIMATORS.get(config.method)()
-        calibration, evaluation = load_data(config, specs, estimator.needs_calibration)
+        estimator = ESTIMATORS.get(config.method)(config)
+        calibration, evaluation = load_data(config, specs, estimator.needs_gradients)
 
     with _timed(timings, "reference"):
         log.info("running the original model in onnxruntime on %d evaluation samples", len(evaluation))
@@ -83,19 +98,40 @@ def prune(config: PruneConfig) -> Report:
         why = (
             "every prunable weight matches --exclude"
             if candidates
-            else "the model has no weights feeding Conv, ConvTranspose, Gemm or MatMul"
+            else "the model has no weights feeding Conv, ConvTranspose, Gemm, MatMul or a recurrent node"
         )
         raise UsageError(f"nothing to prune: {why}")
+    for target in targets:
+        _require_finite(torch_model.tensors[target.name], f"weight {target.name!r} of the input model")
 
     with _timed(timings, "prune"):
+        source = None
+        if estimator.needs_gradients:
+            loss = choose_loss(headline, reference, torch_model.output_names, calibration)
+            source = GradientSource(
+                torch_model, calibration, specs, loss, config.num_grads, config.fisher_batch, config.seed, device
+            )
+            log.info("gradients: %s", loss.describe())
         log.info(
-            "pruning %d tensors (%s params) with %s, %s scope",
+            "pruning %d tensors (%s params) with %s, %s scope, %d step(s)",
             len(targets),
             f"{sum(t.numel for t in targets):,}",
             config.method,
             config.scope,
+            config.steps,
         )
-        pruned_arrays = prune_tensors(torch_model, targets, estimator, config, calibration)
+        outcome = prune_oneshot(
+            torch_model,
+            targets,
+            estimator,
+            config.sparsity,
+            config.steps,
+            config.scope,
+            source,
+            memory_budget(config),
+            Progress(progress_enabled(config.progress)),
+        )
+        pruned_arrays = outcome.arrays
 
     with _timed(timings, "write"):
         log.info("writing %s", config.output)
@@ -125,6 +161,7 @@ def prune(config: PruneConfig) -> Report:
         output=output,
         calibration=data_info(calibration),
         evaluation=data_info(evaluation),
+        fisher=fisher_info(source, estimator, outcome),
         pruning=Pruning(
             method=config.method,
             scope=config.scope,
@@ -139,6 +176,7 @@ def prune(config: PruneConfig) -> Report:
         validation=validation,
         gate=gate,
         timings={k: round(v, 4) for k, v in timings.items()},
+        peak_memory_bytes=peak_bytes(),
         warnings=tuple(_warnings(calibration, evaluation, conversion)),
         report_path=str(config.report_path),
     )
@@ -242,31 +280,34 @@ def check_conversion(
     return Conversion(samples=limit, max_abs_error=worst, relative_error=relative, outputs=errors)
 
 
-def prune_tensors(
-    torch_model: TorchModel,
-    targets: Sequence[PrunableTensor],
-    estimator: Estimator,
-    config: PruneConfig,
-    calibration: Dataset | None,
-) -> dict[str, np.ndarray]:
-    """Score, mask and compensate the targets; the torch model is left holding the pruned values."""
-    weights = {t.name: torch_model.tensors[t.name] for t in targets}
-    for name, weight in weights.items():
-        _require_finite(weight, f"weight {name!r} of the input model")
-    estimator.prepare(torch_model, targets, calibration)
-    scores = {}
-    for name, weight in weights.items():
-        scores[name] = estimator.scores(name, weight.detach().float())
-        _require_finite(scores[name], f"{estimator.name} scores of {name!r}")
-    masks = SCOPES[config.scope](scores, config.sparsity)
-    pruned = {}
-    with torch.no_grad():
-        for name, weight in weights.items():
-            new = estimator.compensate(name, weight.detach().float(), masks[name].to(weight.device))
-            _require_finite(new, f"pruned values of {name!r}")
-            weight.copy_(new.to(weight.dtype))
-            pruned[name] = weight.detach().cpu().numpy()
-    return pruned
+def memory_budget(config: PruneConfig) -> int:
+    """Bytes the estimator's statistics may use: --max-memory, else 80% of what is available."""
+    if config.max_memory is not None:
+        return int(config.max_memory * GIB)
+    return int(0.8 * available_bytes())
+
+
+def fisher_info(source: GradientSource | None, estimator: Estimator, outcome: OneShotResult) -> Fisher | None:
+    if source is None or outcome.plan is None:
+        return None
+    steps = tuple(
+        StepInfo(s.step, s.sparsity, round(s.gradient_seconds, 3), round(s.estimator_seconds, 3), s.collections)
+        for s in outcome.steps
+    )
+    return Fisher(
+        loss=source.loss.describe(),
+        num_grads=source.count,
+        fisher_batch=source.micro_batch,
+        calibration_samples_used=source.samples_used,
+        estimator=estimator.describe(),
+        steps=steps,
+        groups=len(outcome.plan.groups),
+        statistics_kept=outcome.plan.keep_statistics,
+        memory_estimate_bytes=outcome.plan.estimate,
+        memory_budget_bytes=outcome.plan.budget,
+        gradient_seconds=round(sum(s.gradient_seconds for s in steps), 3),
+        estimator_seconds=round(sum(s.estimator_seconds for s in steps), 3),
+    )
 
 
 def _require_finite(tensor: torch.Tensor, what: str) -> None:

@@ -46,6 +46,12 @@ class NonFiniteError(OnnxPruneError):
     exit_code = 7
 
 
+class MemoryBudgetError(OnnxPruneError):
+    """The estimator would need more memory than allowed (exit 8); nothing is written."""
+
+    exit_code = 8
+
+
 # Exit code 6 is not an exception: the run succeeds, writes its output and report, and the
 # caller turns a failed accuracy gate into the exit code (see Report.gate_failed).
 EXIT_OK = 0

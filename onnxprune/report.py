@@ -58,6 +58,33 @@ class Pruning:
 
 
 @dataclass(frozen=True)
+class StepInfo:
+    step: int
+    sparsity: float
+    gradient_seconds: float
+    estimator_seconds: float
+    collections: int
+
+
+@dataclass(frozen=True)
+class Fisher:
+    """How the second-order statistics were made (absent for data-free estimators)."""
+
+    loss: str
+    num_grads: int
+    fisher_batch: int
+    calibration_samples_used: int
+    estimator: dict[str, Any]
+    steps: tuple[StepInfo, ...]
+    groups: int  # tensors are processed in this many groups to fit the memory budget
+    statistics_kept: bool  # false: gradients collected again for the weight update
+    memory_estimate_bytes: int
+    memory_budget_bytes: int
+    gradient_seconds: float
+    estimator_seconds: float
+
+
+@dataclass(frozen=True)
 class Conversion:
     """The dense torch model against onnxruntime on the original: is the bridge faithful?"""
 
@@ -106,10 +133,12 @@ class Report:
     calibration: DataInfo | None
     evaluation: DataInfo
     pruning: Pruning
+    fisher: Fisher | None
     conversion: Conversion
     validation: Validation
     gate: Gate | None
     timings: dict[str, float]
+    peak_memory_bytes: int
     warnings: tuple[str, ...] = field(default=())
     report_path: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -164,6 +193,16 @@ def format_human(report: Report, max_rows: int = 30) -> str:
     )
     if p.excluded:
         lines.append(f"  left dense by --exclude: {', '.join(p.excluded[:8])}{' ...' if len(p.excluded) > 8 else ''}")
+    f = report.fisher
+    if f is not None:
+        lines.append(f"fisher: {f.num_grads} gradients x {f.fisher_batch} samples; {f.loss}")
+        settings = ", ".join(f"{k} {v}" for k, v in f.estimator.items())
+        steps = len(f.steps)
+        lines.append(
+            f"  {settings}{'; ' if settings else ''}{steps} step{'s' if steps > 1 else ''}; gradients "
+            f"{f.gradient_seconds:.1f} s, estimator {f.estimator_seconds:.1f} s"
+            + (f"; {f.groups} memory groups" if f.groups > 1 else "")
+        )
     c = report.conversion
     lines.append(f"conversion check (torch vs onnxruntime, {c.samples} samples): max abs error {c.max_abs_error:.2e}")
     e = report.evaluation
@@ -180,7 +219,10 @@ def format_human(report: Report, max_rows: int = 30) -> str:
             f"  output {o.name!r}: max abs {o.max_abs_error:.3e}  mean abs {o.mean_abs_error:.3e}"
             f"  cosine {o.cosine:.5f}"
         )
-    lines.append(f"size: {_size(report.input.size_bytes)} -> {_size(report.output.size_bytes)}")
+    lines.append(
+        f"size: {_size(report.input.size_bytes)} -> {_size(report.output.size_bytes)}; "
+        f"time {report.timings.get('total', 0):.1f} s; peak memory {_size(report.peak_memory_bytes)}"
+    )
     if report.gate is not None:
         g = report.gate
         verdict = "passed" if g.passed else "FAILED"

@@ -137,11 +137,16 @@ def accuracy(output: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(output, axis=1) == labels.reshape(-1)))
 
 
+def class_labels_fit(labels: np.ndarray, classes: int) -> bool:
+    """Whether `labels` are one integer class index in [0, classes) per sample."""
+    flat = labels.reshape(-1) if labels.size == len(labels) else None
+    if flat is None or flat.dtype.kind not in "iu":
+        return False
+    return bool(flat.size == 0 or (flat.min() >= 0 and flat.max() < classes))
+
+
 def labels_usable(output: np.ndarray, labels: np.ndarray | None) -> bool:
-    """Whether `labels` are class indices for the classifier `output`."""
-    if labels is None or not is_classifier_output(output):
+    """Whether `labels` are class indices for the classifier `output` (one per sample)."""
+    if labels is None or not is_classifier_output(output) or len(labels) != len(output):
         return False
-    flat = labels.reshape(-1) if labels.ndim <= 2 and labels.size == len(labels) else None
-    if flat is None or flat.dtype.kind not in "iu" or len(flat) != len(output):
-        return False
-    return bool(flat.size == 0 or (flat.min() >= 0 and flat.max() < output.shape[1]))
+    return class_labels_fit(labels, output.shape[1])

@@ -11,6 +11,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
 # onnx >= 1.23 writes IR 14 by default, which onnxruntime 1.31 rejects.
 IR_VERSION = 8
 OPSET = 17

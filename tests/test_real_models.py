@@ -23,7 +23,9 @@ def test_onnx_backend_light_model_round_trips_and_prunes(tmp_path, name):
     np.testing.assert_allclose(torch_run(converted, feeds)[0], ort_run(m, feeds)[0], atol=1e-4)
 
     data = save_npz(tmp_path / "eval.npz", **{converted.input_names[0]: randn(2, 3, 224, 224, seed=2)})
-    report = prune(PruneConfig(input=path, output=tmp_path / "out.onnx", sparsity=0.5, evaluation=data))
+    report = prune(
+        PruneConfig(input=path, output=tmp_path / "out.onnx", sparsity=0.5, evaluation=data, method="magnitude")
+    )
     assert report.conversion.max_abs_error < 1e-4
     assert abs(report.pruning.sparsity - 0.5) < 1e-6 and len(report.pruning.tensors) == len(converted.prunable)
     out = onnx.load(str(tmp_path / "out.onnx"))

@@ -35,12 +35,14 @@ FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOU
 
 @dataclass(frozen=True)
 class Consumer:
-    """A node that uses a weight: its name, op type, which input, and the layout nodes between."""
+    """A node that uses a weight: its name, op type, which input, the layout nodes between, and
+    whether the weight's first two axes are (input, output) rather than (output, input)."""
 
     node: str
     op_type: str
     input_index: int
     via: tuple[str, ...] = ()
+    transposed: bool = False
 
     def describe(self) -> str:
         chain = "".join(f"{op} -> " for op in self.via)
@@ -60,6 +62,16 @@ class PrunableTensor:
     @property
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
+
+    def canonical_order(self) -> np.ndarray | None:
+        """Flat ONNX positions in canonical order (output units major), or None when the ONNX
+        layout already is canonical or the consumers disagree or reach it through a chain."""
+        if not self.consumers or any(c.via for c in self.consumers):
+            return None
+        flags = {c.transposed for c in self.consumers}
+        if flags != {True} or len(self.shape) < 2:
+            return None
+        return np.arange(self.numel).reshape(self.shape).swapaxes(0, 1).reshape(-1)
 
     def matches(self, pattern: re.Pattern) -> bool:
         """Whether `pattern` matches the tensor's name or the name of a node that uses it."""
@@ -102,10 +114,27 @@ def _weight_consumers(
         if node.domain not in ("", "ai.onnx"):
             continue
         if index in WEIGHT_INPUTS.get(node.op_type, ()):
-            yield Consumer(node=node.name, op_type=node.op_type, input_index=index, via=via)
+            yield Consumer(
+                node=node.name,
+                op_type=node.op_type,
+                input_index=index,
+                via=via,
+                transposed=_stores_inputs_first(node, index),
+            )
         elif node.op_type in LAYOUT_ONLY and index == 0:
             for output in node.output:
                 yield from _weight_consumers(output, users, via + (node.op_type,), seen)
+
+
+def _stores_inputs_first(node: NodeProto, index: int) -> bool:
+    """Whether the weight at input `index` is laid out (input, output, ...): MatMul's right
+    operand, Gemm's B without transB (or A with transA), ConvTranspose's weight."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMul":
+        return index == 1
+    if node.op_type == "Gemm":
+        return not attributes.get("transB", 0) if index == 1 else bool(attributes.get("transA", 0))
+    return node.op_type == "ConvTranspose"
 
 
 def select(tensors: Iterable[PrunableTensor], exclude: Iterable[str]) -> list[PrunableTensor]:

@@ -1,8 +1,8 @@
 """Estimators, one module each, all registered in ESTIMATORS on import."""
 
-from . import magnitude  # noqa: F401  (registers)
-from .base import ESTIMATORS, Estimator, register
+from . import diagonal, magnitude, woodfisher  # noqa: F401  (register)
+from .base import ESTIMATORS, Estimator, MemoryNeed, Statistics, register
 
-DEFAULT_METHOD = "magnitude"
+DEFAULT_METHOD = "woodfisher"
 
-__all__ = ["ESTIMATORS", "Estimator", "register", "DEFAULT_METHOD"]
+__all__ = ["ESTIMATORS", "Estimator", "MemoryNeed", "Statistics", "register", "DEFAULT_METHOD"]

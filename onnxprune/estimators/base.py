@@ -1,14 +1,20 @@
 """The estimator interface and its registry.
 
-An estimator answers two questions for each target weight: which entries to drop (`scores`,
-higher = keep; on a scale comparable across tensors so a global threshold is meaningful) and how
-to change the survivors to make up for it (`compensate`; just zeroing for magnitude).
+An estimator answers two questions for one weight tensor: which entries to drop (`scores`, higher
+= keep, on a loss-increase scale comparable across tensors so that one global threshold is
+meaningful) and how to change the survivors to make up for it (`compensate`). Weights arrive
+flattened in their canonical order (output units major, so consecutive entries belong to the same
+output unit), as float32; the framework handles layouts, masks, memory and schedules.
+
+Data-driven estimators get per-tensor `Statistics`, fed with batches of gradients ([n, numel]
+rows) in any split: the result must only depend on all the rows together.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -16,9 +22,23 @@ from torch import Tensor
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..bridge.bindings import PrunableTensor
-    from ..bridge.convert import TorchModel
-    from ..data import Dataset
+    from ..config import PruneConfig
+
+
+class Statistics(Protocol):
+    """Per-tensor accumulator of gradient rows."""
+
+    count: int
+
+    def update(self, grads: Tensor) -> None: ...
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes an estimator needs for one tensor: while building its statistics, and kept after."""
+
+    peak: int = 0
+    kept: int = 0
 
 
 class Estimator(ABC):
@@ -26,19 +46,33 @@ class Estimator(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    # Whether `prepare` reads calibration data; data-free estimators skip loading it.
-    needs_calibration: ClassVar[bool] = False
+    # Whether `statistics` needs gradients of the loss (data-free estimators skip collecting them).
+    needs_gradients: ClassVar[bool] = False
+    # Whether `compensate` reads the statistics (if so they are kept, or collected again).
+    compensates: ClassVar[bool] = False
 
-    def prepare(self, model: TorchModel, targets: Sequence[PrunableTensor], calibration: Dataset | None) -> None:
-        """Collect what `scores`/`compensate` need (gradients, activations). Default: nothing."""
+    def __init__(self, config: PruneConfig | None = None):
+        self.config = config
+
+    def statistics(self, numel: int) -> Statistics | None:
+        """A fresh accumulator for a tensor of `numel` entries (None: no statistics)."""
+        return None
+
+    def memory(self, numel: int, count: int) -> MemoryNeed:
+        """What `statistics` and `scores` need for a tensor of `numel` entries and `count` rows."""
+        return MemoryNeed()
 
     @abstractmethod
-    def scores(self, name: str, weight: Tensor) -> Tensor:
-        """Saliency of each entry of `weight` (same shape); higher means keep."""
+    def scores(self, weight: Tensor, stats: Statistics | None) -> Tensor:
+        """Saliency of each entry of the flat `weight`; higher means keep."""
 
-    def compensate(self, name: str, weight: Tensor, keep: Tensor) -> Tensor:
-        """New values for `weight` given the keep-mask; pruned entries must be exactly zero."""
+    def compensate(self, weight: Tensor, keep: Tensor, stats: Statistics | None) -> Tensor:
+        """New values for the flat `weight` given the keep-mask; pruned entries exactly zero."""
         return torch.where(keep, weight, torch.zeros_like(weight))
+
+    def describe(self) -> dict:
+        """The settings that shaped the result, for the report."""
+        return {}
 
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")

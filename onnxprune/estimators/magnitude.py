@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import Estimator, register
+from .base import Estimator, Statistics, register
 
 
 @register
@@ -12,5 +12,5 @@ class Magnitude(Estimator):
     name = "magnitude"
     summary = "drop the entries of smallest absolute value; no data, no compensation"
 
-    def scores(self, name: str, weight: Tensor) -> Tensor:
+    def scores(self, weight: Tensor, stats: Statistics | None) -> Tensor:
         return weight.abs()

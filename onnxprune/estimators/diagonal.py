@@ -1,0 +1,47 @@
+"""Diagonal Fisher (Optimal Brain Damage): F replaced by its diagonal, no weight update.
+
+Saliency ρ_q = w_q² · F_qq / 2 with F_qq the mean squared gradient: the loss increase of removing
+w_q if weights did not interact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Estimator, MemoryNeed, register
+
+
+class SquaredGradients:
+    """Running sum of squared gradients (float64) and the number of rows seen."""
+
+    def __init__(self, numel: int):
+        self.total = torch.zeros(numel, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, grads: Tensor) -> None:
+        grads = grads.to(torch.float64)
+        self.total = self.total.to(grads.device) + (grads * grads).sum(0)
+        self.count += len(grads)
+
+    @property
+    def diagonal(self) -> Tensor:
+        """The mean squared gradient: diag(F) without damping."""
+        return self.total / max(1, self.count)
+
+
+@register
+class DiagonalFisher(Estimator):
+    name = "diagonal-fisher"
+    summary = "OBD: w² · diag(F) / 2 with the empirical or true Fisher diagonal; no compensation"
+    needs_gradients = True
+
+    def statistics(self, numel: int) -> SquaredGradients:
+        return SquaredGradients(numel)
+
+    def memory(self, numel: int, count: int) -> MemoryNeed:
+        return MemoryNeed(peak=4 * numel * count + 8 * numel, kept=0)
+
+    def scores(self, weight: Tensor, stats: SquaredGradients) -> Tensor:
+        w = weight.to(torch.float64)
+        return w * w * stats.diagonal.to(w.device) / 2.0

@@ -1,0 +1,89 @@
+"""Optimal Brain Surgeon maths on blocks of weights: pure functions on tensors.
+
+Shapes: `w` is [B, c] (B blocks of c weights), `finv` is [B, c, c] (each block's inverse Fisher),
+`grads` is [N, B, c] (N gradients). Everything is batched over blocks; nothing knows about models.
+
+The Fisher of a block is F = λI + (1/N) Σ_k g_k g_kᵀ. Removing a set Q of weights costs (to second
+order) ½ w_Qᵀ (F⁻¹[Q,Q])⁻¹ w_Q and is best compensated by δw = −F⁻¹[:,Q] (F⁻¹[Q,Q])⁻¹ w_Q; for a
+single weight q that is the classic saliency w_q² / (2[F⁻¹]_qq) and δw = −w_q F⁻¹e_q / [F⁻¹]_qq.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def woodbury_inverse(grads: Tensor, damp: Tensor | float, count: int | None = None, chunk: int = 1) -> Tensor:
+    """(λI + (1/N) Σ g gᵀ)⁻¹ per block, built without inverting F: starting from I/λ, each chunk of
+    r gradients G (c×r) is folded in by Woodbury, F⁻¹ ← F⁻¹ − F⁻¹G (N·I_r + GᵀF⁻¹G)⁻¹ GᵀF⁻¹;
+    with chunk=1 this is the Sherman–Morrison recursion. The r×r systems are SPD and solved by
+    Cholesky. `count` is N (default: the number of gradients given); `damp` is λ, a scalar or one
+    value per block.
+    """
+    n_grads, blocks, size = grads.shape
+    n = float(count if count is not None else n_grads)
+    damp = torch.as_tensor(damp, dtype=grads.dtype, device=grads.device).reshape(-1, 1, 1)
+    eye = torch.eye(size, dtype=grads.dtype, device=grads.device)
+    finv = (eye / damp).expand(blocks, size, size).clone()
+    for start in range(0, n_grads, chunk):
+        g = grads[start : start + chunk].permute(1, 2, 0)  # [B, c, r]
+        u = finv @ g  # [B, c, r]
+        small = g.transpose(1, 2) @ u  # GᵀF⁻¹G, [B, r, r]
+        small.diagonal(dim1=1, dim2=2).add_(n)
+        factor = torch.linalg.cholesky(small)
+        finv -= u @ torch.cholesky_solve(u.transpose(1, 2), factor)
+    return finv
+
+
+def block_fisher(grads: Tensor, damp: Tensor | float, count: int | None = None) -> Tensor:
+    """The block Fisher itself, λI + (1/N) Σ g gᵀ (for checks and small reference computations)."""
+    n_grads, blocks, size = grads.shape
+    n = float(count if count is not None else n_grads)
+    damp = torch.as_tensor(damp, dtype=grads.dtype, device=grads.device).reshape(-1, 1, 1)
+    outer = torch.einsum("nbi,nbj->bij", grads, grads) / n
+    return outer + damp * torch.eye(size, dtype=grads.dtype, device=grads.device)
+
+
+def obs_saliency(w: Tensor, finv: Tensor) -> Tensor:
+    """Loss increase of removing each weight alone: w_q² / (2 [F⁻¹]_qq)."""
+    return w * w / (2.0 * finv.diagonal(dim1=1, dim2=2))
+
+
+def obs_joint_update(w: Tensor, finv: Tensor, prune: Tensor) -> Tensor:
+    """New weights after removing, per block, the set Q = `prune` together:
+    w − F⁻¹[:,Q] (F⁻¹[Q,Q])⁻¹ w_Q, with the pruned entries exactly 0.
+
+    Blocks are solved in one batch by embedding F⁻¹[Q,Q] in an identity of full size (the extra
+    rows and columns decouple and solve to zero), so blocks with different |Q| need no grouping.
+    """
+    p = prune.to(finv.dtype)
+    system = finv * p.unsqueeze(2) * p.unsqueeze(1)
+    system.diagonal(dim1=1, dim2=2).add_(1.0 - p)
+    factor = torch.linalg.cholesky(system)
+    z = torch.cholesky_solve((w * p).unsqueeze(2), factor)  # zero outside Q
+    new = w - (finv @ z).squeeze(2)
+    return torch.where(prune, torch.zeros_like(new), new)
+
+
+def obs_summed_update(w: Tensor, finv: Tensor, prune: Tensor) -> Tensor:
+    """The original WoodFisher update: the sum of independent single-weight OBS updates,
+    −Σ_q w_q F⁻¹e_q / [F⁻¹]_qq, ignoring how the removed weights interact; pruned entries 0."""
+    p = prune.to(finv.dtype)
+    coefficients = w * p / finv.diagonal(dim1=1, dim2=2)
+    new = w - (finv @ coefficients.unsqueeze(2)).squeeze(2)
+    return torch.where(prune, torch.zeros_like(new), new)
+
+
+def to_blocks(flat: Tensor, size: int) -> Tensor:
+    """[..., d] → [..., B, size], zero-padding the last block (padded entries decouple: their
+    gradients are zero, so F is λ on their diagonal and 0 off it)."""
+    d = flat.shape[-1]
+    blocks = -(-d // size)
+    padding = flat.new_zeros(*flat.shape[:-1], blocks * size - d)
+    return torch.cat([flat, padding], dim=-1).reshape(*flat.shape[:-1], blocks, size)
+
+
+def from_blocks(blocked: Tensor, numel: int) -> Tensor:
+    """Inverse of `to_blocks`: [..., B, size] → [..., numel]."""
+    return blocked.reshape(*blocked.shape[:-2], -1)[..., :numel]

@@ -1,0 +1,171 @@
+"""The one-shot engine: recomputation steps, masks that stay, memory groups, exit 8."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import helper
+
+from onnxprune import PruneConfig, prune
+from onnxprune.bridge.bindings import write_back
+from onnxprune.bridge.convert import convert
+from onnxprune.data import Dataset, input_specs
+from onnxprune.errors import MemoryBudgetError
+from onnxprune.estimators import ESTIMATORS
+from onnxprune.estimators.base import MemoryNeed
+from onnxprune.gradients import FisherLoss, GradientSource
+from onnxprune.masks import prune_count
+from onnxprune.memory import DoesNotFit, plan_memory
+from onnxprune.oneshot import prune_oneshot
+from onnxprune.progress import Progress
+from onnxprune.schedule import cubic, oneshot_targets
+
+from builders import MODELS, model, ort_run, randn, save, save_npz, tensor
+
+
+def mlp_model():
+    return model(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["logits"], name="fc2"),
+        ],
+        [tensor("x", ["n", 6])],
+        [tensor("logits", ["n", 4])],
+        {"w1": randn(16, 6, seed=1), "b1": randn(16, seed=2), "w2": randn(16, 4, seed=3)},
+    )
+
+
+def run(method="woodfisher", steps=1, budget=2**30, sparsity=0.6, scope="global", **options):
+    m = mlp_model()
+    tm = convert(m)
+    data = Dataset({"x": randn(40, 6, seed=4)}, None, "calib")
+    config = PruneConfig(input="i.onnx", output="o.onnx", sparsity=sparsity, method=method, block_size=8, **options)
+    estimator = ESTIMATORS.get(method)(config)
+    source = GradientSource(
+        tm, data, input_specs(m), FisherLoss(0, "logits", "logits", "sampled"), 32, 2, 0, torch.device("cpu")
+    )
+    result = prune_oneshot(tm, tm.prunable, estimator, sparsity, steps, scope, source, budget, Progress(False))
+    return m, tm, estimator, result
+
+
+def test_cubic_schedule_by_hand():
+    assert oneshot_targets(0.8, 1) == [0.8]
+    steps = oneshot_targets(0.8, 4)
+    assert steps[-1] == pytest.approx(0.8) and steps[0] == pytest.approx(0.8 - 0.8 * 0.75**3)
+    assert all(a < b for a, b in zip(steps, steps[1:]))
+    assert cubic(2, 4, 0.5, 0.9) == pytest.approx(0.9 - 0.4 * 0.125)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_exact_sparsity_and_written_model_matches_torch(steps):
+    m, tm, _, result = run(steps=steps)
+    total = 16 * 6 + 16 * 4
+    assert sum(int((a == 0).sum()) for a in result.arrays.values()) == prune_count(total, 0.6)
+    assert [round(s.sparsity, 6) for s in result.steps] == [round(s, 6) for s in oneshot_targets(0.6, steps)]
+    pruned = write_back(m, result.arrays)
+    x = randn(5, 6, seed=9)
+    with torch.no_grad():
+        ours = tm(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(ours, ort_run(pruned, {"x": x})[0], atol=1e-5)
+
+
+def test_masked_coordinates_stay_exactly_zero_across_recomputation_steps():
+    masks = []
+    woodfisher = ESTIMATORS.get("woodfisher")
+
+    class Recording(woodfisher):
+        def compensate(self, weight, keep, stats):
+            new = super().compensate(weight, keep, stats)
+            masks.append((keep.clone(), new.clone()))
+            return new
+
+    m = mlp_model()
+    tm = convert(m)
+    data = Dataset({"x": randn(40, 6, seed=4)}, None, "calib")
+    config = PruneConfig(input="i.onnx", output="o.onnx", sparsity=0.7, block_size=8)
+    source = GradientSource(
+        tm, data, input_specs(m), FisherLoss(0, "logits", "logits", "sampled"), 32, 1, 0, torch.device("cpu")
+    )
+    prune_oneshot(tm, tm.prunable, Recording(config), 0.7, 3, "global", source, 2**30, Progress(False))
+    per_tensor = [masks[i::2] for i in range(2)]  # two tensors, three steps
+    for history in per_tensor:
+        for (before, _), (after, values) in zip(history, history[1:]):
+            assert bool((after <= before).all())  # once pruned, never revived
+            assert bool((values[~before] == 0).all())
+        assert bool((history[-1][1][~history[-1][0]] == 0).all())
+
+
+def test_statistics_collected_again_per_group_give_the_same_result_as_one_pass():
+    _, _, _, roomy = run(budget=2**30)
+    assert roomy.plan.keep_statistics and len(roomy.plan.groups) == 1
+    tight_budget = (
+        ESTIMATORS.get("woodfisher")(PruneConfig(input="i", output="o", sparsity=0.5, block_size=8)).memory(96, 32).peak
+        + 100
+    )
+    _, _, _, tight = run(budget=tight_budget)
+    assert not tight.plan.keep_statistics and len(tight.plan.groups) == 2
+    assert tight.steps[0].collections == 4  # two groups, each collected twice
+    for name in roomy.arrays:
+        np.testing.assert_allclose(tight.arrays[name], roomy.arrays[name], rtol=0, atol=1e-6)
+
+
+def test_plan_memory_by_hand():
+    needs = [MemoryNeed(peak=40, kept=10), MemoryNeed(peak=30, kept=10), MemoryNeed(peak=50, kept=20)]
+    roomy = plan_memory(needs, 1000, compensates=True)
+    assert roomy.groups == ((0, 1, 2),) and roomy.keep_statistics and roomy.estimate == 120 + 40
+    # 90 bytes: the kept inverses (40) plus the largest single need (50) fit; groups get 50 each
+    tight = plan_memory(needs, 90, compensates=True)
+    assert tight.keep_statistics and tight.groups == ((0,), (1,), (2,))
+    # 60 bytes: keeping every inverse does not fit: collect again for the update
+    tighter = plan_memory(needs, 60, compensates=True)
+    assert not tighter.keep_statistics and tighter.groups == ((0,), (1,), (2,)) and tighter.passes == 6
+    with pytest.raises(DoesNotFit) as caught:
+        plan_memory(needs, 45, compensates=True)
+    assert caught.value.index == 2
+
+
+def test_exit_8_when_one_tensor_does_not_fit_with_a_suggestion(tmp_path):
+    m = mlp_model()
+    path = save(m, tmp_path / "m.onnx")
+    data = save_npz(tmp_path / "c.npz", x=randn(20, 6, seed=1))
+    estimator = ESTIMATORS.get("woodfisher")(PruneConfig(input="i", output="o", sparsity=0.5, block_size=16))
+    budget = estimator.memory(96, 64).peak + 1  # w1 (96 weights) fits with 16-wide blocks, not with 64
+    with pytest.raises(MemoryBudgetError, match=r"tensor 'w1'.*try --block-size (16|32)\b") as caught:
+        prune(
+            PruneConfig(
+                input=path,
+                output=tmp_path / "o.onnx",
+                sparsity=0.5,
+                calibration=data,
+                num_grads=64,
+                block_size=64,
+                max_memory=budget / 2**30,
+            )
+        )
+    assert caught.value.exit_code == 8
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_woodfisher_beats_magnitude_on_the_shipped_mnist_cnn_at_90_percent(tmp_path):
+    """The seed paper's claim on real digits, one-shot without fine-tuning (the full table with
+    the default budget is in docs/benchmarks.md)."""
+    accuracy = {}
+    for method in ("magnitude", "woodfisher"):
+        report = prune(
+            PruneConfig(
+                input=MODELS / "mnist_cnn.onnx",
+                output=tmp_path / f"{method}.onnx",
+                sparsity=0.9,
+                method=method,
+                calibration=MODELS / "mnist_calib.npz",
+                evaluation=MODELS / "mnist_eval.npz",
+                num_grads=128,
+                progress="off",
+            )
+        )
+        accuracy[method] = report.validation.accuracy_after
+        dense = report.validation.accuracy_before
+    assert accuracy["woodfisher"] >= accuracy["magnitude"] + 0.01, accuracy
+    assert accuracy["woodfisher"] <= dense
