@@ -12,7 +12,7 @@ from typing import Iterator
 
 import click
 
-from onnxprune.config import DEVICES
+from onnxprune.config import DEVICES, OBS_UPDATES, PROGRESS, PruneConfig
 from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS
 from onnxprune.masks import SCOPES
 from onnxprune.validate import METRICS
@@ -26,8 +26,14 @@ Exit codes:
   4  unsupported operator
   5  bad calibration or evaluation data
   6  accuracy gate failed (--max-drop); output and report are written
-  7  non-finite weights or scores; nothing is written
+  7  non-finite weights, gradients or scores; nothing is written
+  8  the Fisher statistics would exceed --max-memory; nothing is written
 """
+
+
+def _default(field: str):
+    """The library's default for a setting, so the CLI never disagrees with it."""
+    return PruneConfig.__dataclass_fields__[field].default
 
 
 def _sparsity(ctx: click.Context, param: click.Parameter, value: float) -> float:
@@ -114,6 +120,62 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     show_default=True,
     help="Where torch computes; cuda without a usable GPU is an error.",
 )
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=_default("steps"),
+    show_default=True,
+    help="Recomputation steps: reach the sparsity in this many steps, fresh gradients each time.",
+)
+@click.option(
+    "--num-grads",
+    type=click.IntRange(min=1),
+    default=_default("num_grads"),
+    show_default=True,
+    help="Gradients per Fisher estimate (second-order methods).",
+)
+@click.option(
+    "--fisher-batch",
+    type=click.IntRange(min=1),
+    default=_default("fisher_batch"),
+    show_default=True,
+    help="Samples averaged into each gradient (1: per-sample gradients).",
+)
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=1),
+    default=_default("block_size"),
+    show_default=True,
+    help="WoodFisher block of consecutive weights of one output unit; memory grows with it.",
+)
+@click.option(
+    "--damp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_default("damp"),
+    show_default=True,
+    help="Relative damping: lambda = DAMP x mean(diag F), per tensor.",
+)
+@click.option(
+    "--obs-update",
+    type=click.Choice(OBS_UPDATES),
+    default=_default("obs_update"),
+    show_default=True,
+    help="How WoodFisher compensates: joint (exact per block), summed (original paper), none.",
+)
+@click.option(
+    "--max-memory",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="GIB",
+    help="Memory for the Fisher statistics, in GiB; more is refused (exit 8). Default: 80% of available.",
+)
+@click.option(
+    "--progress",
+    type=click.Choice(PROGRESS),
+    default="auto",
+    show_default=True,
+    help="Progress on stderr; auto: on a terminal and not under CI.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing output and report.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings on stderr; no table.")
 @click.option("--debug", is_flag=True, help="Show the traceback of internal errors.")
@@ -133,6 +195,14 @@ def main(
     metric: str,
     seed: int,
     device: str,
+    steps: int,
+    num_grads: int,
+    fisher_batch: int,
+    block_size: int,
+    damp: float,
+    obs_update: str,
+    max_memory: float | None,
+    progress: str,
     force: bool,
     quiet: bool,
     debug: bool,
@@ -164,6 +234,14 @@ def main(
                 metric=metric,
                 seed=seed,
                 device=device,
+                steps=steps,
+                num_grads=num_grads,
+                fisher_batch=fisher_batch,
+                block_size=block_size,
+                damp=damp,
+                obs_update=obs_update,
+                max_memory=max_memory,
+                progress=progress,
                 force=force,
             )
             result = prune(config)

@@ -130,6 +130,7 @@ def prune(config: PruneConfig) -> Report:
             source,
             memory_budget(config),
             Progress(progress_enabled(config.progress)),
+            spill_folder=config.output.parent,
         )
         pruned_arrays = outcome.arrays
 
@@ -302,7 +303,7 @@ def fisher_info(source: GradientSource | None, estimator: Estimator, outcome: On
         estimator=estimator.describe(),
         steps=steps,
         groups=len(outcome.plan.groups),
-        statistics_kept=outcome.plan.keep_statistics,
+        statistics_storage=outcome.plan.storage,
         memory_estimate_bytes=outcome.plan.estimate,
         memory_budget_bytes=outcome.plan.budget,
         gradient_seconds=round(sum(s.gradient_seconds for s in steps), 3),

@@ -58,18 +58,24 @@ def peak_bytes() -> int:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Which tensors are processed together, and whether their statistics are kept until the
-    weight update (else collected again)."""
+    """Which tensors are processed together, and where their statistics wait for the weight
+    update: "memory", "disk" (spilled next to the output, memory-mapped back), "recompute"
+    (gradients collected again), or "none" (the estimator does not need them)."""
 
     groups: tuple[tuple[int, ...], ...]
-    keep_statistics: bool
-    estimate: int  # bytes the statistics need at most
+    storage: str
+    estimate: int  # bytes of memory the statistics need at most
     budget: int
+    disk: int = 0  # bytes spilled to disk
+
+    @property
+    def keep_statistics(self) -> bool:
+        return self.storage != "recompute"
 
     @property
     def passes(self) -> int:
         """Gradient collections per step."""
-        return len(self.groups) * (1 if self.keep_statistics else 2)
+        return len(self.groups) * (2 if self.storage == "recompute" else 1)
 
 
 class DoesNotFit(Exception):
@@ -80,16 +86,29 @@ class DoesNotFit(Exception):
         self.index, self.need = index, need
 
 
-def plan_memory(needs: Sequence[MemoryNeed], budget: int, compensates: bool) -> MemoryPlan:
-    """Greedy groups of consecutive tensors whose statistics fit `budget` together."""
+# Spill only with this much room to spare on the disk.
+DISK_MARGIN = 1.2
+
+
+def plan_memory(needs: Sequence[MemoryNeed], budget: int, compensates: bool, disk_free: int = 0) -> MemoryPlan:
+    """Greedy groups of consecutive tensors whose statistics fit `budget` together; the kept
+    statistics stay in memory if they fit beside the largest group, else go to disk if it has
+    room, else are recomputed."""
     if not needs:
-        return MemoryPlan((), True, 0, budget)
+        return MemoryPlan((), "none", 0, budget)
     worst = max(range(len(needs)), key=lambda i: needs[i].peak)
     if needs[worst].peak > budget:
         raise DoesNotFit(worst, needs[worst].peak)
-    kept_total = sum(n.kept for n in needs) if compensates else 0
-    keep = kept_total + needs[worst].peak <= budget
-    room = budget - (kept_total if keep and compensates else 0)
+    kept_total = sum(n.kept for n in needs)
+    if not compensates:
+        storage = "none"
+    elif kept_total + needs[worst].peak <= budget:
+        storage = "memory"
+    elif disk_free >= DISK_MARGIN * kept_total:
+        storage = "disk"
+    else:
+        storage = "recompute"
+    room = budget - (kept_total if storage == "memory" else 0)
     groups: list[tuple[int, ...]] = []
     current: list[int] = []
     load = 0
@@ -101,4 +120,5 @@ def plan_memory(needs: Sequence[MemoryNeed], budget: int, compensates: bool) -> 
         load += need.peak
     groups.append(tuple(current))
     largest = max(sum(needs[i].peak for i in g) for g in groups)
-    return MemoryPlan(tuple(groups), keep, largest + (kept_total if keep else 0), budget)
+    resident = kept_total if storage == "memory" else 0
+    return MemoryPlan(tuple(groups), storage, largest + resident, budget, kept_total if storage == "disk" else 0)

@@ -27,12 +27,12 @@ def woodbury_inverse(grads: Tensor, damp: Tensor | float, count: int | None = No
     eye = torch.eye(size, dtype=grads.dtype, device=grads.device)
     finv = (eye / damp).expand(blocks, size, size).clone()
     for start in range(0, n_grads, chunk):
-        g = grads[start : start + chunk].permute(1, 2, 0)  # [B, c, r]
-        u = finv @ g  # [B, c, r]
-        small = g.transpose(1, 2) @ u  # GᵀF⁻¹G, [B, r, r]
+        g = grads[start : start + chunk].permute(1, 2, 0).contiguous()  # [B, c, r]
+        u = torch.bmm(finv, g)  # F⁻¹G, [B, c, r]
+        small = torch.bmm(g.transpose(1, 2), u)  # GᵀF⁻¹G, [B, r, r]
         small.diagonal(dim1=1, dim2=2).add_(n)
-        factor = torch.linalg.cholesky(small)
-        finv -= u @ torch.cholesky_solve(u.transpose(1, 2), factor)
+        v = torch.cholesky_solve(u.transpose(1, 2), torch.linalg.cholesky(small))  # [B, r, c]
+        finv.baddbmm_(u, v, alpha=-1.0)  # in place: no c×c temporaries
     return finv
 
 

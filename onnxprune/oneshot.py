@@ -8,8 +8,12 @@ memory plan decides which tensors are processed together.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -78,15 +82,30 @@ def prune_oneshot(
     source: GradientSource | None,
     budget: int,
     progress: Progress,
+    spill_folder: Path | None = None,
 ) -> OneShotResult:
-    """Prune `targets` of `model` in place to `sparsity` in `steps` steps; returns the new values."""
+    """Prune `targets` of `model` in place to `sparsity` in `steps` steps; returns the new values.
+    Statistics that do not fit in memory may be spilled to a temporary folder in `spill_folder`."""
+    with ExitStack() as cleanup:
+        return _prune(
+            model, targets, estimator, sparsity, steps, scope, source, budget, progress, spill_folder, cleanup
+        )
+
+
+def _prune(model, targets, estimator, sparsity, steps, scope, source, budget, progress, spill_folder, cleanup):
     views = [TensorView(t, model.tensors[t.name]) for t in targets]
     keep = [torch.ones(v.numel, dtype=torch.bool, device=v.param.device) for v in views]
     plan = None
     if estimator.needs_gradients:
         if source is None:
             raise ValueError(f"{estimator.name} needs gradients")
-        plan = _plan(views, estimator, source.count, budget)
+        disk_free = shutil.disk_usage(spill_folder).free if spill_folder is not None else 0
+        plan = _plan(views, estimator, source.count, budget, disk_free)
+    spill = None
+    if plan is not None and plan.storage == "disk":
+        spill = Path(
+            cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".onnxprune-statistics-", dir=spill_folder))
+        )
     groups = plan.groups if plan else (tuple(range(len(views))),)
     result = OneShotResult(arrays={}, plan=plan)
 
@@ -101,7 +120,7 @@ def prune_oneshot(
             )
             collections += bool(estimator.needs_gradients)
             started = time.perf_counter()
-            for i in group:
+            for i in _tracked(group, progress, f"scores, step {step}/{steps}", number, len(groups)):
                 s = estimator.scores(views[i].read(), stats[i]).to(torch.float64)
                 if not bool(torch.isfinite(s).all()):
                     raise NonFiniteError(
@@ -112,6 +131,8 @@ def prune_oneshot(
                 scores[i] = torch.where(keep[i], s, torch.full_like(s, -1.0))
                 if plan is None or plan.keep_statistics:
                     kept_stats[i] = stats[i]
+                    if spill is not None and hasattr(stats[i], "spill"):
+                        stats[i].spill(spill)
             timer["estimator"] += time.perf_counter() - started
             del stats
 
@@ -140,7 +161,7 @@ def prune_oneshot(
             else:
                 stats = {i: kept_stats.get(i) for i in group}
             started = time.perf_counter()
-            for i in group:
+            for i in _tracked(group, progress, f"updates, step {step}/{steps}", number, len(groups)):
                 new = estimator.compensate(views[i].read(), keep[i], stats[i])
                 if not bool(torch.isfinite(new).all()):
                     raise NonFiniteError(
@@ -159,10 +180,18 @@ def prune_oneshot(
     return result
 
 
-def _plan(views: Sequence[TensorView], estimator: Estimator, count: int, budget: int) -> MemoryPlan:
+def _tracked(group: Sequence[int], progress: Progress, label: str, number: int, groups: int):
+    """The group's tensors, counted on the progress display."""
+    with progress.task(label + (f", group {number}/{groups}" if groups > 1 else "") + " (tensors)", len(group)) as task:
+        for i in group:
+            yield i
+            task.advance()
+
+
+def _plan(views: Sequence[TensorView], estimator: Estimator, count: int, budget: int, disk_free: int) -> MemoryPlan:
     needs = [estimator.memory(v.numel, count) for v in views]
     try:
-        return plan_memory(needs, budget, estimator.compensates)
+        return plan_memory(needs, budget, estimator.compensates, disk_free)
     except DoesNotFit as failure:
         view = views[failure.index]
         raise MemoryBudgetError(

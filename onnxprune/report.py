@@ -77,7 +77,9 @@ class Fisher:
     estimator: dict[str, Any]
     steps: tuple[StepInfo, ...]
     groups: int  # tensors are processed in this many groups to fit the memory budget
-    statistics_kept: bool  # false: gradients collected again for the weight update
+    # where statistics wait for the weight update: memory, disk (spilled next to the output and
+    # removed after), recompute (gradients collected again), none
+    statistics_storage: str
     memory_estimate_bytes: int
     memory_budget_bytes: int
     gradient_seconds: float

@@ -37,7 +37,7 @@ def mlp_model():
     )
 
 
-def run(method="woodfisher", steps=1, budget=2**30, sparsity=0.6, scope="global", **options):
+def run(method="woodfisher", steps=1, budget=2**30, sparsity=0.6, scope="global", spill=None, **options):
     m = mlp_model()
     tm = convert(m)
     data = Dataset({"x": randn(40, 6, seed=4)}, None, "calib")
@@ -46,7 +46,9 @@ def run(method="woodfisher", steps=1, budget=2**30, sparsity=0.6, scope="global"
     source = GradientSource(
         tm, data, input_specs(m), FisherLoss(0, "logits", "logits", "sampled"), 32, 2, 0, torch.device("cpu")
     )
-    result = prune_oneshot(tm, tm.prunable, estimator, sparsity, steps, scope, source, budget, Progress(False))
+    result = prune_oneshot(
+        tm, tm.prunable, estimator, sparsity, steps, scope, source, budget, Progress(False), spill_folder=spill
+    )
     return m, tm, estimator, result
 
 
@@ -97,30 +99,34 @@ def test_masked_coordinates_stay_exactly_zero_across_recomputation_steps():
         assert bool((history[-1][1][~history[-1][0]] == 0).all())
 
 
-def test_statistics_collected_again_per_group_give_the_same_result_as_one_pass():
+def test_statistics_spilled_or_collected_again_give_the_same_result_as_kept_in_memory(tmp_path):
     _, _, _, roomy = run(budget=2**30)
-    assert roomy.plan.keep_statistics and len(roomy.plan.groups) == 1
-    tight_budget = (
-        ESTIMATORS.get("woodfisher")(PruneConfig(input="i", output="o", sparsity=0.5, block_size=8)).memory(96, 32).peak
-        + 100
-    )
-    _, _, _, tight = run(budget=tight_budget)
-    assert not tight.plan.keep_statistics and len(tight.plan.groups) == 2
-    assert tight.steps[0].collections == 4  # two groups, each collected twice
+    assert roomy.plan.storage == "memory" and len(roomy.plan.groups) == 1
+    estimator = ESTIMATORS.get("woodfisher")(PruneConfig(input="i", output="o", sparsity=0.5, block_size=8))
+    tight_budget = estimator.memory(96, 32).peak + 100
+    _, _, _, again = run(budget=tight_budget)  # no spill folder: recompute
+    assert again.plan.storage == "recompute" and len(again.plan.groups) == 2
+    assert again.steps[0].collections == 4  # two groups, each collected twice
+    _, _, _, spilled = run(budget=tight_budget, spill=tmp_path)
+    assert spilled.plan.storage == "disk" and spilled.steps[0].collections == 2
+    assert list(tmp_path.iterdir()) == []  # the spill folder is removed
     for name in roomy.arrays:
-        np.testing.assert_allclose(tight.arrays[name], roomy.arrays[name], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(again.arrays[name], roomy.arrays[name], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(spilled.arrays[name], roomy.arrays[name], rtol=0, atol=1e-6)
 
 
 def test_plan_memory_by_hand():
     needs = [MemoryNeed(peak=40, kept=10), MemoryNeed(peak=30, kept=10), MemoryNeed(peak=50, kept=20)]
     roomy = plan_memory(needs, 1000, compensates=True)
-    assert roomy.groups == ((0, 1, 2),) and roomy.keep_statistics and roomy.estimate == 120 + 40
+    assert roomy.groups == ((0, 1, 2),) and roomy.storage == "memory" and roomy.estimate == 120 + 40
     # 90 bytes: the kept inverses (40) plus the largest single need (50) fit; groups get 50 each
     tight = plan_memory(needs, 90, compensates=True)
-    assert tight.keep_statistics and tight.groups == ((0,), (1,), (2,))
-    # 60 bytes: keeping every inverse does not fit: collect again for the update
-    tighter = plan_memory(needs, 60, compensates=True)
-    assert not tighter.keep_statistics and tighter.groups == ((0,), (1,), (2,)) and tighter.passes == 6
+    assert tight.storage == "memory" and tight.groups == ((0,), (1,), (2,))
+    # 60 bytes: keeping every inverse does not fit: to disk if it has 1.2 x 40 free, else recompute
+    assert plan_memory(needs, 60, compensates=True, disk_free=48).storage == "disk"
+    tighter = plan_memory(needs, 60, compensates=True, disk_free=47)
+    assert tighter.storage == "recompute" and tighter.groups == ((0,), (1,), (2,)) and tighter.passes == 6
+    assert plan_memory(needs, 60, compensates=False).storage == "none"
     with pytest.raises(DoesNotFit) as caught:
         plan_memory(needs, 45, compensates=True)
     assert caught.value.index == 2

@@ -11,17 +11,24 @@ the original WoodFisher sum of single-weight updates).
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from ..obs import from_blocks, obs_joint_update, obs_saliency, obs_summed_update, to_blocks, woodbury_inverse
 from .base import Estimator, MemoryNeed, register
 
-WOODBURY_CHUNK = 32  # gradients folded in per Woodbury step: same result, far fewer Python steps
+# Gradients folded in per Woodbury step: the same result as Sherman-Morrison (chunk 1), and each
+# step reads the whole inverse once, so fewer steps are faster (64 measured ~2x faster than 32 on
+# MiniLM-sized layers; beyond that the r×r Cholesky grows).
+WOODBURY_CHUNK = 64
 
 
 class GradientRows:
-    """The gradient rows of one tensor, kept until its block inverse is built, then dropped."""
+    """The gradient rows of one tensor, kept until its block inverse is built, then dropped.
+    The inverse can be spilled to a file and is then memory-mapped back when needed."""
 
     def __init__(self, numel: int):
         self.numel = numel
@@ -29,6 +36,15 @@ class GradientRows:
         self.count = 0
         self.inverse: Tensor | None = None
         self.damping: float | None = None
+        self.spilled: Path | None = None
+
+    def spill(self, folder: Path) -> None:
+        """Move the inverse to a file in `folder`, freeing its memory."""
+        if self.inverse is None:
+            return
+        self.spilled = Path(tempfile.mkstemp(suffix=".pt", dir=folder)[1])
+        torch.save(self.inverse.cpu(), self.spilled)
+        self.inverse = None
 
     def update(self, grads: Tensor) -> None:
         if self.inverse is not None:
@@ -75,6 +91,8 @@ class WoodFisher(Estimator):
 
     def inverse(self, stats: GradientRows) -> Tensor:
         """The block inverses [B, c, c] (float64), built once; the rows are released after."""
+        if stats.inverse is None and stats.spilled is not None:
+            return torch.load(stats.spilled, mmap=True, weights_only=True)
         if stats.inverse is None:
             grads = stats.matrix()
             stats.damping = relative_damping(grads, self.damp)
