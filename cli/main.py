@@ -14,6 +14,7 @@ import click
 
 from onnxprune.config import DEVICES, OBS_UPDATES, PROGRESS, PruneConfig
 from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS
+from onnxprune.gradients import FISHER_KINDS
 from onnxprune.masks import SCOPES
 from onnxprune.validate import METRICS
 
@@ -142,6 +143,14 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     help="Samples averaged into each gradient (1: per-sample gradients).",
 )
 @click.option(
+    "--fisher",
+    type=click.Choice(FISHER_KINDS),
+    default=_default("fisher"),
+    show_default=True,
+    help="empirical: gradients at the calibration labels; true: at labels sampled from the model; "
+    "auto: empirical when labels fit the output.",
+)
+@click.option(
     "--block-size",
     type=click.IntRange(min=1),
     default=_default("block_size"),
@@ -198,6 +207,7 @@ def main(
     steps: int,
     num_grads: int,
     fisher_batch: int,
+    fisher: str,
     block_size: int,
     damp: float,
     obs_update: str,
@@ -237,6 +247,7 @@ def main(
                 steps=steps,
                 num_grads=num_grads,
                 fisher_batch=fisher_batch,
+                fisher=fisher,
                 block_size=block_size,
                 damp=damp,
                 obs_update=obs_update,

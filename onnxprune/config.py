@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .estimators import DEFAULT_METHOD, ESTIMATORS
+from .gradients import FISHER_KINDS
 from .masks import SCOPES
 from .validate import METRICS
 
@@ -60,6 +61,10 @@ class PruneConfig:
     # curvature information per backward pass.
     num_grads: int = 256
     fisher_batch: int = 1
+    # empirical: gradients at the calibration labels; true: at targets sampled from the model.
+    # auto: empirical when the calibration data has labels that fit the output (measured better
+    # on the MNIST CNN at 95%: 0.937 vs 0.917 with 4 steps), true otherwise.
+    fisher: str = "auto"
     # WoodFisher block: bigger blocks capture more correlations (256 > 128 > 64 measured on a
     # CNN) at block_size× the memory of the weights in float64.
     block_size: int = 128
@@ -106,6 +111,8 @@ class PruneConfig:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.damp > 0:
             raise UsageError(f"damp must be positive, got {self.damp}")
+        if self.fisher not in FISHER_KINDS:
+            raise UsageError(f"unknown Fisher kind {self.fisher!r}; valid: {', '.join(FISHER_KINDS)}")
         if self.obs_update not in OBS_UPDATES:
             raise UsageError(f"unknown OBS update {self.obs_update!r}; valid: {', '.join(OBS_UPDATES)}")
         if self.max_memory is not None and not self.max_memory > 0:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .bridge.convert import TorchModel
 from .data import Dataset, FeedPlan, InputSpec, feed_plan, iter_feeds
+from .errors import UsageError
 from .validate import Headline, class_labels_fit, output_kind
 
 
@@ -53,19 +54,34 @@ class FisherLoss:
         return f"half squared error of output {self.output_name!r} to {source}"
 
 
+FISHER_KINDS = ("auto", "empirical", "true")
+
+
 def choose_loss(
-    headline: Headline, reference: Sequence[np.ndarray], names: Sequence[str], calibration: Dataset
+    headline: Headline,
+    reference: Sequence[np.ndarray],
+    names: Sequence[str],
+    calibration: Dataset,
+    fisher: str = "auto",
 ) -> FisherLoss:
-    """The loss for the headline output; the calibration labels are used where they fit it."""
+    """The loss for the headline output. `fisher`: "empirical" uses the calibration labels (they
+    must fit the output), "true" samples targets from the model, "auto" uses labels that fit."""
     index = headline.output
     output = reference[index]
     labels = calibration.labels
     kind = output_kind(output)
     if kind in ("logits", "probabilities"):
-        given = labels is not None and class_labels_fit(labels, output.shape[1])
-        return FisherLoss(index, names[index], kind, "given" if given else "sampled")
-    given = labels is not None and labels.dtype.kind == "f" and labels.shape[1:] == output.shape[1:]
-    return FisherLoss(index, names[index], "gaussian", "given" if given else "sampled")
+        fits = labels is not None and class_labels_fit(labels, output.shape[1])
+    else:
+        kind = "gaussian"
+        fits = labels is not None and labels.dtype.kind == "f" and labels.shape[1:] == output.shape[1:]
+    if fisher == "empirical" and not fits:
+        raise UsageError(
+            f"--fisher empirical needs calibration labels that fit output {names[index]!r} "
+            "(class indices for class scores, float targets of the output's shape otherwise)"
+        )
+    given = fits and fisher != "true"
+    return FisherLoss(index, names[index], kind, "given" if given else "sampled")
 
 
 def per_sample_loss(output: Tensor, loss: FisherLoss, targets: Tensor | None, generator: torch.Generator) -> Tensor:

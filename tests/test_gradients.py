@@ -125,3 +125,17 @@ def test_probabilities_and_logits_give_the_same_gradient_for_the_same_labels(kin
     rows = source(tm, m, data, FisherLoss(0, out, kind, "given"), 4, 1).collect(["w"])["w"].double().numpy()
     i = source(tm, m, data, FisherLoss(0, out, kind, "given"), 4, 1).indices[0, 0]
     np.testing.assert_allclose(rows[0], hand_gradient(x[i], data.labels[i]).reshape(-1), rtol=1e-4, atol=1e-6)
+
+
+def test_fisher_kind_choice():
+    from onnxprune.errors import UsageError
+
+    logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]], np.float32)
+    labelled = Dataset({"x": np.zeros((2, 1))}, np.array([0, 2]), "c")
+    unlabelled = Dataset({"x": np.zeros((2, 1))}, None, "c")
+    head = Headline("accuracy", 0)
+    assert choose_loss(head, [logits], ["y"], labelled, "auto").targets == "given"
+    assert choose_loss(head, [logits], ["y"], labelled, "true").targets == "sampled"
+    assert choose_loss(head, [logits], ["y"], labelled, "empirical").targets == "given"
+    with pytest.raises(UsageError, match="--fisher empirical needs calibration labels"):
+        choose_loss(head, [logits], ["y"], unlabelled, "empirical")
