@@ -14,7 +14,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,158 @@ class TensorView:
             self.param.copy_(self.to_onnx(flat.to(self.param.device)).reshape(self.param.shape).to(self.param.dtype))
 
 
+class Pruner:
+    """Prunes a set of weights step by step, keeping masks (and the memory plan) between steps,
+    so that a gradual schedule can fine-tune between calls. Use as a context manager: spilled
+    statistics live in a temporary folder removed on exit."""
+
+    def __init__(
+        self,
+        model: TorchModel,
+        targets: Sequence[PrunableTensor],
+        estimator: Estimator,
+        scope: str,
+        sources: Callable[[int], GradientSource] | None,
+        budget: int,
+        progress: Progress,
+        spill_folder: Path | None = None,
+    ):
+        self.estimator, self.scope, self.sources, self.progress = estimator, scope, sources, progress
+        self.views = [TensorView(t, model.tensors[t.name]) for t in targets]
+        self.keep = [torch.ones(v.numel, dtype=torch.bool, device=v.param.device) for v in self.views]
+        self.records: list[StepRecord] = []
+        self.plan: MemoryPlan | None = None
+        self._cleanup = ExitStack()
+        self._spill: Path | None = None
+        if estimator.needs_gradients:
+            if sources is None:
+                raise ValueError(f"{estimator.name} needs gradients")
+            disk_free = shutil.disk_usage(spill_folder).free if spill_folder is not None else 0
+            self.plan = _plan(self.views, estimator, sources(0).count, budget, disk_free)
+            if self.plan.storage == "disk":
+                folder = tempfile.TemporaryDirectory(prefix=".onnxprune-statistics-", dir=spill_folder)
+                self._spill = Path(self._cleanup.enter_context(folder))
+        self.groups = self.plan.groups if self.plan else (tuple(range(len(self.views))),)
+
+    def __enter__(self) -> Pruner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cleanup.close()
+
+    # ---------------------------------------------------------------- masks, for fine-tuning and checkpoints
+
+    def masks(self) -> dict[str, Tensor]:
+        """Keep-masks in ONNX layout, by tensor name."""
+        return {v.target.name: v.to_onnx(k).reshape(v.param.shape) for v, k in zip(self.views, self.keep)}
+
+    def restore_masks(self, masks: dict[str, Tensor]) -> None:
+        self.keep = [v.to_canonical(masks[v.target.name].reshape(-1).to(v.param.device)) for v in self.views]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {v.target.name: v.param.detach().cpu().numpy() for v in self.views}
+
+    # ---------------------------------------------------------------- one step
+
+    def step(self, sparsity: float, label: str) -> StepRecord:
+        """Prune to `sparsity` with fresh statistics at the current weights (one recomputation)."""
+        number = len(self.records) + 1
+        source = self.sources(number) if self.sources is not None else None
+        timer = {"gradients": 0.0, "estimator": 0.0}
+        collections = 0
+        kept_stats: dict[int, Statistics | None] = {}
+        scores: dict[int, Tensor] = {}
+        groups = self.groups
+        for g, group in enumerate(groups, 1):
+            stats = self._statistics(group, self.keep, source, timer, label, g)
+            collections += bool(self.estimator.needs_gradients)
+            started = time.perf_counter()
+            for i in self._tracked(group, f"scores, {label}", g):
+                s = self.estimator.scores(self.views[i].read(), stats[i]).to(torch.float64)
+                if not bool(torch.isfinite(s).all()):
+                    raise NonFiniteError(
+                        f"{self.estimator.name} scores of {self.views[i].target.name!r} contain NaN or "
+                        "infinite values; nothing was written"
+                    )
+                # already-pruned entries sort below every saliency (all are >= 0)
+                scores[i] = torch.where(self.keep[i], s, torch.full_like(s, -1.0))
+                if self.plan is None or self.plan.keep_statistics:
+                    kept_stats[i] = stats[i]
+                    if self._spill is not None and hasattr(stats[i], "spill"):
+                        stats[i].spill(self._spill)
+            timer["estimator"] += time.perf_counter() - started
+            del stats
+
+        chosen = SCOPES[self.scope](scores, sparsity)
+        previous = self.keep  # the masks the statistics were collected with
+        self.keep = [chosen[i].to(self.keep[i].device) & self.keep[i] for i in range(len(self.views))]
+
+        updates: dict[int, Tensor] = {}
+        for g, group in enumerate(groups, 1):
+            if self.estimator.compensates and self.plan is not None and not self.plan.keep_statistics:
+                # the same rows as for the scores: the update needs how the newly pruned weights
+                # correlate with the kept ones
+                stats = self._statistics(group, previous, source, timer, f"{label} (again, for the update)", g)
+                collections += 1
+            else:
+                stats = {i: kept_stats.get(i) for i in group}
+            started = time.perf_counter()
+            for i in self._tracked(group, f"updates, {label}", g):
+                new = self.estimator.compensate(self.views[i].read(), self.keep[i], stats[i])
+                if not bool(torch.isfinite(new).all()):
+                    raise NonFiniteError(
+                        f"{self.estimator.name} update of {self.views[i].target.name!r} produced NaN or "
+                        "infinite values; nothing was written"
+                    )
+                updates[i] = torch.where(self.keep[i], new.float(), torch.zeros_like(new.float()))
+            timer["estimator"] += time.perf_counter() - started
+        # written only now: a group whose statistics are collected again must see the weights
+        # its scores were computed at
+        for i, new in updates.items():
+            self.views[i].write(new)
+        record = StepRecord(number, sparsity, timer["gradients"], timer["estimator"], collections)
+        self.records.append(record)
+        return record
+
+    def _tracked(self, group: Sequence[int], label: str, number: int):
+        """The group's tensors, counted on the progress display."""
+        suffix = f", group {number}/{len(self.groups)}" if len(self.groups) > 1 else ""
+        with self.progress.task(f"{label}{suffix} (tensors)", len(group)) as task:
+            for i in group:
+                yield i
+                task.advance()
+
+    def _statistics(
+        self,
+        group: Sequence[int],
+        keep: Sequence[Tensor],
+        source: GradientSource | None,
+        timer: dict[str, float],
+        label: str,
+        number: int,
+    ) -> dict[int, Statistics | None]:
+        """Statistics for the tensors of `group`, from freshly collected (masked) gradients."""
+        views, estimator = self.views, self.estimator
+        stats = {i: estimator.statistics(views[i].target.name, views[i].numel) for i in group}
+        if not estimator.needs_gradients:
+            return stats
+        names = [views[i].target.name for i in group]
+        masks = {views[i].target.name: views[i].to_onnx(keep[i]) for i in group}
+        suffix = f", group {number}/{len(self.groups)}" if len(self.groups) > 1 else ""
+        started = time.perf_counter()
+        with self.progress.task(f"gradients, {label}{suffix}", source.count) as task:
+            rows = source.collect(names, masks, progress=task.advance)
+        timer["gradients"] += time.perf_counter() - started
+        started = time.perf_counter()
+        for i in group:
+            name = views[i].target.name
+            if not bool(torch.isfinite(rows[name]).all()):
+                raise NonFiniteError(f"gradients of {name!r} contain NaN or infinite values; nothing was written")
+            stats[i].update(views[i].to_canonical(rows.pop(name)))
+        timer["estimator"] += time.perf_counter() - started
+        return stats
+
+
 def prune_oneshot(
     model: TorchModel,
     targets: Sequence[PrunableTensor],
@@ -79,113 +231,19 @@ def prune_oneshot(
     sparsity: float,
     steps: int,
     scope: str,
-    source: GradientSource | None,
+    source: GradientSource | Callable[[int], GradientSource] | None,
     budget: int,
     progress: Progress,
     spill_folder: Path | None = None,
 ) -> OneShotResult:
-    """Prune `targets` of `model` in place to `sparsity` in `steps` steps; returns the new values.
-    Statistics that do not fit in memory may be spilled to a temporary folder in `spill_folder`."""
-    with ExitStack() as cleanup:
-        return _prune(
-            model, targets, estimator, sparsity, steps, scope, source, budget, progress, spill_folder, cleanup
-        )
-
-
-def _prune(model, targets, estimator, sparsity, steps, scope, source, budget, progress, spill_folder, cleanup):
-    views = [TensorView(t, model.tensors[t.name]) for t in targets]
-    keep = [torch.ones(v.numel, dtype=torch.bool, device=v.param.device) for v in views]
-    plan = None
-    if estimator.needs_gradients:
-        if source is None:
-            raise ValueError(f"{estimator.name} needs gradients")
-        disk_free = shutil.disk_usage(spill_folder).free if spill_folder is not None else 0
-        plan = _plan(views, estimator, source.count, budget, disk_free)
-    spill = None
-    if plan is not None and plan.storage == "disk":
-        spill = Path(
-            cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".onnxprune-statistics-", dir=spill_folder))
-        )
-    groups = plan.groups if plan else (tuple(range(len(views))),)
-    result = OneShotResult(arrays={}, plan=plan)
-
-    for step, step_sparsity in enumerate(oneshot_targets(sparsity, steps), 1):
-        timer = {"gradients": 0.0, "estimator": 0.0}
-        collections = 0
-        kept_stats: dict[int, Statistics | None] = {}
-        scores: dict[int, Tensor] = {}
-        for number, group in enumerate(groups, 1):
-            stats = _statistics(
-                views, group, keep, estimator, source, timer, progress, f"{step}/{steps}", number, len(groups)
-            )
-            collections += bool(estimator.needs_gradients)
-            started = time.perf_counter()
-            for i in _tracked(group, progress, f"scores, step {step}/{steps}", number, len(groups)):
-                s = estimator.scores(views[i].read(), stats[i]).to(torch.float64)
-                if not bool(torch.isfinite(s).all()):
-                    raise NonFiniteError(
-                        f"{estimator.name} scores of {views[i].target.name!r} contain NaN or "
-                        "infinite values; nothing was written"
-                    )
-                # already-pruned entries sort below every saliency (all are >= 0)
-                scores[i] = torch.where(keep[i], s, torch.full_like(s, -1.0))
-                if plan is None or plan.keep_statistics:
-                    kept_stats[i] = stats[i]
-                    if spill is not None and hasattr(stats[i], "spill"):
-                        stats[i].spill(spill)
-            timer["estimator"] += time.perf_counter() - started
-            del stats
-
-        chosen = SCOPES[scope](scores, step_sparsity)
-        previous = keep  # the masks the statistics were collected with
-        keep = [chosen[i].to(keep[i].device) & keep[i] for i in range(len(views))]
-
-        updates: dict[int, Tensor] = {}
-        for number, group in enumerate(groups, 1):
-            if estimator.compensates and plan is not None and not plan.keep_statistics:
-                # the same rows as for the scores: the update needs how the newly pruned weights
-                # correlate with the kept ones
-                stats = _statistics(
-                    views,
-                    group,
-                    previous,
-                    estimator,
-                    source,
-                    timer,
-                    progress,
-                    f"{step}/{steps} (again, for the update)",
-                    number,
-                    len(groups),
-                )
-                collections += 1
-            else:
-                stats = {i: kept_stats.get(i) for i in group}
-            started = time.perf_counter()
-            for i in _tracked(group, progress, f"updates, step {step}/{steps}", number, len(groups)):
-                new = estimator.compensate(views[i].read(), keep[i], stats[i])
-                if not bool(torch.isfinite(new).all()):
-                    raise NonFiniteError(
-                        f"{estimator.name} update of {views[i].target.name!r} produced NaN or "
-                        "infinite values; nothing was written"
-                    )
-                updates[i] = torch.where(keep[i], new.float(), torch.zeros_like(new.float()))
-            timer["estimator"] += time.perf_counter() - started
-        # written only now: a group whose statistics are collected again must see the weights
-        # its scores were computed at
-        for i, new in updates.items():
-            views[i].write(new)
-        result.steps.append(StepRecord(step, step_sparsity, timer["gradients"], timer["estimator"], collections))
-
-    result.arrays = {v.target.name: v.param.detach().cpu().numpy() for v in views}
-    return result
-
-
-def _tracked(group: Sequence[int], progress: Progress, label: str, number: int, groups: int):
-    """The group's tensors, counted on the progress display."""
-    with progress.task(label + (f", group {number}/{groups}" if groups > 1 else "") + " (tensors)", len(group)) as task:
-        for i in group:
-            yield i
-            task.advance()
+    """Prune `targets` of `model` in place to `sparsity` in `steps` recomputation steps (cubic
+    spacing); returns the new values. `source` is one gradient source for every step, or a
+    function of the step number giving one."""
+    sources = source if callable(source) or source is None else (lambda step: source)
+    with Pruner(model, targets, estimator, scope, sources, budget, progress, spill_folder) as pruner:
+        for step, step_sparsity in enumerate(oneshot_targets(sparsity, steps), 1):
+            pruner.step(step_sparsity, f"step {step}/{steps}")
+        return OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
 
 
 def _plan(views: Sequence[TensorView], estimator: Estimator, count: int, budget: int, disk_free: int) -> MemoryPlan:
@@ -216,36 +274,3 @@ def _suggestion(estimator: Estimator, numel: int, count: int, budget: int) -> st
         if fewer >= 8 and estimator.memory(numel, fewer).peak <= budget:
             return f"try --num-grads {fewer}"
     return "raise --max-memory or exclude the largest tensors with --exclude"
-
-
-def _statistics(
-    views: Sequence[TensorView],
-    group: Sequence[int],
-    keep: Sequence[Tensor],
-    estimator: Estimator,
-    source: GradientSource | None,
-    timer: dict[str, float],
-    progress: Progress,
-    step_label: str,
-    number: int,
-    groups: int,
-) -> dict[int, Statistics | None]:
-    """Statistics for the tensors of `group`, from freshly collected (masked) gradients."""
-    stats = {i: estimator.statistics(views[i].numel) for i in group}
-    if not estimator.needs_gradients:
-        return stats
-    names = [views[i].target.name for i in group]
-    masks = {views[i].target.name: views[i].to_onnx(keep[i]) for i in group}
-    label = f"gradients, step {step_label}" + (f", group {number}/{groups}" if groups > 1 else "")
-    started = time.perf_counter()
-    with progress.task(label, source.count) as task:
-        rows = source.collect(names, masks, progress=task.advance)
-    timer["gradients"] += time.perf_counter() - started
-    started = time.perf_counter()
-    for i in group:
-        name = views[i].target.name
-        if not bool(torch.isfinite(rows[name]).all()):
-            raise NonFiniteError(f"gradients of {name!r} contain NaN or infinite values; nothing was written")
-        stats[i].update(views[i].to_canonical(rows.pop(name)))
-    timer["estimator"] += time.perf_counter() - started
-    return stats

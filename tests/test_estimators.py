@@ -23,7 +23,7 @@ def make(name: str):
 
 
 def statistics(estimator, name: str, splits=(40,)):
-    stats = estimator.statistics(WEIGHTS[name].numel())
+    stats = estimator.statistics(name, WEIGHTS[name].numel())
     start = 0
     for size in splits:
         if stats is not None:
@@ -105,7 +105,7 @@ def test_magnitude_by_hand():
 
 def test_diagonal_fisher_by_hand():
     est = make("diagonal-fisher")
-    stats = est.statistics(2)
+    stats = est.statistics("w", 2)
     stats.update(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
     # diag F = mean g² = [5, 2]; ρ = w² F / 2
     assert est.scores(torch.tensor([2.0, 1.0]), stats).tolist() == [10.0, 1.0]
@@ -119,7 +119,7 @@ def test_woodfisher_joint_update_differs_from_summed_when_pruned_weights_interac
     g[:, 1] = g[:, 0] + 0.1 * g[:, 1]  # strongly correlated pair
     w = torch.tensor([1.0, -0.8, 0.5, 0.3])
     keep = torch.tensor([False, False, True, True])
-    one, two = joint.statistics(4), summed.statistics(4)
+    one, two = joint.statistics("w", 4), summed.statistics("w", 4)
     one.update(g)
     two.update(g)
     a, b = joint.compensate(w, keep, one), summed.compensate(w, keep, two)

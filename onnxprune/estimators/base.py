@@ -54,8 +54,9 @@ class Estimator(ABC):
     def __init__(self, config: PruneConfig | None = None):
         self.config = config
 
-    def statistics(self, numel: int) -> Statistics | None:
-        """A fresh accumulator for a tensor of `numel` entries (None: no statistics)."""
+    def statistics(self, name: str, numel: int) -> Statistics | None:
+        """An accumulator for tensor `name` of `numel` entries (None: no statistics). Estimators
+        that learn online (FishLeg) may return the same object for a name at every step."""
         return None
 
     def memory(self, numel: int, count: int) -> MemoryNeed:

@@ -36,7 +36,7 @@ class DiagonalFisher(Estimator):
     summary = "OBD: w² · diag(F) / 2 with the empirical or true Fisher diagonal; no compensation"
     needs_gradients = True
 
-    def statistics(self, numel: int) -> SquaredGradients:
+    def statistics(self, name: str, numel: int) -> SquaredGradients:
         return SquaredGradients(numel)
 
     def memory(self, numel: int, count: int) -> MemoryNeed:

@@ -76,7 +76,7 @@ class WoodFisher(Estimator):
         self.update = getattr(config, "obs_update", "joint")
         self.compensates = self.update != "none"
 
-    def statistics(self, numel: int) -> GradientRows:
+    def statistics(self, name: str, numel: int) -> GradientRows:
         return GradientRows(numel)
 
     def memory(self, numel: int, count: int) -> MemoryNeed:
