@@ -107,7 +107,8 @@ def prune(config: PruneConfig) -> Report:
     with _timed(timings, "prune"):
         source = None
         if estimator.needs_gradients:
-            loss = choose_loss(headline, reference, torch_model.output_names, calibration, config.fisher)
+            fisher = config.fisher if config.fisher != "auto" else getattr(estimator, "default_fisher", "auto")
+            loss = choose_loss(headline, reference, torch_model.output_names, calibration, fisher)
             source = GradientSource(
                 torch_model, calibration, specs, loss, config.num_grads, config.fisher_batch, config.seed, device
             )

@@ -71,6 +71,16 @@ class PruneConfig:
     # Relative damping: λ = damp · mean(diag F) per tensor.
     damp: float = 1e-3
     obs_update: str = "joint"  # joint (exact, per block), summed (original WoodFisher), none
+    # FishLeg Surgeon: auxiliary Adam steps at the first pruning step and at each later one (the
+    # online updates), its learning rate, Gaussian probes per step, gradient rows per
+    # Fisher-vector product, and the largest Kronecker block (bigger layers get block-diagonal
+    # factors).
+    fishleg_steps: int = 200
+    fishleg_online_steps: int = 20
+    fishleg_lr: float = 1e-2
+    fishleg_probes: int = 8
+    fishleg_fvp_batch: int = 32
+    fishleg_block: int = 256
     max_memory: float | None = None  # GiB for the statistics; default: 80% of what is available now
     progress: str = "auto"  # auto (a terminal, not under CI), on, off
 
@@ -106,9 +116,14 @@ class PruneConfig:
             "num_grads",
             "fisher_batch",
             "block_size",
+            "fishleg_probes",
+            "fishleg_fvp_batch",
+            "fishleg_block",
         ):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.fishleg_steps < 0 or self.fishleg_online_steps < 0 or not self.fishleg_lr > 0:
+            raise UsageError("fishleg steps must be >= 0 and its learning rate positive")
         if not self.damp > 0:
             raise UsageError(f"damp must be positive, got {self.damp}")
         if self.fisher not in FISHER_KINDS:

@@ -56,6 +56,7 @@ class TensorView:
         self.order = None if order is None else torch.from_numpy(order).to(param.device)
         self.inverse = None if self.order is None else torch.argsort(self.order)
         self.numel = param.numel()
+        self.shape = target.matrix_shape()
 
     def to_canonical(self, flat: Tensor) -> Tensor:
         """ONNX-flat → canonical (works on [..., numel] rows too)."""
@@ -204,7 +205,7 @@ class Pruner:
     ) -> dict[int, Statistics | None]:
         """Statistics for the tensors of `group`, from freshly collected (masked) gradients."""
         views, estimator = self.views, self.estimator
-        stats = {i: estimator.statistics(views[i].target.name, views[i].numel) for i in group}
+        stats = {i: estimator.statistics(views[i].target.name, views[i].shape) for i in group}
         if not estimator.needs_gradients:
             return stats
         names = [views[i].target.name for i in group]
@@ -219,7 +220,7 @@ class Pruner:
             name = views[i].target.name
             if not bool(torch.isfinite(rows[name]).all()):
                 raise NonFiniteError(f"gradients of {name!r} contain NaN or infinite values; nothing was written")
-            stats[i].update(views[i].to_canonical(rows.pop(name)))
+            stats[i].update(views[i].to_canonical(rows.pop(name)), keep=keep[i])
         timer["estimator"] += time.perf_counter() - started
         return stats
 
@@ -247,7 +248,7 @@ def prune_oneshot(
 
 
 def _plan(views: Sequence[TensorView], estimator: Estimator, count: int, budget: int, disk_free: int) -> MemoryPlan:
-    needs = [estimator.memory(v.numel, count) for v in views]
+    needs = [estimator.memory(v.shape, count) for v in views]
     try:
         return plan_memory(needs, budget, estimator.compensates, disk_free)
     except DoesNotFit as failure:
@@ -255,22 +256,22 @@ def _plan(views: Sequence[TensorView], estimator: Estimator, count: int, budget:
         raise MemoryBudgetError(
             f"{estimator.name} needs about {human(failure.need)} for tensor {view.target.name!r} "
             f"({view.numel:,} weights, {count} gradients), more than the {human(budget)} allowed "
-            f"(--max-memory); {_suggestion(estimator, view.numel, count, budget)}"
+            f"(--max-memory); {_suggestion(estimator, view.shape, count, budget)}"
         ) from None
 
 
-def _suggestion(estimator: Estimator, numel: int, count: int, budget: int) -> str:
+def _suggestion(estimator: Estimator, shape: tuple[int, int], count: int, budget: int) -> str:
     size = getattr(estimator, "block_size", None)
     if size:
         original = size
         while size > 8:
             size //= 2
             estimator.block_size = size
-            fits = estimator.memory(numel, count).peak <= budget
+            fits = estimator.memory(shape, count).peak <= budget
             estimator.block_size = original
             if fits:
                 return f"try --block-size {size}"
     for fewer in (count // 2, count // 4, count // 8):
-        if fewer >= 8 and estimator.memory(numel, fewer).peak <= budget:
+        if fewer >= 8 and estimator.memory(shape, fewer).peak <= budget:
             return f"try --num-grads {fewer}"
     return "raise --max-memory or exclude the largest tensors with --exclude"

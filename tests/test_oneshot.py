@@ -103,7 +103,7 @@ def test_statistics_spilled_or_collected_again_give_the_same_result_as_kept_in_m
     _, _, _, roomy = run(budget=2**30)
     assert roomy.plan.storage == "memory" and len(roomy.plan.groups) == 1
     estimator = ESTIMATORS.get("woodfisher")(PruneConfig(input="i", output="o", sparsity=0.5, block_size=8))
-    tight_budget = estimator.memory(96, 32).peak + 100
+    tight_budget = estimator.memory((16, 6), 32).peak + 100
     _, _, _, again = run(budget=tight_budget)  # no spill folder: recompute
     assert again.plan.storage == "recompute" and len(again.plan.groups) == 2
     assert again.steps[0].collections == 4  # two groups, each collected twice
@@ -137,7 +137,7 @@ def test_exit_8_when_one_tensor_does_not_fit_with_a_suggestion(tmp_path):
     path = save(m, tmp_path / "m.onnx")
     data = save_npz(tmp_path / "c.npz", x=randn(20, 6, seed=1))
     estimator = ESTIMATORS.get("woodfisher")(PruneConfig(input="i", output="o", sparsity=0.5, block_size=16))
-    budget = estimator.memory(96, 64).peak + 1  # w1 (96 weights) fits with 16-wide blocks, not with 64
+    budget = estimator.memory((16, 6), 64).peak + 1  # w1 (16x6) fits with 16-wide blocks, not with 64
     with pytest.raises(MemoryBudgetError, match=r"tensor 'w1'.*try --block-size (16|32)\b") as caught:
         prune(
             PruneConfig(

@@ -73,6 +73,18 @@ class PrunableTensor:
             return None
         return np.arange(self.numel).reshape(self.shape).swapaxes(0, 1).reshape(-1)
 
+    def matrix_shape(self) -> tuple[int, int]:
+        """(output units, inputs per unit) in canonical order: Conv [out, in·k], Gemm/MatMul
+        [out, in], recurrent W/R [directions·gates·hidden, in]."""
+        shape = list(self.shape)
+        if self.canonical_order() is not None:
+            shape[0], shape[1] = shape[1], shape[0]
+        if self.consumers and self.consumers[0].op_type in ("LSTM", "GRU", "RNN"):
+            rows = int(np.prod(shape[:-1]))
+        else:
+            rows = shape[0]
+        return rows, self.numel // rows
+
     def matches(self, pattern: re.Pattern) -> bool:
         """Whether `pattern` matches the tensor's name or the name of a node that uses it."""
         return bool(pattern.search(self.name)) or any(pattern.search(c.node) for c in self.consumers)

@@ -26,11 +26,12 @@ if TYPE_CHECKING:
 
 
 class Statistics(Protocol):
-    """Per-tensor accumulator of gradient rows."""
+    """Per-tensor accumulator of gradient rows ([n, numel], canonical order); `keep` is the
+    tensor's current keep-mask (pruned coordinates are already zero in the rows)."""
 
     count: int
 
-    def update(self, grads: Tensor) -> None: ...
+    def update(self, grads: Tensor, keep: Tensor | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,21 @@ class Estimator(ABC):
     needs_gradients: ClassVar[bool] = False
     # Whether `compensate` reads the statistics (if so they are kept, or collected again).
     compensates: ClassVar[bool] = False
+    # Whether statistics persist and learn across steps (one `update` per step) rather than
+    # being rebuilt from each step's rows.
+    online: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig | None = None):
         self.config = config
 
-    def statistics(self, name: str, numel: int) -> Statistics | None:
-        """An accumulator for tensor `name` of `numel` entries (None: no statistics). Estimators
-        that learn online (FishLeg) may return the same object for a name at every step."""
+    def statistics(self, name: str, shape: tuple[int, int]) -> Statistics | None:
+        """An accumulator for tensor `name`, seen as a matrix of `shape` (output units × inputs)
+        (None: no statistics). Estimators that learn online (FishLeg) return the same object for
+        a name at every step."""
         return None
 
-    def memory(self, numel: int, count: int) -> MemoryNeed:
-        """What `statistics` and `scores` need for a tensor of `numel` entries and `count` rows."""
+    def memory(self, shape: tuple[int, int], count: int) -> MemoryNeed:
+        """What `statistics` and `scores` need for a tensor of `shape` and `count` gradient rows."""
         return MemoryNeed()
 
     @abstractmethod

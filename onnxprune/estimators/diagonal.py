@@ -19,7 +19,7 @@ class SquaredGradients:
         self.total = torch.zeros(numel, dtype=torch.float64)
         self.count = 0
 
-    def update(self, grads: Tensor) -> None:
+    def update(self, grads: Tensor, keep: Tensor | None = None) -> None:
         grads = grads.to(torch.float64)
         self.total = self.total.to(grads.device) + (grads * grads).sum(0)
         self.count += len(grads)
@@ -36,10 +36,11 @@ class DiagonalFisher(Estimator):
     summary = "OBD: w² · diag(F) / 2 with the empirical or true Fisher diagonal; no compensation"
     needs_gradients = True
 
-    def statistics(self, name: str, numel: int) -> SquaredGradients:
-        return SquaredGradients(numel)
+    def statistics(self, name: str, shape: tuple[int, int]) -> SquaredGradients:
+        return SquaredGradients(shape[0] * shape[1])
 
-    def memory(self, numel: int, count: int) -> MemoryNeed:
+    def memory(self, shape: tuple[int, int], count: int) -> MemoryNeed:
+        numel = shape[0] * shape[1]
         return MemoryNeed(peak=4 * numel * count + 8 * numel, kept=0)
 
     def scores(self, weight: Tensor, stats: SquaredGradients) -> Tensor:

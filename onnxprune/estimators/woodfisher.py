@@ -46,7 +46,7 @@ class GradientRows:
         torch.save(self.inverse.cpu(), self.spilled)
         self.inverse = None
 
-    def update(self, grads: Tensor) -> None:
+    def update(self, grads: Tensor, keep: Tensor | None = None) -> None:
         if self.inverse is not None:
             raise RuntimeError("statistics already finalised")
         self.parts.append(grads.detach().float())
@@ -76,10 +76,11 @@ class WoodFisher(Estimator):
         self.update = getattr(config, "obs_update", "joint")
         self.compensates = self.update != "none"
 
-    def statistics(self, name: str, numel: int) -> GradientRows:
-        return GradientRows(numel)
+    def statistics(self, name: str, shape: tuple[int, int]) -> GradientRows:
+        return GradientRows(shape[0] * shape[1])
 
-    def memory(self, numel: int, count: int) -> MemoryNeed:
+    def memory(self, shape: tuple[int, int], count: int) -> MemoryNeed:
+        numel = shape[0] * shape[1]
         c = self.block_size
         blocks = -(-numel // c)
         inverse = 8 * blocks * c * c

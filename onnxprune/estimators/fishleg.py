@@ -1,0 +1,193 @@
+"""FishLeg Surgeon: OBS with an inverse Fisher learned directly, and kept up to date online.
+
+Per weight matrix (output units × inputs) a structured Q(θ) ≈ (F + γI)⁻¹ (see `onnxprune.fishleg`)
+is warm-started from the diagonal Fisher and trained with Adam on the auxiliary loss, with
+Fisher-vector products from the gradient rows (at labels sampled from the model: the true
+Fisher, by default) and Gaussian probes; the auxiliary gradient is preconditioned by Q. Scores
+are w²/(2 Q_qq) from the closed-form diagonal; survivors get the joint OBS update within Q
+(conjugate gradients) or the summed single-weight updates.
+
+The point of the method: the learner of each tensor persists between pruning steps. At the next
+step it continues from where it was with a few auxiliary updates on fresh gradients, pruned
+coordinates removed from the probes and from Q's output, instead of being rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..fishleg import (
+    KronFactors,
+    auxiliary_loss,
+    block_split,
+    gradient_fvp,
+    init_factors,
+    joint_update,
+    q_diagonal,
+    summed_update,
+)
+from .base import Estimator, MemoryNeed, register
+from .woodfisher import relative_damping
+
+
+class KronLearner:
+    """θ of one tensor, its Adam state, the mask it was last trained with, and its loss curve."""
+
+    def __init__(self, shape: tuple[int, int], settings: FishLegSurgeon, seed: int):
+        self.shape = shape
+        self.settings = settings
+        self.generator = torch.Generator().manual_seed(seed)
+        self.count = 0
+        self.R: Tensor | None = None
+        self.L: Tensor | None = None
+        self.scale: Tensor | None = None  # warm-start A, fixed; A = scale ⊙ a (a learned, starts at 1)
+        self.a: Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.gamma = 0.0
+        self.keep: Tensor | None = None
+        self.curve: list[list[float]] = []  # one list of auxiliary-loss values per update
+
+    def theta(self) -> KronFactors:
+        return KronFactors(R=self.R, L=self.L, A=self.scale * self.a)
+
+    def update(self, grads: Tensor, keep: Tensor | None = None) -> None:
+        m, n = self.shape
+        rows = grads.detach().float().reshape(-1, m, n)
+        mask = None if keep is None else keep.reshape(m, n).to(rows.device)
+        first = self.R is None
+        if first:
+            self.gamma = relative_damping(rows, self.settings.damp)
+            start = init_factors((rows * rows).mean(0), self.gamma, self.settings.kron_block)
+            self.R, self.L = start.R.requires_grad_(True), start.L.requires_grad_(True)
+            self.scale = start.A.detach()
+            self.a = torch.ones_like(self.scale, requires_grad=True)
+            self.optimizer = torch.optim.Adam([self.R, self.L, self.a], lr=self.settings.aux_lr)
+        steps = self.settings.initial_steps if first else self.settings.online_steps
+        values = []
+        for step in range(steps):
+            # cosine decay within each update: Adam's normalised step would otherwise keep
+            # jittering once the auxiliary gradient vanishes
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.settings.aux_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
+            batch = torch.randint(len(rows), (min(self.settings.fvp_batch, len(rows)),), generator=self.generator)
+            probes = torch.randn(self.settings.probes, m, n, generator=self.generator)
+            surrogate, value = auxiliary_loss(self.theta(), probes, gradient_fvp(rows[batch]), self.gamma, mask)
+            self.optimizer.zero_grad()
+            surrogate.backward()
+            self.optimizer.step()
+            values.append(float(value))
+        self.curve.append(values)
+        self.count += len(rows)
+        self.keep = mask if mask is not None else torch.ones(m, n, dtype=torch.bool)
+
+    def state_dict(self) -> dict:
+        """Tensors and numbers only (loadable with weights_only=True)."""
+        return {
+            "R": self.R.detach(),
+            "L": self.L.detach(),
+            "scale": self.scale,
+            "a": self.a.detach(),
+            "optimizer": self.optimizer.state_dict(),
+            "gamma": self.gamma,
+            "keep": self.keep,
+            "count": self.count,
+            "curve": self.curve,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.R = state["R"].clone().requires_grad_(True)
+        self.L = state["L"].clone().requires_grad_(True)
+        self.scale = state["scale"]
+        self.a = state["a"].clone().requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.R, self.L, self.a], lr=self.settings.aux_lr)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gamma, self.keep, self.count, self.curve = state["gamma"], state["keep"], state["count"], state["curve"]
+        self.generator.set_state(state["generator"])
+
+
+@register
+class FishLegSurgeon(Estimator):
+    name = "fishleg"
+    summary = "FishLeg Surgeon: OBS with a learned Kronecker-structured inverse Fisher, updated online"
+    needs_gradients = True
+    compensates = True
+    online = True
+    # the method learns from Fisher-vector products at labels sampled from the model
+    default_fisher = "true"
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.damp = getattr(config, "damp", 1e-3)
+        self.update = getattr(config, "obs_update", "joint")
+        self.compensates = self.update != "none"
+        self.initial_steps = getattr(config, "fishleg_steps", 200)
+        self.online_steps = getattr(config, "fishleg_online_steps", 20)
+        self.aux_lr = getattr(config, "fishleg_lr", 1e-2)
+        self.probes = getattr(config, "fishleg_probes", 8)
+        self.fvp_batch = getattr(config, "fishleg_fvp_batch", 32)
+        self.kron_block = getattr(config, "fishleg_block", 256)
+        self.seed = getattr(config, "seed", 0)
+        self.learners: dict[str, KronLearner] = {}
+
+    def statistics(self, name: str, shape: tuple[int, int]) -> KronLearner:
+        if name not in self.learners:
+            self.learners[name] = KronLearner(shape, self, self.seed * 7919 + len(self.learners))
+        return self.learners[name]
+
+    def memory(self, shape: tuple[int, int], count: int) -> MemoryNeed:
+        m, n = shape
+        rows, row_block = block_split(m, self.kron_block)
+        cols, col_block = block_split(n, self.kron_block)
+        factors = 4 * (rows * row_block**2 + cols * col_block**2 + 2 * m * n)
+        work = 4 * m * n * (count + 4 * self.probes)  # gradient rows, probes and their images
+        return MemoryNeed(peak=work + 3 * factors, kept=3 * factors)  # parameters + Adam moments
+
+    def describe(self) -> dict:
+        return {
+            "damp": self.damp,
+            "update": self.update,
+            "kron_block": self.kron_block,
+            "auxiliary_steps": [self.initial_steps, self.online_steps],
+            "auxiliary_lr": self.aux_lr,
+            "probes": self.probes,
+            "fvp_batch": self.fvp_batch,
+            "auxiliary_loss": self.curve(),
+        }
+
+    def curve(self, points: int = 200) -> list[float]:
+        """The auxiliary loss summed over tensors, per auxiliary step, all updates in order
+        (thinned to at most `points` values)."""
+        if not self.learners:
+            return []
+        per_tensor = [[v for update in learner.curve for v in update] for learner in self.learners.values()]
+        runs = [sum(step) for step in zip(*per_tensor)]
+        stride = max(1, -(-len(runs) // points))
+        return [round(v, 8) for v in runs[::stride]]
+
+    def scores(self, weight: Tensor, stats: KronLearner) -> Tensor:
+        diagonal = q_diagonal(stats.theta()).detach().double()
+        w = weight.double().reshape(stats.shape)
+        return (w * w / (2.0 * diagonal)).reshape(-1)
+
+    def compensate(self, weight: Tensor, keep: Tensor, stats: KronLearner) -> Tensor:
+        if self.update == "none":
+            return super().compensate(weight, keep, stats)
+        m, n = stats.shape
+        theta = stats.theta()
+        theta = KronFactors(R=theta.R.detach(), L=theta.L.detach(), A=theta.A.detach())
+        support = stats.keep if stats.keep is not None else torch.ones(m, n, dtype=torch.bool)
+        pruned = support & ~keep.reshape(m, n)
+        update = joint_update if self.update == "joint" else summed_update
+        new = update(theta, weight.float().reshape(m, n), pruned, support)
+        return torch.where(keep.reshape(m, n), new, torch.zeros_like(new)).reshape(-1)
+
+    def state_dict(self) -> dict:
+        return {name: learner.state_dict() for name, learner in self.learners.items()}
+
+    def load_state_dict(self, state: dict, shapes: dict[str, tuple[int, int]]) -> None:
+        for name, learner_state in state.items():
+            self.statistics(name, shapes[name]).load_state_dict(learner_state)

@@ -1,0 +1,174 @@
+"""FishLeg maths: a structured approximation Q(θ) of the damped inverse Fisher, learned directly.
+
+For a weight matrix W of shape m×n (output units × inputs, conv kernels flattened), Q acts on a
+matrix V of the same shape as
+
+    Q V = A ⊙ (RᵀR (A ⊙ V) L Lᵀ)
+
+with R (m×m) and L (n×n) Kronecker factors, each block-diagonal (blocks of at most `block`
+rows/columns, so large layers stay affordable), and A (m×n) an elementwise scale. Q is symmetric
+positive definite whenever L, R are invertible and A has no zeros. θ = (L, R, A) is trained by
+minimising the auxiliary loss
+
+    𝒜(θ) = E_u[ ½ vᵀ(F + γI)v − uᵀv ],  v = Q(θ) u,
+
+whose minimiser over all SPD Q is (F + γI)⁻¹. F v is estimated from gradients g as mean g (gᵀv).
+All functions are pure: parameters and data in, tensors out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KronFactors:
+    """θ: block-diagonal R [rb, sr, sr] (rows), L [lb, sl, sl] (columns), A [m, n]."""
+
+    R: Tensor
+    L: Tensor
+    A: Tensor
+
+    def parameters(self) -> list[Tensor]:
+        return [self.R, self.L, self.A]
+
+
+def block_split(size: int, block: int) -> tuple[int, int]:
+    """(number of blocks, block size) covering `size` with blocks of at most `block`."""
+    count = -(-size // block)
+    return count, -(-size // count)
+
+
+def init_factors(diagonal: Tensor, gamma: float, block: int) -> KronFactors:
+    """Warm start: Q = diag(1 / (diag F + γ)), i.e. L = I, R = I, A = (diag F + γ)^(-1/2)."""
+    m, n = diagonal.shape
+    rb, sr = block_split(m, block)
+    lb, sl = block_split(n, block)
+    eye = lambda count, size: torch.eye(size, dtype=diagonal.dtype).expand(count, size, size).clone()  # noqa: E731
+    return KronFactors(R=eye(rb, sr), L=eye(lb, sl), A=(diagonal + gamma).rsqrt())
+
+
+def _pad(x: Tensor, rows: int, cols: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, cols - x.shape[-1], 0, rows - x.shape[-2]))
+
+
+def q_apply(theta: KronFactors, V: Tensor) -> Tensor:
+    """Q V for V of shape [..., m, n]."""
+    A, R, L = theta.A, theta.R, theta.L
+    m, n = A.shape
+    rb, sr = R.shape[0], R.shape[1]
+    lb, sl = L.shape[0], L.shape[1]
+    X = _pad(A * V, rb * sr, lb * sl)
+    lead = X.shape[:-2]
+    # rows: RᵀR per row block
+    X = X.reshape(*lead, rb, sr, lb * sl)
+    X = torch.einsum("bji,bjk,...bkc->...bic", R, R, X).reshape(*lead, rb * sr, lb, sl)
+    # columns: L Lᵀ per column block
+    X = torch.einsum("...rbj,bjk,bik->...rbi", X, L, L).reshape(*lead, rb * sr, lb * sl)
+    return A * X[..., :m, :n]
+
+
+def q_diagonal(theta: KronFactors) -> Tensor:
+    """diag(Q) in closed form: Q_(i,j),(i,j) = A_ij² (RᵀR)_ii (LLᵀ)_jj."""
+    m, n = theta.A.shape
+    rtr = (theta.R * theta.R).sum(1).reshape(-1)[:m]  # diag(RᵀR): column norms of each block
+    llt = (theta.L * theta.L).sum(2).reshape(-1)[:n]  # diag(LLᵀ): row norms
+    return theta.A * theta.A * torch.outer(rtr, llt)
+
+
+def q_dense(theta: KronFactors) -> Tensor:
+    """Q as an explicit (m·n)×(m·n) matrix, row-major vec (for tests on small shapes)."""
+    m, n = theta.A.shape
+    basis = torch.eye(m * n, dtype=theta.A.dtype).reshape(m * n, m, n)
+    return q_apply(theta, basis).reshape(m * n, m * n)
+
+
+def gradient_fvp(grads: Tensor) -> Callable[[Tensor], Tensor]:
+    """F V ≈ mean_k g_k ⟨g_k, V⟩ from gradient rows [N, m, n]; V is [..., m, n]."""
+
+    def fvp(V: Tensor) -> Tensor:
+        dots = torch.einsum("kmn,...mn->...k", grads, V)
+        return torch.einsum("...k,kmn->...mn", dots, grads) / len(grads)
+
+    return fvp
+
+
+def auxiliary_loss(
+    theta: KronFactors,
+    probes: Tensor,
+    fvp: Callable[[Tensor], Tensor],
+    gamma: float,
+    mask: Tensor | None = None,
+    precondition: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(surrogate to differentiate, value of 𝒜) for probe matrices u [p, m, n].
+
+    Pruned coordinates (mask False) are removed from u and v, so Q learns the inverse of the
+    Fisher restricted to the kept weights. With `precondition`, the residual r = (F+γI)v − u that
+    drives the gradient is replaced by Q r: the same fixed point, with the curvature of F taken
+    out of the step (the gradient of ⟨stop_grad(Q r), v(θ)⟩ is J_θᵀ Q r)."""
+    if mask is not None:
+        probes = probes * mask
+    v = q_apply(theta, probes)
+    if mask is not None:
+        v = v * mask
+    fv = fvp(v) + gamma * v
+    value = (0.5 * (v * fv).sum((-2, -1)) - (probes * v).sum((-2, -1))).mean()
+    if not precondition:
+        return value, value.detach()
+    residual = (fv - probes).detach()
+    if mask is not None:
+        residual = residual * mask
+    with torch.no_grad():
+        direction = q_apply(theta, residual)
+        if mask is not None:
+            direction = direction * mask
+    surrogate = (direction * v).sum((-2, -1)).mean()
+    return surrogate, value.detach()
+
+
+def conjugate_gradient(
+    operator: Callable[[Tensor], Tensor], rhs: Tensor, iterations: int = 100, tolerance: float = 1e-8
+) -> Tensor:
+    """Solve operator(x) = rhs for a symmetric positive definite operator (matrices in, out)."""
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    p = r.clone()
+    rs = (r * r).sum()
+    bound = tolerance * tolerance * max(float(rs), 1e-300)
+    for _ in range(iterations):
+        if float(rs) <= bound:
+            break
+        q = operator(p)
+        alpha = rs / (p * q).sum()
+        x = x + alpha * p
+        r = r - alpha * q
+        new = (r * r).sum()
+        p = r + (new / rs) * p
+        rs = new
+    return x
+
+
+def joint_update(theta: KronFactors, w: Tensor, pruned: Tensor, support: Tensor) -> Tensor:
+    """w − Q[:,P] (Q[P,P])⁻¹ w_P within the weights Q was learned on (`support`), by conjugate
+    gradients on P = `pruned`; pruned entries exactly 0."""
+
+    def restricted(x: Tensor) -> Tensor:
+        return q_apply(theta, x * pruned) * pruned
+
+    with torch.no_grad():
+        z = conjugate_gradient(restricted, w * pruned)
+        new = w - q_apply(theta, z) * support
+    return torch.where(pruned | ~support, torch.zeros_like(new), new)
+
+
+def summed_update(theta: KronFactors, w: Tensor, pruned: Tensor, support: Tensor) -> Tensor:
+    """The sum of single-weight OBS updates −Σ_q Q e_q w_q / Q_qq; pruned entries exactly 0."""
+    with torch.no_grad():
+        z = torch.where(pruned, w / q_diagonal(theta), torch.zeros_like(w))
+        new = w - q_apply(theta, z) * support
+    return torch.where(pruned | ~support, torch.zeros_like(new), new)
