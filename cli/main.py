@@ -14,8 +14,10 @@ import click
 
 from onnxprune.config import DEVICES, OBS_UPDATES, PROGRESS, PruneConfig
 from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS
+from onnxprune.finetune import BATCHNORM_MODES, OPTIMIZERS
 from onnxprune.gradients import FISHER_KINDS
 from onnxprune.masks import SCOPES
+from onnxprune.schedule import SCHEDULES
 from onnxprune.validate import METRICS
 
 EXIT_CODES = """\b
@@ -172,6 +174,106 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     help="How WoodFisher compensates: joint (exact per block), summed (original paper), none.",
 )
 @click.option(
+    "--schedule",
+    type=click.Choice(SCHEDULES.names()),
+    default=_default("schedule"),
+    show_default=True,
+    help="oneshot: reach the sparsity in --steps steps, then fine-tune; gradual: --prune-steps steps of "
+    "the cubic schedule with fine-tuning between them.",
+)
+@click.option(
+    "--prune-steps",
+    type=click.IntRange(min=1),
+    default=_default("prune_steps"),
+    show_default=True,
+    help="Pruning steps of the gradual schedule.",
+)
+@click.option(
+    "--initial-sparsity",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=_default("initial_sparsity"),
+    show_default=True,
+    help="Where the gradual schedule starts.",
+)
+@click.option(
+    "--finetune-steps",
+    type=click.IntRange(min=0),
+    default=_default("finetune_steps"),
+    show_default=True,
+    help="Total optimiser steps of fine-tuning with the masks fixed (0: none); gradual runs split them "
+    "between pruning steps.",
+)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_default("lr"), show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=_default("batch_size"),
+    show_default=True,
+    help="Fine-tuning mini-batch.",
+)
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS.names()),
+    default=_default("optimizer"),
+    show_default=True,
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_default("temperature"),
+    show_default=True,
+    help="Distillation temperature for class scores (fine-tuning without labels).",
+)
+@click.option(
+    "--batchnorm",
+    type=click.Choice(BATCHNORM_MODES),
+    default=_default("batchnorm"),
+    show_default=True,
+    help="frozen: keep BatchNorm running statistics; reestimate: recompute them on the calibration "
+    "data after each pruning step and write them back.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Checkpoint written after each step of a multi-step run. Default: OUT.onnx.ckpt; removed on success.",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+@click.option(
+    "--fishleg-steps",
+    type=click.IntRange(min=0),
+    default=_default("fishleg_steps"),
+    show_default=True,
+    help="FishLeg: auxiliary-loss Adam steps at the first pruning step.",
+)
+@click.option(
+    "--fishleg-online-steps",
+    type=click.IntRange(min=0),
+    default=_default("fishleg_online_steps"),
+    show_default=True,
+    help="FishLeg: auxiliary steps at each later pruning step (the online update).",
+)
+@click.option(
+    "--fishleg-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_default("fishleg_lr"),
+    show_default=True,
+    help="FishLeg: Adam learning rate on the auxiliary loss (cosine-decayed within each update).",
+)
+@click.option(
+    "--fishleg-probes",
+    type=click.IntRange(min=1),
+    default=_default("fishleg_probes"),
+    show_default=True,
+    help="FishLeg: Gaussian probe vectors per auxiliary step.",
+)
+@click.option(
+    "--fishleg-block",
+    type=click.IntRange(min=1),
+    default=_default("fishleg_block"),
+    show_default=True,
+    help="FishLeg: largest Kronecker factor; bigger layers get block-diagonal factors.",
+)
+@click.option(
     "--max-memory",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
@@ -192,30 +294,11 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
 def main(
     input_path: Path,
     output_path: Path,
-    sparsity: float,
-    method: str,
-    scope: str,
-    exclude: tuple[str, ...],
     calib: Path | None,
-    evaluation: Path | None,
-    report: Path | None,
     as_json: bool,
-    max_drop: float | None,
-    metric: str,
-    seed: int,
-    device: str,
-    steps: int,
-    num_grads: int,
-    fisher_batch: int,
-    fisher: str,
-    block_size: int,
-    damp: float,
-    obs_update: str,
-    max_memory: float | None,
-    progress: str,
-    force: bool,
     quiet: bool,
     debug: bool,
+    **settings,
 ) -> None:
     """Prune IN.onnx into OUT.onnx and validate it with onnxruntime.
 
@@ -230,31 +313,7 @@ def main(
 
     try:
         with _stdout_to_stderr():
-            config = PruneConfig(
-                input=input_path,
-                output=output_path,
-                sparsity=sparsity,
-                method=method,
-                scope=scope,
-                exclude=exclude,
-                calibration=calib,
-                evaluation=evaluation,
-                report=report,
-                max_drop=max_drop,
-                metric=metric,
-                seed=seed,
-                device=device,
-                steps=steps,
-                num_grads=num_grads,
-                fisher_batch=fisher_batch,
-                fisher=fisher,
-                block_size=block_size,
-                damp=damp,
-                obs_update=obs_update,
-                max_memory=max_memory,
-                progress=progress,
-                force=force,
-            )
+            config = PruneConfig(input=input_path, output=output_path, calibration=calib, **settings)
             result = prune(config)
     except OnnxPruneError as exc:
         click.echo(f"onnxprune: error: {exc}", err=True)

@@ -16,13 +16,21 @@ from onnx import ModelProto
 from . import __version__
 from .bridge.bindings import PrunableTensor, read_tensor, select, write_back
 from .bridge.convert import TorchModel, convert
+from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import PruneConfig
 from .data import Dataset, InputSpec, input_specs, load_dataset, run_batches, split, synthesize
 from .errors import NonFiniteError, UsageError
 from .estimators import ESTIMATORS, Estimator
+from .finetune import (
+    Finetuner,
+    batchnorm_statistics,
+    choose_finetune_loss,
+    reestimate_batchnorm,
+    trainable_tensors,
+)
 from .gradients import GradientSource, choose_loss
 from .memory import GIB, available_bytes, peak_bytes
-from .oneshot import OneShotResult, prune_oneshot
+from .oneshot import OneShotResult, Pruner, StepRecord
 from .onnx_io import (
     EXTERNAL_DATA_THRESHOLD,
     LoadedModel,
@@ -36,16 +44,19 @@ from .progress import Progress, progress_enabled
 from .report import (
     Conversion,
     DataInfo,
+    Finetune,
     Fisher,
     Gate,
     ModelInfo,
     Pruning,
     Quality,
     Report,
+    Schedule,
     StepInfo,
     TensorSparsity,
     Validation,
 )
+from .schedule import SCHEDULES
 from .validate import (
     Headline,
     OrtModel,
@@ -79,11 +90,12 @@ def prune(config: PruneConfig) -> Report:
         _check_no_clobber(model, config)
         specs = input_specs(model.proto)
         estimator = ESTIMATORS.get(config.method)(config)
-        calibration, evaluation = load_data(config, specs, estimator.needs_gradients)
+        needs_calibration = estimator.needs_gradients or config.finetune_steps > 0 or config.batchnorm == "reestimate"
+        calibration, evaluation = load_data(config, specs, needs_calibration)
 
     with _timed(timings, "reference"):
         log.info("running the original model in onnxruntime on %d evaluation samples", len(evaluation))
-        reference = OrtModel(config.input).run(evaluation, specs, config.batch_size)
+        reference = OrtModel(config.input).run(evaluation, specs, config.eval_batch_size)
         headline = choose_headline(reference, evaluation.labels, config.metric)
 
     with _timed(timings, "convert"):
@@ -113,27 +125,66 @@ def prune(config: PruneConfig) -> Report:
                 torch_model, calibration, specs, loss, config.num_grads, config.fisher_batch, config.seed, device
             )
             log.info("gradients: %s", loss.describe())
+        steps = config.steps if config.schedule == "oneshot" else config.prune_steps
+        phases = SCHEDULES.get(config.schedule)(config.sparsity, steps, config.initial_sparsity, config.finetune_steps)
+        trainer = make_finetuner(config, torch_model, targets, calibration, specs, headline, reference, device)
+        batchnorm = batchnorm_statistics(torch_model)
+        progress = Progress(progress_enabled(config.progress))
         log.info(
-            "pruning %d tensors (%s params) with %s, %s scope, %d step(s)",
+            "pruning %d tensors (%s params) with %s, %s scope, %s schedule of %d step(s)%s",
             len(targets),
             f"{sum(t.numel for t in targets):,}",
             config.method,
             config.scope,
-            config.steps,
+            config.schedule,
+            len(phases),
+            f", {config.finetune_steps} fine-tuning steps" if trainer else "",
         )
-        outcome = prune_oneshot(
+        fingerprint_ = checkpoint_fingerprint(config, len(phases))
+        tuning_seconds = 0.0
+        with Pruner(
             torch_model,
             targets,
             estimator,
-            config.sparsity,
-            config.steps,
             config.scope,
-            source,
+            (lambda step: source) if source is not None else None,
             memory_budget(config),
-            Progress(progress_enabled(config.progress)),
+            progress,
             spill_folder=config.output.parent,
-        )
-        pruned_arrays = outcome.arrays
+        ) as pruner:
+            done = 0
+            if config.resume:
+                done = resume(config, fingerprint_, torch_model, pruner, estimator, trainer, batchnorm)
+            for index, phase in enumerate(phases[done:], done):
+                pruner.step(phase.sparsity, phase.label)
+                if config.batchnorm == "reestimate":
+                    reestimate_batchnorm(torch_model, calibration, specs, config.eval_batch_size, device)
+                if trainer is not None and phase.finetune_steps:
+                    started_tuning = time.perf_counter()
+                    with progress.task(f"fine-tuning after {phase.label}", phase.finetune_steps) as task:
+                        trainer.run(phase.finetune_steps, pruner.masks(), task.advance)
+                    tuning_seconds += time.perf_counter() - started_tuning
+                if len(phases) > 1:
+                    save_checkpoint(
+                        config.checkpoint_path,
+                        checkpoint_state(fingerprint_, index + 1, torch_model, pruner, estimator, trainer, batchnorm),
+                    )
+            outcome = OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
+        if config.batchnorm == "reestimate" and trainer is not None:
+            reestimate_batchnorm(torch_model, calibration, specs, config.eval_batch_size, device)
+        pruned_arrays = {
+            **outcome.arrays,
+            **({k: v.detach().cpu().numpy() for k, v in trainer.tensors.items()} if trainer else {}),
+            **({k: v.detach().cpu().numpy() for k, v in batchnorm.items()} if config.batchnorm == "reestimate" else {}),
+        }
+        # the weights changed beyond the pruned tensors: the written model is checked against
+        # the final torch model, not only against the dense reference
+        final_torch, checked = None, min(config.conversion_check_samples, len(evaluation))
+        if trainer is not None or config.batchnorm == "reestimate":
+            final_torch = run_batches(
+                torch_runner(torch_model, device), evaluation, specs, config.eval_batch_size, checked
+            )
+    timings["finetune"] = round(tuning_seconds, 4)
 
     with _timed(timings, "write"):
         log.info("writing %s", config.output)
@@ -147,8 +198,15 @@ def prune(config: PruneConfig) -> Report:
     with _timed(timings, "validate"):
         log.info("validating %s in onnxruntime", config.output)
         written = OrtModel(config.output)
-        candidate = written.run(evaluation, specs, config.batch_size)
+        candidate = written.run(evaluation, specs, config.eval_batch_size)
         validation = compare_outputs(reference, candidate, evaluation.labels, written.output_names, headline)
+        agreement = None
+        if final_torch is not None:
+            agreement = max(
+                float(np.abs(ours - got[:checked].astype(np.float64)).max()) if ours.size else 0.0
+                for ours, got in zip(final_torch, candidate)
+            )
+        config.checkpoint_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
 
     timings["total"] = time.perf_counter() - started
     gate = None
@@ -164,6 +222,14 @@ def prune(config: PruneConfig) -> Report:
         calibration=data_info(calibration),
         evaluation=data_info(evaluation),
         fisher=fisher_info(source, estimator, outcome),
+        schedule=Schedule(
+            name=config.schedule,
+            sparsities=tuple(round(p.sparsity, 6) for p in phases),
+            finetune_steps=tuple(p.finetune_steps for p in phases),
+            resumed_after=done,
+            torch_vs_onnxruntime_max_abs_error=agreement,
+        ),
+        finetune=finetune_info(trainer, config, tuning_seconds, batchnorm),
         pruning=Pruning(
             method=config.method,
             scope=config.scope,
@@ -272,7 +338,7 @@ def check_conversion(
 ) -> Conversion:
     """The dense torch model against onnxruntime's outputs on the first evaluation samples."""
     limit = min(config.conversion_check_samples, len(evaluation))
-    ours = run_batches(torch_runner(torch_model, device), evaluation, specs, config.batch_size, limit)
+    ours = run_batches(torch_runner(torch_model, device), evaluation, specs, config.eval_batch_size, limit)
     errors = tuple(
         output_error(name, ref[:limit], got) for name, ref, got in zip(torch_model.output_names, reference, ours)
     )
@@ -309,6 +375,116 @@ def fisher_info(source: GradientSource | None, estimator: Estimator, outcome: On
         memory_budget_bytes=outcome.plan.budget,
         gradient_seconds=round(sum(s.gradient_seconds for s in steps), 3),
         estimator_seconds=round(sum(s.estimator_seconds for s in steps), 3),
+    )
+
+
+def make_finetuner(
+    config: PruneConfig,
+    torch_model: TorchModel,
+    targets: Sequence[PrunableTensor],
+    calibration: Dataset,
+    specs: Sequence[InputSpec],
+    headline: Headline,
+    reference: list[np.ndarray],
+    device: torch.device,
+) -> Finetuner | None:
+    """The fine-tuner for --finetune-steps > 0: labels when they fit, else distillation from the
+    dense model's outputs on the calibration data (computed here in onnxruntime)."""
+    if config.finetune_steps <= 0:
+        return None
+    loss = choose_finetune_loss(headline, reference, torch_model.output_names, calibration, config.temperature)
+    teacher = None
+    if loss.kind != "cross-entropy":
+        teacher = OrtModel(config.input).run(calibration, specs, config.eval_batch_size)[loss.output]
+    tensors = trainable_tensors(torch_model, [t.name for t in targets])
+    log.info("fine-tuning: %s", loss.describe())
+    return Finetuner(
+        torch_model,
+        tensors,
+        calibration,
+        specs,
+        loss,
+        teacher,
+        config.optimizer,
+        config.lr,
+        config.batch_size,
+        config.seed,
+        device,
+    )
+
+
+def checkpoint_fingerprint(config: PruneConfig, phases: int) -> str:
+    return fingerprint(config, config.input) + f":{phases}"
+
+
+def checkpoint_state(
+    fingerprint_: str,
+    phases_done: int,
+    torch_model: TorchModel,
+    pruner: Pruner,
+    estimator: Estimator,
+    trainer: Finetuner | None,
+    batchnorm: dict[str, torch.Tensor],
+) -> dict:
+    """Everything a resumed run needs to continue exactly as this one would have: tensors,
+    masks, optimiser and estimator state, the step records. Tensors and plain values only."""
+    names = [v.target.name for v in pruner.views] + (list(trainer.tensors) if trainer else [])
+    return {
+        "fingerprint": fingerprint_,
+        "phases_done": phases_done,
+        "tensors": {name: torch_model.tensors[name].detach().cpu().clone() for name in names},
+        "batchnorm": {name: t.detach().cpu().clone() for name, t in batchnorm.items()},
+        "masks": {name: m.cpu() for name, m in pruner.masks().items()},
+        "records": [list(vars(r).values()) for r in pruner.records],
+        "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else {},
+        "finetune": trainer.state_dict() if trainer else {},
+    }
+
+
+def resume(
+    config: PruneConfig,
+    fingerprint_: str,
+    torch_model: TorchModel,
+    pruner: Pruner,
+    estimator: Estimator,
+    trainer: Finetuner | None,
+    batchnorm: dict[str, torch.Tensor],
+) -> int:
+    """Restore the state saved in the checkpoint; returns the number of phases it completed."""
+    state = load_checkpoint(config.checkpoint_path, fingerprint_)
+    with torch.no_grad():
+        for name, value in state["tensors"].items():
+            torch_model.tensors[name].copy_(value)
+        for name, value in state["batchnorm"].items():
+            batchnorm[name].copy_(value)
+    pruner.restore_masks(state["masks"])
+    pruner.records = [StepRecord(*values) for values in state["records"]]
+    if state["estimator"]:
+        shapes = {v.target.name: v.shape for v in pruner.views}
+        estimator.load_state_dict(state["estimator"], shapes)
+    if trainer is not None and state["finetune"]:
+        trainer.load_state_dict(state["finetune"])
+    log.info("resuming from %s after step %d", config.checkpoint_path, state["phases_done"])
+    return int(state["phases_done"])
+
+
+def finetune_info(
+    trainer: Finetuner | None, config: PruneConfig, seconds: float, batchnorm: dict[str, torch.Tensor]
+) -> Finetune | None:
+    if trainer is None:
+        return None
+    stride = max(1, -(-len(trainer.curve) // 200))
+    bn = config.batchnorm if config.batchnorm == "frozen" else f"reestimate ({len(batchnorm) // 2} layers)"
+    return Finetune(
+        loss=trainer.loss.describe(),
+        steps=trainer.step_count,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        trained_tensors=len(trainer.tensors),
+        batchnorm=bn,
+        loss_curve=tuple(round(v, 6) for v in trainer.curve[::stride]),
+        seconds=round(seconds, 3),
     )
 
 

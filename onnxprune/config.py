@@ -12,8 +12,10 @@ from pathlib import Path
 
 from .errors import UsageError
 from .estimators import DEFAULT_METHOD, ESTIMATORS
+from .finetune import BATCHNORM_MODES, OPTIMIZERS
 from .gradients import FISHER_KINDS
 from .masks import SCOPES
+from .schedule import SCHEDULES
 from .validate import METRICS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,7 +48,8 @@ class PruneConfig:
     # Held out of the calibration data when no evaluation data is given: a quarter is enough to
     # measure accuracy to about ±2 points on a few hundred samples and leaves most to calibrate.
     eval_fraction: float = 0.25
-    batch_size: int = 32
+    # Samples per onnxruntime / torch inference run when evaluating.
+    eval_batch_size: int = 32
     # Samples synthesised per set when no data is given at all: enough to compare outputs.
     synthetic_samples: int = 64
     # At most this many evaluation samples go through the torch conversion check (it runs the
@@ -81,11 +84,29 @@ class PruneConfig:
     fishleg_probes: int = 8
     fishleg_fvp_batch: int = 32
     fishleg_block: int = 256
+    # --- schedule and fine-tuning -----------------------------------------------------------
+    # oneshot: `steps` recomputation steps, then all fine-tuning; gradual: `prune_steps` steps of
+    # the cubic schedule from `initial_sparsity`, fine-tuning split evenly between them.
+    schedule: str = "oneshot"
+    prune_steps: int = 8
+    initial_sparsity: float = 0.0
+    # Total optimiser steps of fine-tuning with masks fixed (0: none), their learning rate,
+    # mini-batch and optimiser. Adam at 1e-4 recovers the MNIST CNN without tuning.
+    finetune_steps: int = 0
+    lr: float = 1e-4
+    batch_size: int = 32
+    optimizer: str = "adam"
+    temperature: float = 2.0  # distillation temperature for class scores
+    batchnorm: str = "frozen"  # frozen: keep the running statistics; reestimate: recompute them
+    # Gradual runs save a checkpoint after each pruning step (default: <output>.ckpt, removed when
+    # the run succeeds); `resume` continues from it.
+    checkpoint: Path | None = None
+    resume: bool = False
     max_memory: float | None = None  # GiB for the statistics; default: 80% of what is available now
     progress: str = "auto"  # auto (a terminal, not under CI), on, off
 
     def __post_init__(self) -> None:
-        for name in ("input", "output", "calibration", "evaluation", "report"):
+        for name in ("input", "output", "calibration", "evaluation", "report", "checkpoint"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(os.fspath(value)))
@@ -109,7 +130,9 @@ class PruneConfig:
         if not 0.0 < self.eval_fraction < 1.0:
             raise UsageError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         for name in (
+            "eval_batch_size",
             "batch_size",
+            "prune_steps",
             "synthetic_samples",
             "conversion_check_samples",
             "steps",
@@ -132,6 +155,16 @@ class PruneConfig:
             raise UsageError(f"unknown OBS update {self.obs_update!r}; valid: {', '.join(OBS_UPDATES)}")
         if self.max_memory is not None and not self.max_memory > 0:
             raise UsageError(f"max_memory must be positive (GiB), got {self.max_memory}")
+        SCHEDULES.get(self.schedule)
+        OPTIMIZERS.get(self.optimizer)
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise UsageError(f"unknown BatchNorm mode {self.batchnorm!r}; valid: {', '.join(BATCHNORM_MODES)}")
+        if not 0.0 <= self.initial_sparsity <= self.sparsity:
+            raise UsageError(f"initial sparsity must be in [0, sparsity={self.sparsity}], got {self.initial_sparsity}")
+        if self.finetune_steps < 0:
+            raise UsageError(f"finetune steps must be >= 0, got {self.finetune_steps}")
+        if not self.lr > 0 or not self.temperature > 0:
+            raise UsageError("the learning rate and the temperature must be positive")
         if self.progress not in PROGRESS:
             raise UsageError(f"unknown progress mode {self.progress!r}; valid: {', '.join(PROGRESS)}")
         if _same_file(self.input, self.output):
@@ -139,6 +172,13 @@ class PruneConfig:
         report = self.report_path
         if _same_file(report, self.input) or _same_file(report, self.output):
             raise UsageError(f"the report path {report} collides with the input or output model")
+        checkpoint = self.checkpoint_path
+        if any(_same_file(checkpoint, other) for other in (self.input, self.output, report)):
+            raise UsageError(f"the checkpoint path {checkpoint} collides with the input, output or report")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpoint if self.checkpoint is not None else self.output.with_name(self.output.name + ".ckpt")
 
     @property
     def report_path(self) -> Path:
@@ -153,6 +193,7 @@ class PruneConfig:
                 str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
             )
         out["report"] = str(self.report_path)
+        out["checkpoint"] = str(self.checkpoint_path)
         return out
 
 

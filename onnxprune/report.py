@@ -126,6 +126,33 @@ class Gate:
 
 
 @dataclass(frozen=True)
+class Finetune:
+    """How the pruned model was trained with its masks fixed."""
+
+    loss: str
+    steps: int
+    optimizer: str
+    lr: float
+    batch_size: int
+    trained_tensors: int
+    batchnorm: str  # frozen or reestimate (with the number of layers re-estimated)
+    loss_curve: tuple[float, ...]  # mean loss per optimiser step, thinned to at most 200 points
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The pruning steps as run: sparsity reached and fine-tuning steps after each."""
+
+    name: str
+    sparsities: tuple[float, ...]
+    finetune_steps: tuple[int, ...]
+    resumed_after: int  # phases restored from a checkpoint (0: a fresh run)
+    # the written model in onnxruntime against the final torch model: both must agree
+    torch_vs_onnxruntime_max_abs_error: float | None
+
+
+@dataclass(frozen=True)
 class Report:
     tool_version: str
     device: str
@@ -136,6 +163,8 @@ class Report:
     evaluation: DataInfo
     pruning: Pruning
     fisher: Fisher | None
+    schedule: Schedule
+    finetune: Finetune | None
     conversion: Conversion
     validation: Validation
     gate: Gate | None
@@ -198,13 +227,39 @@ def format_human(report: Report, max_rows: int = 30) -> str:
     f = report.fisher
     if f is not None:
         lines.append(f"fisher: {f.num_grads} gradients x {f.fisher_batch} samples; {f.loss}")
-        settings = ", ".join(f"{k} {v}" for k, v in f.estimator.items())
+        settings = ", ".join(
+            f"{k} {v}" for k, v in f.estimator.items() if not (isinstance(v, (list, tuple)) and len(v) > 4)
+        )
         steps = len(f.steps)
         lines.append(
             f"  {settings}{'; ' if settings else ''}{steps} step{'s' if steps > 1 else ''}; gradients "
             f"{f.gradient_seconds:.1f} s, estimator {f.estimator_seconds:.1f} s"
             + (f"; {f.groups} memory groups" if f.groups > 1 else "")
         )
+        curve = f.estimator.get("auxiliary_loss")
+        if curve:
+            lines.append(
+                f"  FishLeg auxiliary loss (summed over tensors): {curve[0]:.4g} at the start, "
+                f"{curve[len(curve) // 2]:.4g} midway, {curve[-1]:.4g} at the end"
+            )
+    s = report.schedule
+    if len(s.sparsities) > 1 or report.finetune is not None:
+        steps = " -> ".join(f"{x:.3f}" for x in s.sparsities)
+        lines.append(
+            f"schedule: {s.name}, sparsity {steps}"
+            + (f" (resumed after step {s.resumed_after})" if s.resumed_after else "")
+        )
+    t = report.finetune
+    if t is not None:
+        first, last = (t.loss_curve[0], t.loss_curve[-1]) if t.loss_curve else (float("nan"), float("nan"))
+        lines.append(
+            f"fine-tuning: {t.steps} steps of {t.optimizer} (lr {t.lr:g}, batch {t.batch_size}) on "
+            f"{t.trained_tensors} tensors, {t.seconds:.1f} s; loss {first:.4g} -> {last:.4g}; BatchNorm {t.batchnorm}"
+        )
+        lines.append(f"  {t.loss}")
+    if s.torch_vs_onnxruntime_max_abs_error is not None:
+        error = s.torch_vs_onnxruntime_max_abs_error
+        lines.append(f"written model vs the final torch model in onnxruntime: max abs error {error:.2e}")
     c = report.conversion
     lines.append(f"conversion check (torch vs onnxruntime, {c.samples} samples): max abs error {c.max_abs_error:.2e}")
     e = report.evaluation

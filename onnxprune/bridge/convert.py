@@ -49,6 +49,8 @@ class TorchModel:
     tensors: dict[str, torch.Tensor]  # every initializer (and former Constant) by ONNX name
     prunable: list[PrunableTensor]  # weights feeding Conv/ConvTranspose/Gemm/MatMul/RNNs
     nodes: dict[str, tuple[str, str]] = field(default_factory=dict)  # module name -> (op type, ONNX node)
+    node_inputs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # module name -> ONNX input names
+    node_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # module name -> ONNX output names
     inlined_ifs: int = 0
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -177,11 +179,15 @@ def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> Torc
         raise InvalidModelError(f"value {renaming.original_value(name)!r} is used but never defined")
 
     nodes: dict[str, tuple[str, str]] = {}
+    node_inputs: dict[str, tuple[str, ...]] = {}
+    node_outputs: dict[str, tuple[str, ...]] = {}
     for index, node in enumerate(graph.nodes.values()):
         module, mapping = _convert_node(node, graph, opsets, renaming)
         module_name = f"m{index}"
         root.add_module(module_name, module)
         nodes[module_name] = (node.operation_type, renaming.original_node(node.name))
+        node_inputs[module_name] = tuple(renaming.original_value(name) if name else "" for name in node.input_values)
+        node_outputs[module_name] = tuple(renaming.original_value(name) for name in node.output_values)
         inputs = [value(name) if name else None for name in mapping.inputs]
         args, kwargs = _split_arguments(module, inputs)
         call = fx_graph.call_module(module_name, args=args, kwargs=kwargs)
@@ -205,6 +211,8 @@ def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> Torc
         tensors=tensors,
         prunable=[],
         nodes=nodes,
+        node_inputs=node_inputs,
+        node_outputs=node_outputs,
     )
 
 

@@ -1,0 +1,280 @@
+"""Fine-tuning with the masks fixed: recover what pruning lost without reviving a pruned weight.
+
+What is trained: the prunable weights and the biases of the nodes they feed (Conv, ConvTranspose,
+Gemm inputs, an Add right after a MatMul). Everything else (normalisation, embeddings, constants
+that only look like parameters) keeps its value, so the written graph stays the original one.
+
+The loss follows the headline output: cross-entropy against the calibration labels when they are
+class indices for a classifier output; otherwise distillation from the dense model's outputs on
+the calibration data (KL divergence at a temperature for class scores, mean squared error for
+anything else). The model runs in inference mode throughout (Dropout off, BatchNorm on its
+running statistics); BatchNorm statistics are either kept (`frozen`) or re-estimated on the
+calibration data after each pruning step and written back (`reestimate`).
+
+Masks are enforced twice: gradients of pruned entries are zeroed before the optimiser sees them
+(so its moments stay zero there) and the weights are multiplied by their masks after every step.
+Mini-batches are drawn from seeded permutations indexed by the global step, so a resumed run
+draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bridge.convert import TorchModel
+from .data import Dataset, InputSpec, feed_plan, iter_feeds
+from .errors import NonFiniteError
+from .registry import Registry
+from .validate import Headline, class_labels_fit, output_kind
+
+Optimizer = Callable[[list[Tensor], float], torch.optim.Optimizer]
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
+# Momentum SGD is the classic choice for fine-tuning after pruning; Adam needs less lr tuning.
+OPTIMIZERS.register("adam")(lambda params, lr: torch.optim.Adam(params, lr=lr))
+OPTIMIZERS.register("sgd")(lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9))
+
+BATCHNORM_MODES = ("frozen", "reestimate")
+
+
+# ------------------------------------------------------------------------------ losses (pure)
+
+
+def distillation_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(teacher ‖ student) of the softened distributions, scaled by T² so that its gradient
+    keeps the magnitude of a cross-entropy's (Hinton et al.); per sample, summed over classes."""
+    t = temperature
+    log_p = F.log_softmax(teacher / t, dim=1)
+    log_q = F.log_softmax(student / t, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1) * (t * t)
+
+
+@dataclass(frozen=True)
+class FinetuneLoss:
+    """What fine-tuning minimises, on which output."""
+
+    output: int
+    output_name: str
+    kind: str  # "cross-entropy", "kl" or "mse"
+    scores: str  # "logits", "probabilities" or "values"
+    temperature: float = 2.0
+
+    def describe(self) -> str:
+        name = repr(self.output_name)
+        if self.kind == "cross-entropy":
+            return f"cross-entropy of {self.scores} {name} against the calibration labels"
+        if self.kind == "kl":
+            return (
+                f"distillation: KL divergence to the dense model's {self.scores} {name} "
+                f"at temperature {self.temperature:g}"
+            )
+        return f"distillation: mean squared error to the dense model's output {name}"
+
+    def per_sample(self, output: Tensor, target: Tensor) -> Tensor:
+        """Loss of each sample; `target` holds class indices (cross-entropy) or teacher outputs."""
+        if self.scores == "probabilities":
+            output = torch.log(output.clamp_min(1e-12))
+            if self.kind == "kl":
+                target = torch.log(target.clamp_min(1e-12))
+        if self.kind == "cross-entropy":
+            return F.cross_entropy(output, target.long(), reduction="none")
+        if self.kind == "kl":
+            return distillation_kl(output, target, self.temperature)
+        return ((output - target) ** 2).reshape(len(output), -1).mean(1)
+
+
+def choose_finetune_loss(
+    headline: Headline, reference: Sequence[np.ndarray], names: Sequence[str], calibration: Dataset, temperature: float
+) -> FinetuneLoss:
+    """Cross-entropy when the calibration labels are class indices for the headline classifier
+    output, else distillation from the dense model."""
+    index = headline.output
+    kind = output_kind(reference[index])
+    if kind in ("logits", "probabilities"):
+        labels = calibration.labels
+        if labels is not None and class_labels_fit(labels, reference[index].shape[1]):
+            return FinetuneLoss(index, names[index], "cross-entropy", kind, temperature)
+        return FinetuneLoss(index, names[index], "kl", kind, temperature)
+    return FinetuneLoss(index, names[index], "mse", "values", temperature)
+
+
+# ------------------------------------------------------------------------------ what is trained
+
+
+def trainable_tensors(model: TorchModel, weights: Sequence[str]) -> dict[str, Tensor]:
+    """The pruned weights and the biases of the nodes they feed, by ONNX name."""
+    chosen = [name for name in weights]
+    feeding = set(weights)
+    produced_by_matmul: set[str] = set()
+    for module, (op_type, _) in model.nodes.items():
+        inputs = model.node_inputs.get(module, ())
+        if op_type in ("Conv", "ConvTranspose", "Gemm") and len(inputs) > 2 and inputs[1] in feeding:
+            chosen.append(inputs[2])
+        elif op_type == "MatMul" and feeding & set(inputs):
+            produced_by_matmul.update(model.node_outputs.get(module, ()))
+    for module, (op_type, _) in model.nodes.items():
+        inputs = model.node_inputs.get(module, ())
+        if op_type == "Add" and len(inputs) == 2 and produced_by_matmul & set(inputs):
+            chosen.extend(name for name in inputs if name not in produced_by_matmul)
+    out: dict[str, Tensor] = {}
+    for name in chosen:
+        tensor = model.tensors.get(name)
+        if tensor is not None and tensor.is_floating_point() and name not in out:
+            out[name] = tensor
+    return out
+
+
+def batchnorm_statistics(model: TorchModel) -> dict[str, Tensor]:
+    """Running mean and variance of every BatchNorm the converter built as a torch BatchNorm, by
+    the name of the ONNX tensor they came from (for the write-back)."""
+    out: dict[str, Tensor] = {}
+    for module_name, (op_type, _) in model.nodes.items():
+        if op_type != "BatchNormalization":
+            continue
+        module = model.module.get_submodule(module_name)
+        inputs = model.node_inputs.get(module_name, ())
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and len(inputs) >= 5:
+            out[inputs[3]] = module.running_mean
+            out[inputs[4]] = module.running_var
+    return out
+
+
+def reestimate_batchnorm(
+    model: TorchModel, data: Dataset, specs: Sequence[InputSpec], batch_size: int, device: torch.device
+) -> int:
+    """Recompute every torch BatchNorm's running statistics as the plain average over the
+    calibration data at the current weights; returns how many layers were re-estimated."""
+    layers = [m for m in model.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    try:
+        plan = feed_plan(specs, data, batch_size)
+        with torch.no_grad():
+            for feeds, _ in iter_feeds(data, specs, plan):
+                model(*_inputs(model, feeds, device))
+    finally:
+        for m, momentum in zip(layers, saved):
+            m.momentum = momentum
+            m.eval()
+    return len(layers)
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def batch_indices(samples: int, batch: int, step: int, seed: int) -> np.ndarray:
+    """Indices of global step `step`'s mini-batch: consecutive slices of seeded permutations, one
+    per epoch, so the batch depends only on (seed, step)."""
+    batch = min(batch, samples)
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), samples)
+        order = np.random.default_rng([seed, epoch]).permutation(samples)
+        out.extend(order[offset : offset + batch - len(out)].tolist())
+    return np.asarray(out)
+
+
+class Finetuner:
+    """Trains `tensors` of the model under fixed masks; its state is saved in checkpoints."""
+
+    def __init__(
+        self,
+        model: TorchModel,
+        tensors: dict[str, Tensor],
+        data: Dataset,
+        specs: Sequence[InputSpec],
+        loss: FinetuneLoss,
+        teacher: np.ndarray | None,
+        optimizer: str,
+        lr: float,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+    ):
+        self.model, self.tensors, self.data, self.specs, self.loss = model, tensors, data, specs, loss
+        self.teacher, self.batch_size, self.seed, self.device = teacher, batch_size, seed, device
+        self.optimizer = OPTIMIZERS.get(optimizer)(list(tensors.values()), lr)
+        self.step_count = 0
+        self.curve: list[float] = []  # mean loss per optimiser step
+        self.plan = feed_plan(specs, data, batch_size)
+
+    def run(self, steps: int, masks: dict[str, Tensor], progress: Callable[[int], None] | None = None) -> None:
+        """`steps` optimiser steps; entries where a mask is False are zero before and after."""
+        if steps <= 0:
+            return
+        masks = {name: m.to(self.tensors[name].device) for name, m in masks.items() if name in self.tensors}
+        self._apply(masks)
+        params = list(self.tensors.values())
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            for _ in range(steps):
+                indices = batch_indices(len(self.data), self.batch_size, self.step_count, self.seed)
+                self.optimizer.zero_grad(set_to_none=True)
+                value = self._loss(indices)
+                if not math.isfinite(value.item()):
+                    raise NonFiniteError(
+                        f"the fine-tuning loss became {value.item()} at step {self.step_count + 1}; "
+                        "lower --lr; nothing was written"
+                    )
+                value.backward()
+                for name, mask in masks.items():
+                    grad = self.tensors[name].grad
+                    if grad is not None:
+                        grad.mul_(mask.to(grad.dtype))
+                self.optimizer.step()
+                self._apply(masks)
+                self.curve.append(value.item())
+                self.step_count += 1
+                if progress is not None:
+                    progress(1)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+
+    def _apply(self, masks: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, mask in masks.items():
+                self.tensors[name].mul_(mask.to(self.tensors[name].dtype))
+
+    def _loss(self, indices: np.ndarray) -> Tensor:
+        batch = self.data.take(indices, "fine-tuning batch")
+        total = None
+        for feeds, samples in iter_feeds(batch, self.specs, self.plan):
+            output = self.model(*_inputs(self.model, feeds, self.device))[self.loss.output]
+            if self.plan.per_sample:
+                output = output.unsqueeze(0)
+            valid = samples.stop - samples.start
+            chosen = indices[samples]
+            if self.loss.kind == "cross-entropy":
+                target = torch.from_numpy(np.asarray(self.data.labels[chosen]).reshape(-1))
+            else:
+                target = torch.from_numpy(np.asarray(self.teacher[chosen]))
+            target = target.to(self.device)
+            part = self.loss.per_sample(output[:valid].float(), target.float()).sum()
+            total = part if total is None else total + part
+        return total / len(indices)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step_count, "curve": list(self.curve)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count, self.curve = int(state["step"]), list(state["curve"])
+
+
+def _inputs(model: TorchModel, feeds: dict[str, np.ndarray], device: torch.device) -> list[Tensor]:
+    return [torch.from_numpy(np.asarray(feeds[name], order="C")).to(device) for name in model.input_names]
