@@ -236,7 +236,7 @@ def run_case(case: Case) -> Row:
                 evaluation=data,
                 force=True,
                 conversion_check_samples=8,
-                batch_size=4,
+                eval_batch_size=4,
             )
         )
     except OnnxPruneError as exc:

@@ -267,6 +267,13 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     help="FishLeg: Gaussian probe vectors per auxiliary step.",
 )
 @click.option(
+    "--fishleg-damp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_default("fishleg_damp"),
+    show_default=True,
+    help="FishLeg: relative damping gamma = FISHLEG_DAMP x mean(diag F), per tensor.",
+)
+@click.option(
     "--fishleg-block",
     type=click.IntRange(min=1),
     default=_default("fishleg_block"),

@@ -78,6 +78,9 @@ class PruneConfig:
     # online updates), its learning rate, Gaussian probes per step, gradient rows per
     # Fisher-vector product, and the largest Kronecker block (bigger layers get block-diagonal
     # factors).
+    # FishLeg's own damping, relative like `damp`: measured on the MNIST CNN at 90% one-shot, Q
+    # learned at damp 1e-3 is no better than the diagonal warm start (0.845) while 1.0 gives 0.919.
+    fishleg_damp: float = 1.0
     fishleg_steps: int = 200
     fishleg_online_steps: int = 20
     fishleg_lr: float = 1e-2
@@ -147,7 +150,7 @@ class PruneConfig:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.fishleg_steps < 0 or self.fishleg_online_steps < 0 or not self.fishleg_lr > 0:
             raise UsageError("fishleg steps must be >= 0 and its learning rate positive")
-        if not self.damp > 0:
+        if not self.damp > 0 or not self.fishleg_damp > 0:
             raise UsageError(f"damp must be positive, got {self.damp}")
         if self.fisher not in FISHER_KINDS:
             raise UsageError(f"unknown Fisher kind {self.fisher!r}; valid: {', '.join(FISHER_KINDS)}")

@@ -309,3 +309,36 @@ def test_metric_choice_is_checked_against_the_data_before_writing(mlp_files):
     report = load_report(tmp / "c.report.json")
     assert report["validation"]["quality"]["metric"] == "cosine" == report["gate"]["metric"]
     assert report["validation"]["quality"]["after"] == report["validation"]["outputs"][0]["cosine"]
+
+
+def test_gradual_with_finetuning_from_the_command_line(mlp_files):
+    path, calib, evaluation, folder = mlp_files
+    out = folder / "gradual.onnx"
+    result = run_cli(
+        path, out, "--sparsity", "0.8", "--method", "fishleg", "--schedule", "gradual", "--prune-steps", "3",
+        "--finetune-steps", "9", "--lr", "1e-3", "--num-grads", "16", "--fishleg-steps", "10",
+        "--calib", calib, "--eval", evaluation, "--json", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["schedule"]["name"] == "gradual" and len(report["schedule"]["sparsities"]) == 3
+    assert report["schedule"]["finetune_steps"] == [3, 3, 3]
+    assert report["finetune"]["steps"] == 9
+    assert len(report["fisher"]["estimator"]["auxiliary_loss"]) == 10 + 2 * 20  # first + two online updates
+    assert report["schedule"]["torch_vs_onnxruntime_max_abs_error"] < 1e-4
+    assert not (folder / "gradual.onnx.ckpt").exists()
+    written = onnx.load(out)
+    pruned = sum(
+        int((numpy_helper.to_array(t) == 0).sum()) for t in written.graph.initializer if t.name.startswith("w")
+    )
+    total = sum(numpy_helper.to_array(t).size for t in written.graph.initializer if t.name.startswith("w"))
+    assert pruned == prune_count(total, 0.8)
+
+
+def test_resume_without_a_checkpoint_is_a_usage_error(mlp_files):
+    path, calib, _, folder = mlp_files
+    result = run_cli(
+        path, folder / "o.onnx", "--sparsity", "0.5", "--schedule", "gradual", "--resume", "--calib", calib
+    )
+    assert result.exit_code == 2
+    assert "no checkpoint" in result.output and not (folder / "o.onnx").exists()

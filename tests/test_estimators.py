@@ -20,7 +20,14 @@ GRADS = {name: torch.randn(40, w.numel(), generator=GEN) for name, w in WEIGHTS.
 
 def make(name: str, **options):
     config = PruneConfig(
-        input="in.onnx", output="out.onnx", sparsity=0.5, method=name, block_size=16, damp=0.1, **options
+        input="in.onnx",
+        output="out.onnx",
+        sparsity=0.5,
+        method=name,
+        block_size=16,
+        damp=0.1,
+        fishleg_damp=0.1,
+        **options,
     )
     return ESTIMATORS.get(name)(config)
 

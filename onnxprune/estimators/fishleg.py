@@ -121,7 +121,7 @@ class FishLegSurgeon(Estimator):
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.damp = getattr(config, "damp", 1e-3)
+        self.damp = getattr(config, "fishleg_damp", 1.0)
         self.update = getattr(config, "obs_update", "joint")
         self.compensates = self.update != "none"
         self.initial_steps = getattr(config, "fishleg_steps", 200)
