@@ -273,7 +273,7 @@ def gradients(torch_model, data: Path, m: onnx.ModelProto) -> str:
     specs = input_specs(m)
     dataset = load_dataset(data, specs)
     feeds, _ = next(iter_feeds(dataset, specs, feed_plan(specs, dataset, preferred=2)))
-    inputs = [torch.from_numpy(np.asarray(feeds[name], order="C")) for name in torch_model.input_names]
+    inputs = torch_model.inputs(feeds)
     weights = [torch_model.tensors[t.name] for t in torch_model.prunable]
     for w in weights:
         w.requires_grad_(True)

@@ -140,7 +140,7 @@ def prune(config: PruneConfig) -> Report:
             len(phases),
             f", {config.finetune_steps} fine-tuning steps" if trainer else "",
         )
-        fingerprint_ = checkpoint_fingerprint(config, len(phases))
+        fingerprint_ = fingerprint(config, config.input)
         tuning_seconds = 0.0
         with Pruner(
             torch_model,
@@ -316,7 +316,7 @@ def torch_runner(torch_model: TorchModel, device: torch.device):
     the converted model is reported as exit 4, naming the ONNX node that failed."""
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        inputs = [torch.from_numpy(np.asarray(feeds[name], order="C")).to(device) for name in torch_model.input_names]
+        inputs = torch_model.inputs(feeds, device)
         try:
             with torch.no_grad():
                 outputs = torch_model(*inputs)
@@ -395,6 +395,8 @@ def make_finetuner(
     loss = choose_finetune_loss(headline, reference, torch_model.output_names, calibration, config.temperature)
     teacher = None
     if loss.kind != "cross-entropy":
+        # a session of its own: keeping the reference's alive through pruning would hold a
+        # second copy of the weights the whole time
         teacher = OrtModel(config.input).run(calibration, specs, config.eval_batch_size)[loss.output]
     tensors = trainable_tensors(torch_model, [t.name for t in targets])
     log.info("fine-tuning: %s", loss.describe())
@@ -411,10 +413,6 @@ def make_finetuner(
         config.seed,
         device,
     )
-
-
-def checkpoint_fingerprint(config: PruneConfig, phases: int) -> str:
-    return fingerprint(config, config.input) + f":{phases}"
 
 
 def checkpoint_state(

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .bridge.convert import TorchModel
 from .data import Dataset, InputSpec, feed_plan, iter_feeds
 from .errors import NonFiniteError
+from .gradients import batch_outputs
 from .registry import Registry
 from .validate import Headline, class_labels_fit, output_kind
 
@@ -109,7 +110,7 @@ def choose_finetune_loss(
 
 def trainable_tensors(model: TorchModel, weights: Sequence[str]) -> dict[str, Tensor]:
     """The pruned weights and the biases of the nodes they feed, by ONNX name."""
-    chosen = [name for name in weights]
+    chosen = list(weights)
     feeding = set(weights)
     produced_by_matmul: set[str] = set()
     for module, (op_type, _) in model.nodes.items():
@@ -162,7 +163,7 @@ def reestimate_batchnorm(
         plan = feed_plan(specs, data, batch_size)
         with torch.no_grad():
             for feeds, _ in iter_feeds(data, specs, plan):
-                model(*_inputs(model, feeds, device))
+                model(*model.inputs(feeds, device))
     finally:
         for m, momentum in zip(layers, saved):
             m.momentum = momentum
@@ -253,18 +254,14 @@ class Finetuner:
     def _loss(self, indices: np.ndarray) -> Tensor:
         batch = self.data.take(indices, "fine-tuning batch")
         total = None
-        for feeds, samples in iter_feeds(batch, self.specs, self.plan):
-            output = self.model(*_inputs(self.model, feeds, self.device))[self.loss.output]
-            if self.plan.per_sample:
-                output = output.unsqueeze(0)
-            valid = samples.stop - samples.start
+        for output, samples in batch_outputs(self.model, batch, self.specs, self.plan, self.loss.output, self.device):
             chosen = indices[samples]
             if self.loss.kind == "cross-entropy":
                 target = torch.from_numpy(np.asarray(self.data.labels[chosen]).reshape(-1))
             else:
                 target = torch.from_numpy(np.asarray(self.teacher[chosen]))
             target = target.to(self.device)
-            part = self.loss.per_sample(output[:valid].float(), target.float()).sum()
+            part = self.loss.per_sample(output.float(), target.float()).sum()
             total = part if total is None else total + part
         return total / len(indices)
 
@@ -274,7 +271,3 @@ class Finetuner:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count, self.curve = int(state["step"]), list(state["curve"])
-
-
-def _inputs(model: TorchModel, feeds: dict[str, np.ndarray], device: torch.device) -> list[Tensor]:
-    return [torch.from_numpy(np.asarray(feeds[name], order="C")).to(device) for name in model.input_names]

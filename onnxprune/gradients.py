@@ -17,7 +17,7 @@ grouped for collection. Pruned coordinates are masked out of every gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -162,15 +162,22 @@ class GradientSource:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
         batch = self.data.take(self.indices[k], "micro-batch")
         total = None
-        for feeds, samples in iter_feeds(batch, self.specs, self.plan):
-            inputs = [torch.from_numpy(np.asarray(feeds[n], order="C")).to(self.device) for n in self.model.input_names]
-            output = self.model(*inputs)[self.loss.output]
-            if self.plan.per_sample:
-                output = output.unsqueeze(0)
-            valid = samples.stop - samples.start
+        for output, samples in batch_outputs(self.model, batch, self.specs, self.plan, self.loss.output, self.device):
             targets = None
             if self.loss.targets == "given":
                 targets = torch.from_numpy(np.asarray(batch.labels[samples])).to(self.device)
-            part = per_sample_loss(output[:valid].float(), self.loss, targets, generator).sum()
+            part = per_sample_loss(output.float(), self.loss, targets, generator).sum()
             total = part if total is None else total + part
         return total / self.micro_batch
+
+
+def batch_outputs(
+    model: TorchModel, batch: Dataset, specs: Sequence[InputSpec], plan: FeedPlan, output: int, device: torch.device
+) -> Iterator[tuple[Tensor, slice]]:
+    """Output `output` of the model (with autograd) for each run over `batch`, one row per sample
+    (fixed-batch padding cut off), with the samples of `batch` it covers."""
+    for feeds, samples in iter_feeds(batch, specs, plan):
+        result = model(*model.inputs(feeds, device))[output]
+        if plan.per_sample:
+            result = result.unsqueeze(0)
+        yield result[: samples.stop - samples.start], samples

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from onnx import ModelProto, numpy_helper
 from torch import fx, nn
@@ -55,6 +56,10 @@ class TorchModel:
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.module(*inputs)
+
+    def inputs(self, feeds: dict[str, Any], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """The model's positional inputs from a feeds dict of arrays, on `device`."""
+        return [torch.from_numpy(np.asarray(feeds[name], order="C")).to(device) for name in self.input_names]
 
     def locate_failure(self, *inputs: torch.Tensor) -> UnsupportedOperatorError | None:
         """Re-run node by node; the first node that raises, as an exit-4 error naming it."""
