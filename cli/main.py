@@ -203,7 +203,13 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     help="Total optimiser steps of fine-tuning with the masks fixed (0: none); gradual runs split them "
     "between pruning steps.",
 )
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_default("lr"), show_default=True)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_default("lr"),
+    show_default=True,
+    help="Fine-tuning learning rate.",
+)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
