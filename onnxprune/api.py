@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -71,19 +72,68 @@ from .validate import (
 log = logging.getLogger("onnxprune")
 
 
-def prune(config: PruneConfig) -> Report:
-    """Prune `config.input` into `config.output`, validate it in onnxruntime, write the report.
+def prune(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | None = None, **settings) -> Report:
+    """Prune a model, validate it in onnxruntime, write the output and its JSON report.
 
-    Raises an OnnxPruneError subclass (with its exit code) on anything the user can fix. A failed
-    accuracy gate is not an exception: the output and report are written and
-    `report.gate_failed` is True.
+    Call it with a `PruneConfig`, or as the command line reads:
+    `prune("in.onnx", "out.onnx", sparsity=0.8, method="woodfisher", calibration="calib.npz")`
+    (keyword names are PruneConfig's fields). Returns the `Report`. Raises an OnnxPruneError
+    subclass (with its exit code) on anything the user can fix. A failed accuracy gate is not an
+    exception: the output and report are written and `report.gate_failed` is True.
     """
+    if not isinstance(config, PruneConfig):
+        config = PruneConfig(input=config, output=output, **settings)
+    elif output is not None or settings:
+        raise UsageError("pass either a PruneConfig or (input, output, **settings), not both")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     _check_output_free(config)
+    job = prepare(config, device, timings)
+    with _timed(timings, "prune"):
+        pruned = run_schedule(config, job, device)
+    timings["finetune"] = round(pruned.tuning_seconds, 4)
+    return finish(config, job, pruned, timings, started)
 
+
+@dataclass
+class Job:
+    """What every pruning of one input shares: the model, its data, the onnxruntime reference
+    outputs, the converted torch model and the weights that may be pruned."""
+
+    model: LoadedModel
+    specs: list[InputSpec]
+    calibration: Dataset | None
+    evaluation: Dataset
+    reference: list[np.ndarray]
+    headline: Headline
+    torch_model: TorchModel
+    conversion: Conversion
+    candidates: list[PrunableTensor]
+    targets: list[PrunableTensor]
+    device: torch.device
+
+
+@dataclass
+class Pruned:
+    """The outcome of the pruning stage: new tensor values and how they were reached."""
+
+    arrays: dict[str, np.ndarray]
+    outcome: OneShotResult
+    source: GradientSource | None
+    estimator: Estimator
+    phases: list
+    resumed_after: int
+    trainer: Finetuner | None
+    batchnorm: dict[str, torch.Tensor]
+    tuning_seconds: float
+    final_torch: list[np.ndarray] | None  # the final torch model's outputs, when weights changed beyond masks
+    checked: int  # evaluation samples in final_torch
+
+
+def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]) -> Job:
+    """Load the model and data, run the original in onnxruntime, convert it, pick the targets."""
     with _timed(timings, "load"):
         log.info("loading %s", config.input)
         model = load_model(config.input)
@@ -115,96 +165,125 @@ def prune(config: PruneConfig) -> Report:
         raise UsageError(f"nothing to prune: {why}")
     for target in targets:
         _require_finite(torch_model.tensors[target.name], f"weight {target.name!r} of the input model")
+    return Job(
+        model,
+        list(specs),
+        calibration,
+        evaluation,
+        reference,
+        headline,
+        torch_model,
+        conversion,
+        candidates,
+        targets,
+        device,
+    )
 
-    with _timed(timings, "prune"):
-        source = None
-        if estimator.needs_gradients:
-            fisher = config.fisher if config.fisher != "auto" else getattr(estimator, "default_fisher", "auto")
-            loss = choose_loss(headline, reference, torch_model.output_names, calibration, fisher)
-            source = GradientSource(
-                torch_model, calibration, specs, loss, config.num_grads, config.fisher_batch, config.seed, device
-            )
-            log.info("gradients: %s", loss.describe())
-        steps = config.steps if config.schedule == "oneshot" else config.prune_steps
-        phases = SCHEDULES.get(config.schedule)(config.sparsity, steps, config.initial_sparsity, config.finetune_steps)
-        trainer = make_finetuner(config, torch_model, targets, calibration, specs, headline, reference, device)
-        batchnorm = batchnorm_statistics(torch_model)
-        progress = Progress(progress_enabled(config.progress))
-        log.info(
-            "pruning %d tensors (%s params) with %s, %s scope, %s schedule of %d step(s)%s",
-            len(targets),
-            f"{sum(t.numel for t in targets):,}",
-            config.method,
-            config.scope,
-            config.schedule,
-            len(phases),
-            f", {config.finetune_steps} fine-tuning steps" if trainer else "",
+
+def gradient_source(config: PruneConfig, job: Job, estimator: Estimator, device: torch.device) -> GradientSource | None:
+    """Where the estimator's gradients come from (None for data-free estimators)."""
+    if not estimator.needs_gradients:
+        return None
+    fisher = config.fisher if config.fisher != "auto" else getattr(estimator, "default_fisher", "auto")
+    loss = choose_loss(job.headline, job.reference, job.torch_model.output_names, job.calibration, fisher)
+    log.info("gradients: %s", loss.describe())
+    return GradientSource(
+        job.torch_model, job.calibration, job.specs, loss, config.num_grads, config.fisher_batch, config.seed, device
+    )
+
+
+def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
+    """Prune step by step along the schedule, with BatchNorm re-estimation, fine-tuning and a
+    checkpoint after each step; returns the new values of every changed tensor."""
+    torch_model, targets, calibration, specs = job.torch_model, job.targets, job.calibration, job.specs
+    estimator = ESTIMATORS.get(config.method)(config)
+    source = gradient_source(config, job, estimator, device)
+    steps = config.steps if config.schedule == "oneshot" else config.prune_steps
+    phases = SCHEDULES.get(config.schedule)(config.sparsity, steps, config.initial_sparsity, config.finetune_steps)
+    trainer = make_finetuner(config, torch_model, targets, calibration, specs, job.headline, job.reference, device)
+    batchnorm = batchnorm_statistics(torch_model)
+    progress = Progress(progress_enabled(config.progress))
+    log.info(
+        "pruning %d tensors (%s params) with %s, %s scope, %s schedule of %d step(s)%s",
+        len(targets),
+        f"{sum(t.numel for t in targets):,}",
+        config.method,
+        config.scope,
+        config.schedule,
+        len(phases),
+        f", {config.finetune_steps} fine-tuning steps" if trainer else "",
+    )
+    fingerprint_ = fingerprint(config, config.input)
+    tuning_seconds = 0.0
+    with Pruner(
+        torch_model,
+        targets,
+        estimator,
+        config.scope,
+        (lambda step: source) if source is not None else None,
+        memory_budget(config),
+        progress,
+        spill_folder=config.output.parent,
+    ) as pruner:
+        done = 0
+        if config.resume:
+            done = resume(config, fingerprint_, torch_model, pruner, estimator, trainer, batchnorm)
+        for index, phase in enumerate(phases[done:], done):
+            pruner.step(phase.sparsity, phase.label)
+            if config.batchnorm == "reestimate":
+                reestimate_batchnorm(torch_model, calibration, specs, config.eval_batch_size, device)
+            if trainer is not None and phase.finetune_steps:
+                started_tuning = time.perf_counter()
+                with progress.task(f"fine-tuning after {phase.label}", phase.finetune_steps) as task:
+                    trainer.run(phase.finetune_steps, pruner.masks(), task.advance)
+                tuning_seconds += time.perf_counter() - started_tuning
+            if len(phases) > 1:
+                save_checkpoint(
+                    config.checkpoint_path,
+                    checkpoint_state(fingerprint_, index + 1, torch_model, pruner, estimator, trainer, batchnorm),
+                )
+        outcome = OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
+    if config.batchnorm == "reestimate" and trainer is not None:
+        reestimate_batchnorm(torch_model, calibration, specs, config.eval_batch_size, device)
+    arrays = {
+        **outcome.arrays,
+        **({k: v.detach().cpu().numpy() for k, v in trainer.tensors.items()} if trainer else {}),
+        **({k: v.detach().cpu().numpy() for k, v in batchnorm.items()} if config.batchnorm == "reestimate" else {}),
+    }
+    # the weights changed beyond the pruned tensors: the written model is checked against the
+    # final torch model, not only against the dense reference
+    final_torch, checked = None, min(config.conversion_check_samples, len(job.evaluation))
+    if trainer is not None or config.batchnorm == "reestimate":
+        final_torch = run_batches(
+            torch_runner(torch_model, device), job.evaluation, specs, config.eval_batch_size, checked
         )
-        fingerprint_ = fingerprint(config, config.input)
-        tuning_seconds = 0.0
-        with Pruner(
-            torch_model,
-            targets,
-            estimator,
-            config.scope,
-            (lambda step: source) if source is not None else None,
-            memory_budget(config),
-            progress,
-            spill_folder=config.output.parent,
-        ) as pruner:
-            done = 0
-            if config.resume:
-                done = resume(config, fingerprint_, torch_model, pruner, estimator, trainer, batchnorm)
-            for index, phase in enumerate(phases[done:], done):
-                pruner.step(phase.sparsity, phase.label)
-                if config.batchnorm == "reestimate":
-                    reestimate_batchnorm(torch_model, calibration, specs, config.eval_batch_size, device)
-                if trainer is not None and phase.finetune_steps:
-                    started_tuning = time.perf_counter()
-                    with progress.task(f"fine-tuning after {phase.label}", phase.finetune_steps) as task:
-                        trainer.run(phase.finetune_steps, pruner.masks(), task.advance)
-                    tuning_seconds += time.perf_counter() - started_tuning
-                if len(phases) > 1:
-                    save_checkpoint(
-                        config.checkpoint_path,
-                        checkpoint_state(fingerprint_, index + 1, torch_model, pruner, estimator, trainer, batchnorm),
-                    )
-            outcome = OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
-        if config.batchnorm == "reestimate" and trainer is not None:
-            reestimate_batchnorm(torch_model, calibration, specs, config.eval_batch_size, device)
-        pruned_arrays = {
-            **outcome.arrays,
-            **({k: v.detach().cpu().numpy() for k, v in trainer.tensors.items()} if trainer else {}),
-            **({k: v.detach().cpu().numpy() for k, v in batchnorm.items()} if config.batchnorm == "reestimate" else {}),
-        }
-        # the weights changed beyond the pruned tensors: the written model is checked against
-        # the final torch model, not only against the dense reference
-        final_torch, checked = None, min(config.conversion_check_samples, len(evaluation))
-        if trainer is not None or config.batchnorm == "reestimate":
-            final_torch = run_batches(
-                torch_runner(torch_model, device), evaluation, specs, config.eval_batch_size, checked
-            )
-    timings["finetune"] = round(tuning_seconds, 4)
+    return Pruned(
+        arrays, outcome, source, estimator, phases, done, trainer, batchnorm, tuning_seconds, final_torch, checked
+    )
 
+
+def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, float], started: float) -> Report:
+    """Write the pruned model, validate it in onnxruntime, build and write the report."""
     with _timed(timings, "write"):
         log.info("writing %s", config.output)
-        pruned = write_back(model.proto, pruned_arrays)
-        sparsity = measure_sparsity(pruned, targets)
-        external = model.uses_external_data or tensor_bytes(pruned) >= EXTERNAL_DATA_THRESHOLD
-        save_model(pruned, config.output, external_data=external)
-        output = model_info(pruned, config.output, external)
-        del pruned
+        proto = write_back(job.model.proto, pruned.arrays)
+        sparsity = measure_sparsity(proto, job.targets)
+        external = job.model.uses_external_data or tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
+        save_model(proto, config.output, external_data=external)
+        output = model_info(proto, config.output, external)
+        del proto
 
     with _timed(timings, "validate"):
         log.info("validating %s in onnxruntime", config.output)
         written = OrtModel(config.output)
-        candidate = written.run(evaluation, specs, config.eval_batch_size)
-        validation = compare_outputs(reference, candidate, evaluation.labels, written.output_names, headline)
+        candidate = written.run(job.evaluation, job.specs, config.eval_batch_size)
+        labels = job.evaluation.labels
+        validation = compare_outputs(job.reference, candidate, labels, written.output_names, job.headline)
         agreement = None
-        if final_torch is not None:
+        if pruned.final_torch is not None:
             agreement = max(
-                float(np.abs(ours - got[:checked].astype(np.float64)).max()) if ours.size else 0.0
-                for ours, got in zip(final_torch, candidate)
+                float(np.abs(ours - got[: pruned.checked].astype(np.float64)).max()) if ours.size else 0.0
+                for ours, got in zip(pruned.final_torch, candidate)
             )
         config.checkpoint_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
 
@@ -215,21 +294,21 @@ def prune(config: PruneConfig) -> Report:
         gate = Gate(max_drop=config.max_drop, metric=q.metric, drop=q.drop, passed=q.drop <= config.max_drop + 1e-12)
     report = Report(
         tool_version=__version__,
-        device=str(device),
+        device=str(job.device),
         config=config.as_dict(),
-        input=model_info(model.proto, config.input, model.uses_external_data),
+        input=model_info(job.model.proto, config.input, job.model.uses_external_data),
         output=output,
-        calibration=data_info(calibration),
-        evaluation=data_info(evaluation),
-        fisher=fisher_info(source, estimator, outcome),
+        calibration=data_info(job.calibration),
+        evaluation=data_info(job.evaluation),
+        fisher=fisher_info(pruned.source, pruned.estimator, pruned.outcome),
         schedule=Schedule(
             name=config.schedule,
-            sparsities=tuple(round(p.sparsity, 6) for p in phases),
-            finetune_steps=tuple(p.finetune_steps for p in phases),
-            resumed_after=done,
+            sparsities=tuple(round(p.sparsity, 6) for p in pruned.phases),
+            finetune_steps=tuple(p.finetune_steps for p in pruned.phases),
+            resumed_after=pruned.resumed_after,
             torch_vs_onnxruntime_max_abs_error=agreement,
         ),
-        finetune=finetune_info(trainer, config, tuning_seconds, batchnorm),
+        finetune=finetune_info(pruned.trainer, config, pruned.tuning_seconds, pruned.batchnorm),
         pruning=Pruning(
             method=config.method,
             scope=config.scope,
@@ -238,14 +317,14 @@ def prune(config: PruneConfig) -> Report:
             params=sum(t.numel for t in sparsity),
             zeros=sum(t.zeros for t in sparsity),
             sparsity=sum(t.zeros for t in sparsity) / max(1, sum(t.numel for t in sparsity)),
-            excluded=tuple(t.name for t in candidates if t not in targets),
+            excluded=tuple(t.name for t in job.candidates if t not in job.targets),
         ),
-        conversion=conversion,
+        conversion=job.conversion,
         validation=validation,
         gate=gate,
         timings={k: round(v, 4) for k, v in timings.items()},
         peak_memory_bytes=peak_bytes(),
-        warnings=tuple(_warnings(calibration, evaluation, conversion)),
+        warnings=tuple(_warnings(job.calibration, job.evaluation, job.conversion)),
         report_path=str(config.report_path),
     )
     atomic_write_bytes(config.report_path, report.to_json().encode())

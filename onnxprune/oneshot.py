@@ -47,6 +47,20 @@ class OneShotResult:
     plan: MemoryPlan | None = None
 
 
+@dataclass
+class Scored:
+    """One step's scores (and the statistics the update needs), taken at fixed weights and masks."""
+
+    number: int
+    label: str
+    source: GradientSource | None
+    keep: list[Tensor]  # the masks the statistics were collected with
+    scores: dict[int, Tensor] = field(default_factory=dict)
+    stats: dict[int, Statistics | None] = field(default_factory=dict)
+    timer: dict[str, float] = field(default_factory=lambda: {"gradients": 0.0, "estimator": 0.0})
+    collections: int = 0
+
+
 class TensorView:
     """A model weight seen flat in canonical order."""
 
@@ -128,16 +142,16 @@ class Pruner:
 
     def step(self, sparsity: float, label: str) -> StepRecord:
         """Prune to `sparsity` with fresh statistics at the current weights (one recomputation)."""
+        return self.apply(self.score(label), sparsity)
+
+    def score(self, label: str) -> Scored:
+        """Statistics and saliencies at the current weights and masks. One `Scored` serves any
+        number of `apply` calls from these same weights (a sweep over sparsities)."""
         number = len(self.records) + 1
-        source = self.sources(number) if self.sources is not None else None
-        timer = {"gradients": 0.0, "estimator": 0.0}
-        collections = 0
-        kept_stats: dict[int, Statistics | None] = {}
-        scores: dict[int, Tensor] = {}
-        groups = self.groups
-        for g, group in enumerate(groups, 1):
-            stats = self._statistics(group, self.keep, source, timer, label, g)
-            collections += bool(self.estimator.needs_gradients)
+        scored = Scored(number, label, self.sources(number) if self.sources is not None else None, list(self.keep))
+        for g, group in enumerate(self.groups, 1):
+            stats = self._statistics(group, self.keep, scored.source, scored.timer, label, g)
+            scored.collections += bool(self.estimator.needs_gradients)
             started = time.perf_counter()
             for i in self._tracked(group, f"scores, {label}", g):
                 s = self.estimator.scores(self.views[i].read(), stats[i]).to(torch.float64)
@@ -147,29 +161,35 @@ class Pruner:
                         "infinite values; nothing was written"
                     )
                 # already-pruned entries sort below every saliency (all are >= 0)
-                scores[i] = torch.where(self.keep[i], s, torch.full_like(s, -1.0))
+                scored.scores[i] = torch.where(self.keep[i], s, torch.full_like(s, -1.0))
                 if self.plan is None or self.plan.keep_statistics:
-                    kept_stats[i] = stats[i]
+                    scored.stats[i] = stats[i]
                     if self._spill is not None and hasattr(stats[i], "spill"):
                         stats[i].spill(self._spill)
-            timer["estimator"] += time.perf_counter() - started
+            scored.timer["estimator"] += time.perf_counter() - started
             del stats
+        return scored
 
-        chosen = SCOPES[self.scope](scores, sparsity)
-        previous = self.keep  # the masks the statistics were collected with
-        self.keep = [chosen[i].to(self.keep[i].device) & self.keep[i] for i in range(len(self.views))]
+    def apply(self, scored: Scored, sparsity: float) -> StepRecord:
+        """Select the masks for `sparsity` from `scored` and compensate the survivors."""
+        timer = dict(scored.timer)
+        collections = scored.collections
+        chosen = SCOPES[self.scope](scored.scores, sparsity)
+        previous = scored.keep  # the masks the statistics were collected with
+        self.keep = [chosen[i].to(previous[i].device) & previous[i] for i in range(len(self.views))]
 
         updates: dict[int, Tensor] = {}
-        for g, group in enumerate(groups, 1):
+        for g, group in enumerate(self.groups, 1):
             if self.estimator.compensates and self.plan is not None and not self.plan.keep_statistics:
                 # the same rows as for the scores: the update needs how the newly pruned weights
                 # correlate with the kept ones
-                stats = self._statistics(group, previous, source, timer, f"{label} (again, for the update)", g)
+                label = f"{scored.label} (again, for the update)"
+                stats = self._statistics(group, previous, scored.source, timer, label, g)
                 collections += 1
             else:
-                stats = {i: kept_stats.get(i) for i in group}
+                stats = {i: scored.stats.get(i) for i in group}
             started = time.perf_counter()
-            for i in self._tracked(group, f"updates, {label}", g):
+            for i in self._tracked(group, f"updates, {scored.label}", g):
                 new = self.estimator.compensate(self.views[i].read(), self.keep[i], stats[i])
                 if not bool(torch.isfinite(new).all()):
                     raise NonFiniteError(
@@ -182,9 +202,16 @@ class Pruner:
         # its scores were computed at
         for i, new in updates.items():
             self.views[i].write(new)
-        record = StepRecord(number, sparsity, timer["gradients"], timer["estimator"], collections)
+        record = StepRecord(scored.number, sparsity, timer["gradients"], timer["estimator"], collections)
         self.records.append(record)
         return record
+
+    def restore(self, values: dict[str, Tensor], keep: Sequence[Tensor], records: int) -> None:
+        """Put back weights, masks and the step count saved before an `apply` (to apply again)."""
+        for view in self.views:
+            view.param.data.copy_(values[view.target.name])
+        self.keep = list(keep)
+        del self.records[records:]
 
     def _tracked(self, group: Sequence[int], label: str, number: int):
         """The group's tensors, counted on the progress display."""
