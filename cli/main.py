@@ -34,6 +34,9 @@ Exit codes:
 """
 
 
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
 def _default(field: str):
     """The library's default for a setting, so the CLI never disagrees with it."""
     return PruneConfig.__dataclass_fields__[field].default
@@ -51,10 +54,272 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     return value
 
 
-@click.command(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    epilog=EXIT_CODES,
+_SHARED = [
+    click.option(
+        "--scope",
+        type=click.Choice(list(SCOPES)),
+        default="global",
+        show_default=True,
+        help="global: one threshold over all weights; layer: every tensor to the same sparsity.",
+    ),
+    click.option(
+        "--exclude",
+        multiple=True,
+        metavar="REGEX",
+        help="Leave dense the weights whose tensor name or consumer node name matches (repeatable).",
+    ),
+    click.option(
+        "--calib",
+        type=click.Path(exists=True, path_type=Path),
+        help="Calibration data: a .npz keyed by input name (+ optional 'labels'), or a folder of them.",
+    ),
+    click.option(
+        "--eval",
+        "evaluation",
+        type=click.Path(exists=True, path_type=Path),
+        help="Evaluation data, same format. Default: a held-out quarter of --calib.",
+    ),
+    click.option(
+        "--metric",
+        type=click.Choice(METRICS),
+        default="auto",
+        show_default=True,
+        help="Headline and gate metric. auto: accuracy with labels, else top-1 agreement for a classifier "
+        "output, else cosine similarity of the first output.",
+    ),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits and synthesis."),
+    click.option(
+        "--device",
+        type=click.Choice(DEVICES),
+        default="auto",
+        show_default=True,
+        help="Where torch computes; cuda without a usable GPU is an error.",
+    ),
+    click.option(
+        "--steps",
+        type=click.IntRange(min=1),
+        default=_default("steps"),
+        show_default=True,
+        help="Recomputation steps: reach the sparsity in this many steps, fresh gradients each time.",
+    ),
+    click.option(
+        "--num-grads",
+        type=click.IntRange(min=1),
+        default=_default("num_grads"),
+        show_default=True,
+        help="Gradients per Fisher estimate (second-order methods).",
+    ),
+    click.option(
+        "--fisher-batch",
+        type=click.IntRange(min=1),
+        default=_default("fisher_batch"),
+        show_default=True,
+        help="Samples averaged into each gradient (1: per-sample gradients).",
+    ),
+    click.option(
+        "--fisher",
+        type=click.Choice(FISHER_KINDS),
+        default=_default("fisher"),
+        show_default=True,
+        help="empirical: gradients at the calibration labels; true: at labels sampled from the model; "
+        "auto: empirical when labels fit the output.",
+    ),
+    click.option(
+        "--block-size",
+        type=click.IntRange(min=1),
+        default=_default("block_size"),
+        show_default=True,
+        help="WoodFisher block of consecutive weights of one output unit; memory grows with it.",
+    ),
+    click.option(
+        "--damp",
+        type=click.FloatRange(min=0, min_open=True),
+        default=_default("damp"),
+        show_default=True,
+        help="Relative damping: lambda = DAMP x mean(diag F), per tensor.",
+    ),
+    click.option(
+        "--obs-update",
+        type=click.Choice(OBS_UPDATES),
+        default=_default("obs_update"),
+        show_default=True,
+        help="How WoodFisher compensates: joint (exact per block), summed (original paper), none.",
+    ),
+    click.option(
+        "--schedule",
+        type=click.Choice(SCHEDULES.names()),
+        default=_default("schedule"),
+        show_default=True,
+        help="oneshot: reach the sparsity in --steps steps, then fine-tune; gradual: --prune-steps steps of "
+        "the cubic schedule with fine-tuning between them.",
+    ),
+    click.option(
+        "--prune-steps",
+        type=click.IntRange(min=1),
+        default=_default("prune_steps"),
+        show_default=True,
+        help="Pruning steps of the gradual schedule.",
+    ),
+    click.option(
+        "--initial-sparsity",
+        type=click.FloatRange(min=0, max=1, max_open=True),
+        default=_default("initial_sparsity"),
+        show_default=True,
+        help="Where the gradual schedule starts.",
+    ),
+    click.option(
+        "--finetune-steps",
+        type=click.IntRange(min=0),
+        default=_default("finetune_steps"),
+        show_default=True,
+        help="Total optimiser steps of fine-tuning with the masks fixed (0: none); gradual runs split them "
+        "between pruning steps.",
+    ),
+    click.option(
+        "--lr",
+        type=click.FloatRange(min=0, min_open=True),
+        default=_default("lr"),
+        show_default=True,
+        help="Fine-tuning learning rate.",
+    ),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=_default("batch_size"),
+        show_default=True,
+        help="Fine-tuning mini-batch.",
+    ),
+    click.option(
+        "--optimizer",
+        type=click.Choice(OPTIMIZERS.names()),
+        default=_default("optimizer"),
+        show_default=True,
+    ),
+    click.option(
+        "--temperature",
+        type=click.FloatRange(min=0, min_open=True),
+        default=_default("temperature"),
+        show_default=True,
+        help="Distillation temperature for class scores (fine-tuning without labels).",
+    ),
+    click.option(
+        "--batchnorm",
+        type=click.Choice(BATCHNORM_MODES),
+        default=_default("batchnorm"),
+        show_default=True,
+        help="frozen: keep BatchNorm running statistics; reestimate: recompute them on the calibration "
+        "data after each pruning step and write them back.",
+    ),
+    click.option(
+        "--fishleg-steps",
+        type=click.IntRange(min=0),
+        default=_default("fishleg_steps"),
+        show_default=True,
+        help="FishLeg: auxiliary-loss Adam steps at the first pruning step.",
+    ),
+    click.option(
+        "--fishleg-online-steps",
+        type=click.IntRange(min=0),
+        default=_default("fishleg_online_steps"),
+        show_default=True,
+        help="FishLeg: auxiliary steps at each later pruning step (the online update).",
+    ),
+    click.option(
+        "--fishleg-lr",
+        type=click.FloatRange(min=0, min_open=True),
+        default=_default("fishleg_lr"),
+        show_default=True,
+        help="FishLeg: Adam learning rate on the auxiliary loss (cosine-decayed within each update).",
+    ),
+    click.option(
+        "--fishleg-probes",
+        type=click.IntRange(min=1),
+        default=_default("fishleg_probes"),
+        show_default=True,
+        help="FishLeg: Gaussian probe vectors per auxiliary step.",
+    ),
+    click.option(
+        "--fishleg-damp",
+        type=click.FloatRange(min=0, min_open=True),
+        default=_default("fishleg_damp"),
+        show_default=True,
+        help="FishLeg: relative damping gamma = FISHLEG_DAMP x mean(diag F), per tensor.",
+    ),
+    click.option(
+        "--fishleg-block",
+        type=click.IntRange(min=1),
+        default=_default("fishleg_block"),
+        show_default=True,
+        help="FishLeg: largest Kronecker factor; bigger layers get block-diagonal factors.",
+    ),
+    click.option(
+        "--max-memory",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        metavar="GIB",
+        help="Memory for the Fisher statistics, in GiB; more is refused (exit 8). Default: 80% of available.",
+    ),
+    click.option(
+        "--progress",
+        type=click.Choice(PROGRESS),
+        default="auto",
+        show_default=True,
+        help="Progress on stderr; auto: on a terminal and not under CI.",
+    ),
+]
+
+
+def shared_options(command):
+    """The options `prune` and `sweep` both take: data, metric, device, estimator, schedule and
+    fine-tuning settings, resources."""
+    for option in reversed(_SHARED):
+        command = option(command)
+    return command
+
+
+class _PruneByDefault(click.Group):
+    """`onnxprune IN OUT ...` means `onnxprune prune IN OUT ...`; `onnxprune sweep ...` sweeps."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
+            args = ["prune", *args]
+        return super().parse_args(ctx, args)
+
+
+def _show_versions(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from onnxprune.environment import environment, format_versions
+
+    with _stdout_to_stderr():
+        text = format_versions(environment())
+    click.echo(text)
+    ctx.exit(0)
+
+
+@click.group(
+    cls=_PruneByDefault,
+    context_settings=CONTEXT,
+    epilog="Run `onnxprune prune --help` or `onnxprune sweep --help` for their options and exit codes.",
 )
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_versions,
+    help="Show the versions of onnxprune, torch, onnx, onnxruntime (and its providers), and exit.",
+)
+def main() -> None:
+    """Prune ONNX models with second-order estimators and validate them in onnxruntime.
+
+    \b
+      onnxprune IN.onnx OUT.onnx --sparsity 0.8 --calib data.npz    (same as `onnxprune prune ...`)
+      onnxprune sweep IN.onnx --sparsity 0.5,0.7,0.9 --method magnitude,woodfisher --calib data.npz
+    """
+
+
+@main.command("prune", context_settings=CONTEXT, epilog=EXIT_CODES)
 @click.argument("input_path", metavar="IN.onnx", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("output_path", metavar="OUT.onnx", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
@@ -72,30 +337,6 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     help="Estimator deciding which weights to drop.",
 )
 @click.option(
-    "--scope",
-    type=click.Choice(list(SCOPES)),
-    default="global",
-    show_default=True,
-    help="global: one threshold over all weights; layer: every tensor to the same sparsity.",
-)
-@click.option(
-    "--exclude",
-    multiple=True,
-    metavar="REGEX",
-    help="Leave dense the weights whose tensor name or consumer node name matches (repeatable).",
-)
-@click.option(
-    "--calib",
-    type=click.Path(exists=True, path_type=Path),
-    help="Calibration data: a .npz keyed by input name (+ optional 'labels'), or a folder of them.",
-)
-@click.option(
-    "--eval",
-    "evaluation",
-    type=click.Path(exists=True, path_type=Path),
-    help="Evaluation data, same format. Default: a held-out quarter of --calib.",
-)
-@click.option(
     "--report",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Where to write the JSON report. Default: OUT.report.json next to the output.",
@@ -108,208 +349,34 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     help="Fail with exit 6 if accuracy (or top-1 agreement, or output cosine) drops by more than this.",
 )
 @click.option(
-    "--metric",
-    type=click.Choice(METRICS),
-    default="auto",
-    show_default=True,
-    help="Headline and gate metric. auto: accuracy with labels, else top-1 agreement for a classifier "
-    "output, else cosine similarity of the first output.",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for data splits and synthesis.")
-@click.option(
-    "--device",
-    type=click.Choice(DEVICES),
-    default="auto",
-    show_default=True,
-    help="Where torch computes; cuda without a usable GPU is an error.",
-)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=1),
-    default=_default("steps"),
-    show_default=True,
-    help="Recomputation steps: reach the sparsity in this many steps, fresh gradients each time.",
-)
-@click.option(
-    "--num-grads",
-    type=click.IntRange(min=1),
-    default=_default("num_grads"),
-    show_default=True,
-    help="Gradients per Fisher estimate (second-order methods).",
-)
-@click.option(
-    "--fisher-batch",
-    type=click.IntRange(min=1),
-    default=_default("fisher_batch"),
-    show_default=True,
-    help="Samples averaged into each gradient (1: per-sample gradients).",
-)
-@click.option(
-    "--fisher",
-    type=click.Choice(FISHER_KINDS),
-    default=_default("fisher"),
-    show_default=True,
-    help="empirical: gradients at the calibration labels; true: at labels sampled from the model; "
-    "auto: empirical when labels fit the output.",
-)
-@click.option(
-    "--block-size",
-    type=click.IntRange(min=1),
-    default=_default("block_size"),
-    show_default=True,
-    help="WoodFisher block of consecutive weights of one output unit; memory grows with it.",
-)
-@click.option(
-    "--damp",
-    type=click.FloatRange(min=0, min_open=True),
-    default=_default("damp"),
-    show_default=True,
-    help="Relative damping: lambda = DAMP x mean(diag F), per tensor.",
-)
-@click.option(
-    "--obs-update",
-    type=click.Choice(OBS_UPDATES),
-    default=_default("obs_update"),
-    show_default=True,
-    help="How WoodFisher compensates: joint (exact per block), summed (original paper), none.",
-)
-@click.option(
-    "--schedule",
-    type=click.Choice(SCHEDULES.names()),
-    default=_default("schedule"),
-    show_default=True,
-    help="oneshot: reach the sparsity in --steps steps, then fine-tune; gradual: --prune-steps steps of "
-    "the cubic schedule with fine-tuning between them.",
-)
-@click.option(
-    "--prune-steps",
-    type=click.IntRange(min=1),
-    default=_default("prune_steps"),
-    show_default=True,
-    help="Pruning steps of the gradual schedule.",
-)
-@click.option(
-    "--initial-sparsity",
-    type=click.FloatRange(min=0, max=1, max_open=True),
-    default=_default("initial_sparsity"),
-    show_default=True,
-    help="Where the gradual schedule starts.",
-)
-@click.option(
-    "--finetune-steps",
-    type=click.IntRange(min=0),
-    default=_default("finetune_steps"),
-    show_default=True,
-    help="Total optimiser steps of fine-tuning with the masks fixed (0: none); gradual runs split them "
-    "between pruning steps.",
-)
-@click.option(
-    "--lr",
-    type=click.FloatRange(min=0, min_open=True),
-    default=_default("lr"),
-    show_default=True,
-    help="Fine-tuning learning rate.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=_default("batch_size"),
-    show_default=True,
-    help="Fine-tuning mini-batch.",
-)
-@click.option(
-    "--optimizer",
-    type=click.Choice(OPTIMIZERS.names()),
-    default=_default("optimizer"),
-    show_default=True,
-)
-@click.option(
-    "--temperature",
-    type=click.FloatRange(min=0, min_open=True),
-    default=_default("temperature"),
-    show_default=True,
-    help="Distillation temperature for class scores (fine-tuning without labels).",
-)
-@click.option(
-    "--batchnorm",
-    type=click.Choice(BATCHNORM_MODES),
-    default=_default("batchnorm"),
-    show_default=True,
-    help="frozen: keep BatchNorm running statistics; reestimate: recompute them on the calibration "
-    "data after each pruning step and write them back.",
-)
-@click.option(
     "--checkpoint",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Checkpoint written after each step of a multi-step run. Default: OUT.onnx.ckpt; removed on success.",
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option(
-    "--fishleg-steps",
-    type=click.IntRange(min=0),
-    default=_default("fishleg_steps"),
-    show_default=True,
-    help="FishLeg: auxiliary-loss Adam steps at the first pruning step.",
+    "--html",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the report as one self-contained HTML page (figures embedded).",
 )
 @click.option(
-    "--fishleg-online-steps",
-    type=click.IntRange(min=0),
-    default=_default("fishleg_online_steps"),
-    show_default=True,
-    help="FishLeg: auxiliary steps at each later pruning step (the online update).",
+    "--dry-run",
+    is_flag=True,
+    help="Load and check the model and data, print what would be pruned and the memory estimate; write nothing.",
 )
-@click.option(
-    "--fishleg-lr",
-    type=click.FloatRange(min=0, min_open=True),
-    default=_default("fishleg_lr"),
-    show_default=True,
-    help="FishLeg: Adam learning rate on the auxiliary loss (cosine-decayed within each update).",
-)
-@click.option(
-    "--fishleg-probes",
-    type=click.IntRange(min=1),
-    default=_default("fishleg_probes"),
-    show_default=True,
-    help="FishLeg: Gaussian probe vectors per auxiliary step.",
-)
-@click.option(
-    "--fishleg-damp",
-    type=click.FloatRange(min=0, min_open=True),
-    default=_default("fishleg_damp"),
-    show_default=True,
-    help="FishLeg: relative damping gamma = FISHLEG_DAMP x mean(diag F), per tensor.",
-)
-@click.option(
-    "--fishleg-block",
-    type=click.IntRange(min=1),
-    default=_default("fishleg_block"),
-    show_default=True,
-    help="FishLeg: largest Kronecker factor; bigger layers get block-diagonal factors.",
-)
-@click.option(
-    "--max-memory",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    metavar="GIB",
-    help="Memory for the Fisher statistics, in GiB; more is refused (exit 8). Default: 80% of available.",
-)
-@click.option(
-    "--progress",
-    type=click.Choice(PROGRESS),
-    default="auto",
-    show_default=True,
-    help="Progress on stderr; auto: on a terminal and not under CI.",
-)
+@shared_options
 @click.option("--force", is_flag=True, help="Overwrite an existing output and report.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings on stderr; no table.")
+@click.option("-v", "--verbose", is_flag=True, help="Log details of each stage on stderr.")
 @click.option("--debug", is_flag=True, help="Show the traceback of internal errors.")
-@click.version_option(package_name="onnxprune", prog_name="onnxprune")
-def main(
+def prune_command(
     input_path: Path,
     output_path: Path,
     calib: Path | None,
     as_json: bool,
+    dry_run: bool,
     quiet: bool,
+    verbose: bool,
     debug: bool,
     **settings,
 ) -> None:
@@ -319,15 +386,121 @@ def main(
     pruned weight tensors change. A JSON report is written next to the output and a short table
     is printed on stderr.
     """
-    _configure_logging(quiet)
-    from onnxprune import PruneConfig, prune
+    _configure_logging(quiet, verbose)
+    from onnxprune import PruneConfig, plan, prune
+    from onnxprune.report import format_dry_run, format_human
+
+    def work():
+        config = PruneConfig(input=input_path, output=output_path, calibration=calib, **settings)
+        return plan(config) if dry_run else prune(config)
+
+    result = _run(work, debug)
+    if not quiet:
+        click.echo((format_dry_run if dry_run else format_human)(result), err=True)
+    if as_json:
+        click.echo(result.to_json(), nl=False)
+    sys.exit(result.exit_code)
+
+
+def _float_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+    if not values or any(not 0.0 <= v < 1.0 for v in values):
+        raise click.BadParameter(f"{value!r}: give one or more sparsities in [0, 1), separated by commas")
+    return values
+
+
+def _method_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    methods = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [m for m in methods if m not in ESTIMATORS]
+    if not methods or unknown:
+        raise click.BadParameter(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(ESTIMATORS.names())}")
+    return methods
+
+
+@main.command("sweep", context_settings=CONTEXT, epilog=EXIT_CODES)
+@click.argument("input_path", metavar="IN.onnx", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--sparsity",
+    "sparsities",
+    default="0.5,0.7,0.8,0.9",
+    show_default=True,
+    callback=_float_list,
+    help="Comma-separated sparsities.",
+)
+@click.option(
+    "--method",
+    "methods",
+    default=f"magnitude,{DEFAULT_METHOD}",
+    show_default=True,
+    callback=_method_list,
+    help=f"Comma-separated methods: {', '.join(ESTIMATORS.names())}.",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Folder and name stem of what is written: OUT.sweep.json, OUT.sweep.png (and OUT.METHOD.SPARSITY.onnx "
+    "with --keep-models). Default: the input's name in the current folder.",
+)
+@click.option("--keep-models", is_flag=True, help="Keep every pruned model of the grid.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep's JSON report on stdout (and nothing else).")
+@shared_options
+@click.option("--force", is_flag=True, help="Overwrite the sweep's existing files.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings on stderr; no table.")
+@click.option("-v", "--verbose", is_flag=True, help="Log details of each stage on stderr.")
+@click.option("--debug", is_flag=True, help="Show the traceback of internal errors.")
+def sweep_command(
+    input_path: Path,
+    sparsities: tuple[float, ...],
+    methods: tuple[str, ...],
+    out: Path | None,
+    keep_models: bool,
+    calib: Path | None,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
+    debug: bool,
+    **settings,
+) -> None:
+    """Accuracy (or agreement, or cosine) against sparsity for each method: one table, one plot.
+
+    For one-shot single-step runs without fine-tuning, each method's gradients and statistics
+    are computed once and reused for every sparsity.
+    """
+    _configure_logging(quiet, verbose)
+    from onnxprune import PruneConfig
+    from onnxprune.sweep import SweepConfig, format_sweep, sweep
+
+    def work():
+        stem = out if out is not None else Path(input_path.stem)
+        base = PruneConfig(
+            input=input_path,
+            output=stem.with_name(stem.name + ".onnx"),
+            sparsity=max(sparsities),
+            method=methods[0],
+            calibration=calib,
+            **settings,
+        )
+        return sweep(SweepConfig(settings=base, sparsities=sparsities, methods=methods, keep_models=keep_models))
+
+    result = _run(work, debug)
+    if not quiet:
+        click.echo(format_sweep(result), err=True)
+    if as_json:
+        click.echo(result.to_json(), nl=False)
+    sys.exit(0)
+
+
+def _run(work, debug: bool):
+    """Run the library call with stdout kept for JSON; errors become one line and an exit code."""
     from onnxprune.errors import OnnxPruneError
-    from onnxprune.report import format_human
 
     try:
         with _stdout_to_stderr():
-            config = PruneConfig(input=input_path, output=output_path, calibration=calib, **settings)
-            result = prune(config)
+            return work()
     except OnnxPruneError as exc:
         click.echo(f"onnxprune: error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -341,20 +514,14 @@ def main(
         click.echo("onnxprune: this is a bug; rerun with --debug and report the traceback", err=True)
         sys.exit(1)
 
-    if not quiet:
-        click.echo(format_human(result), err=True)
-    if as_json:
-        click.echo(result.to_json(), nl=False)
-    sys.exit(result.exit_code)
 
-
-def _configure_logging(quiet: bool) -> None:
+def _configure_logging(quiet: bool, verbose: bool = False) -> None:
     logger = logging.getLogger("onnxprune")
     logger.handlers[:] = []
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("onnxprune: %(message)s"))
     logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
 
 

@@ -1,11 +1,12 @@
 """onnxprune: ONNX-to-ONNX pruning with second-order estimators, validated in onnxruntime.
 
-Public API: `prune(PruneConfig(...)) -> Report`, the estimator registry, and the error types.
+Public API: `prune(...) -> Report` (a PruneConfig, or the command line's arguments as keywords),
+`plan(...)` (the dry run), `sweep(SweepConfig(...))`, the estimator registry, and the error types.
 """
 
 __version__ = "0.1.0"
 
-from .api import prune  # noqa: E402
+from .api import plan, prune  # noqa: E402
 from .config import PruneConfig  # noqa: E402
 from .errors import (  # noqa: E402
     CalibrationDataError,
@@ -17,9 +18,13 @@ from .errors import (  # noqa: E402
 )
 from .estimators import ESTIMATORS, Estimator  # noqa: E402
 from .report import Report  # noqa: E402
+from .sweep import SweepConfig, sweep  # noqa: E402
 
 __all__ = [
     "prune",
+    "plan",
+    "sweep",
+    "SweepConfig",
     "PruneConfig",
     "Report",
     "ESTIMATORS",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,8 @@ from .bridge.convert import TorchModel, convert
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import PruneConfig
 from .data import Dataset, InputSpec, input_specs, load_dataset, run_batches, split, synthesize
-from .errors import NonFiniteError, UsageError
+from .environment import environment
+from .errors import MemoryBudgetError, NonFiniteError, UsageError
 from .estimators import ESTIMATORS, Estimator
 from .finetune import (
     Finetuner,
@@ -30,8 +33,9 @@ from .finetune import (
     trainable_tensors,
 )
 from .gradients import GradientSource, choose_loss
+from .masks import prune_count
 from .memory import GIB, available_bytes, peak_bytes
-from .oneshot import OneShotResult, Pruner, StepRecord
+from .oneshot import OneShotResult, Pruner, StepRecord, TensorView, plan_statistics
 from .onnx_io import (
     EXTERNAL_DATA_THRESHOLD,
     LoadedModel,
@@ -45,10 +49,13 @@ from .progress import Progress, progress_enabled
 from .report import (
     Conversion,
     DataInfo,
+    DryRun,
     Finetune,
     Fisher,
     Gate,
+    MemoryEstimate,
     ModelInfo,
+    PlannedTensor,
     Pruning,
     Quality,
     Report,
@@ -63,6 +70,7 @@ from .validate import (
     OrtModel,
     accuracy,
     choose_headline,
+    error_distribution,
     is_classifier_output,
     labels_usable,
     output_error,
@@ -95,6 +103,60 @@ def prune(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | N
         pruned = run_schedule(config, job, device)
     timings["finetune"] = round(pruned.tuning_seconds, 4)
     return finish(config, job, pruned, timings, started)
+
+
+def plan(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | None = None, **settings) -> DryRun:
+    """What `prune()` would do, without running a model or writing anything: the tensors it
+    would prune, the schedule, and the memory the estimator's statistics would need. The model
+    and the data files are loaded and checked as a real run would."""
+    if not isinstance(config, PruneConfig):
+        config = PruneConfig(input=config, output=output, **settings)
+    resolve_device(config.device)  # --device cuda without a GPU fails here too
+    model = load_model(config.input)
+    _check_no_clobber(model, config)
+    specs = input_specs(model.proto)
+    estimator = ESTIMATORS.get(config.method)(config)
+    needs_calibration = estimator.needs_gradients or config.finetune_steps > 0 or config.batchnorm == "reestimate"
+    calibration, evaluation = load_data(config, specs, needs_calibration)
+    torch_model = convert(model.proto)
+    targets = select(torch_model.prunable, config.exclude)
+    if not targets:
+        raise UsageError("nothing to prune: no prunable weight is left after --exclude")
+    steps = config.steps if config.schedule == "oneshot" else config.prune_steps
+    phases = SCHEDULES.get(config.schedule)(config.sparsity, steps, config.initial_sparsity, config.finetune_steps)
+    memory = None
+    if estimator.needs_gradients:
+        views = [TensorView(t, torch_model.tensors[t.name]) for t in targets]
+        budget = memory_budget(config)
+        disk_free = shutil.disk_usage(config.output.parent if str(config.output.parent) else ".").free
+        try:
+            chosen = plan_statistics(views, estimator, config.num_grads, budget, disk_free)
+            memory = MemoryEstimate(
+                chosen.estimate, budget, len(chosen.groups), chosen.storage, chosen.passes * len(phases), True, None
+            )
+        except MemoryBudgetError as exc:
+            memory = MemoryEstimate(0, budget, 0, "none", 0, False, str(exc))
+    params = sum(t.numel for t in targets)
+    return DryRun(
+        tool_version=__version__,
+        config=config.as_dict(),
+        input=model_info(model.proto, config.input, model.uses_external_data),
+        calibration=data_info(calibration),
+        evaluation=data_info(evaluation),
+        method=config.method,
+        scope=config.scope,
+        target_sparsity=config.sparsity,
+        tensors=tuple(
+            PlannedTensor(t.name, t.shape, t.numel, tuple(c.describe() for c in t.consumers)) for t in targets
+        ),
+        params=params,
+        params_to_prune=prune_count(params, config.sparsity),
+        excluded=tuple(t.name for t in torch_model.prunable if t not in targets),
+        schedule=tuple(round(p.sparsity, 6) for p in phases),
+        finetune_steps=config.finetune_steps,
+        memory=memory,
+        environment=environment(),
+    )
 
 
 @dataclass
@@ -262,6 +324,14 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
     )
 
 
+def validate_written(config: PruneConfig, job: Job, path: Path) -> tuple[Validation, list[np.ndarray]]:
+    """Run the written model in onnxruntime on the evaluation data and compare with the original."""
+    written = OrtModel(path)
+    candidate = written.run(job.evaluation, job.specs, config.eval_batch_size)
+    labels = job.evaluation.labels
+    return compare_outputs(job.reference, candidate, labels, written.output_names, job.headline), candidate
+
+
 def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, float], started: float) -> Report:
     """Write the pruned model, validate it in onnxruntime, build and write the report."""
     with _timed(timings, "write"):
@@ -275,10 +345,7 @@ def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, flo
 
     with _timed(timings, "validate"):
         log.info("validating %s in onnxruntime", config.output)
-        written = OrtModel(config.output)
-        candidate = written.run(job.evaluation, job.specs, config.eval_batch_size)
-        labels = job.evaluation.labels
-        validation = compare_outputs(job.reference, candidate, labels, written.output_names, job.headline)
+        validation, candidate = validate_written(config, job, config.output)
         agreement = None
         if pruned.final_torch is not None:
             agreement = max(
@@ -326,7 +393,13 @@ def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, flo
         peak_memory_bytes=peak_bytes(),
         warnings=tuple(_warnings(job.calibration, job.evaluation, job.conversion)),
         report_path=str(config.report_path),
+        html_path=str(config.html) if config.html else None,
+        environment=environment(),
     )
+    if config.html is not None:
+        from .html import render_html
+
+        atomic_write_bytes(config.html, render_html(report).encode())
     atomic_write_bytes(config.report_path, report.to_json().encode())
     return report
 
@@ -345,7 +418,10 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def _check_output_free(config: PruneConfig) -> None:
-    for path, what in ((config.output, "output"), (config.report_path, "report")):
+    paths = [(config.output, "output"), (config.report_path, "report")] + (
+        [(config.html, "HTML")] if config.html else []
+    )
+    for path, what in paths:
         if path.is_dir():
             raise UsageError(f"the {what} path {path} is a folder; give a file path")
         if path.exists() and not config.force:
@@ -612,6 +688,7 @@ def compare_outputs(
     else:
         cosine = errors[headline.output].cosine
         quality = Quality("cosine", name, 1.0, cosine, 1.0 - cosine)
+    head_output = headline.output
     return Validation(
         samples=len(reference[0]) if reference else 0,
         accuracy_before=acc_before,
@@ -619,6 +696,7 @@ def compare_outputs(
         top1_agreement=agreement,
         outputs=errors,
         quality=quality,
+        error_distribution=error_distribution(name, reference[head_output], candidate[head_output]),
     )
 
 
@@ -630,11 +708,26 @@ def model_info(proto: ModelProto, path: Path, external: bool) -> ModelInfo:
     return ModelInfo(
         path=str(path),
         size_bytes=size,
+        compressed_bytes=compressed_size([path] + ([path.with_name(external_data_name(path))] if external else [])),
         ir_version=proto.ir_version,
         opsets={(o.domain or "ai.onnx"): o.version for o in proto.opset_import},
         producer=f"{proto.producer_name} {proto.producer_version}".strip(),
         external_data=external,
     )
+
+
+def compressed_size(paths: Sequence[Path], chunk: int = 1 << 24) -> int:
+    """Bytes of the files through zlib at level 1 (fast; zero runs compress at any level)."""
+    total = 0
+    for path in paths:
+        if not path.exists():
+            continue
+        packer = zlib.compressobj(1)
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                total += len(packer.compress(block))
+        total += len(packer.flush())
+    return total
 
 
 def data_info(dataset: Dataset | None) -> DataInfo | None:

@@ -38,6 +38,7 @@ class PruneConfig:
     calibration: Path | None = None
     evaluation: Path | None = None
     report: Path | None = None  # default: <output stem>.report.json next to the output
+    html: Path | None = None  # a self-contained HTML page of the report, when given
     max_drop: float | None = None
     # The headline/gate metric: auto = accuracy with labels, else top-1 agreement for a
     # classifier output, else cosine similarity of the first output (embeddings, regressions).
@@ -109,7 +110,7 @@ class PruneConfig:
     progress: str = "auto"  # auto (a terminal, not under CI), on, off
 
     def __post_init__(self) -> None:
-        for name in ("input", "output", "calibration", "evaluation", "report", "checkpoint"):
+        for name in ("input", "output", "calibration", "evaluation", "report", "html", "checkpoint"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(os.fspath(value)))
@@ -175,6 +176,8 @@ class PruneConfig:
         report = self.report_path
         if _same_file(report, self.input) or _same_file(report, self.output):
             raise UsageError(f"the report path {report} collides with the input or output model")
+        if self.html is not None and any(_same_file(self.html, other) for other in (self.input, self.output, report)):
+            raise UsageError(f"the HTML path {self.html} collides with the input, output or report")
         checkpoint = self.checkpoint_path
         if any(_same_file(checkpoint, other) for other in (self.input, self.output, report)):
             raise UsageError(f"the checkpoint path {checkpoint} collides with the input, output or report")
@@ -196,6 +199,7 @@ class PruneConfig:
                 str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
             )
         out["report"] = str(self.report_path)
+        out["html"] = str(self.html) if self.html is not None else None
         out["checkpoint"] = str(self.checkpoint_path)
         return out
 

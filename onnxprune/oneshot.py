@@ -114,7 +114,7 @@ class Pruner:
             if sources is None:
                 raise ValueError(f"{estimator.name} needs gradients")
             disk_free = shutil.disk_usage(spill_folder).free if spill_folder is not None else 0
-            self.plan = _plan(self.views, estimator, sources(0).count, budget, disk_free)
+            self.plan = plan_statistics(self.views, estimator, sources(0).count, budget, disk_free)
             if self.plan.storage == "disk":
                 folder = tempfile.TemporaryDirectory(prefix=".onnxprune-statistics-", dir=spill_folder)
                 self._spill = Path(self._cleanup.enter_context(folder))
@@ -274,7 +274,9 @@ def prune_oneshot(
         return OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
 
 
-def _plan(views: Sequence[TensorView], estimator: Estimator, count: int, budget: int, disk_free: int) -> MemoryPlan:
+def plan_statistics(
+    views: Sequence[TensorView], estimator: Estimator, count: int, budget: int, disk_free: int
+) -> MemoryPlan:
     needs = [estimator.memory(v.shape, count) for v in views]
     try:
         return plan_memory(needs, budget, estimator.compensates, disk_free)

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .validate import OutputError
+from .validate import ErrorDistribution, OutputError
 
 SCHEMA_VERSION = 1
 
@@ -24,6 +24,7 @@ class ModelInfo:
     opsets: dict[str, int]
     producer: str
     external_data: bool
+    compressed_bytes: int = 0  # the same files through zlib (level 1): what sparsity saves in transit
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Validation:
     top1_agreement: float | None
     outputs: tuple[OutputError, ...]
     quality: Quality
+    error_distribution: ErrorDistribution | None = None  # of the headline output
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,101 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What the estimator's statistics would need, and how the work would be split to fit."""
+
+    estimate_bytes: int
+    budget_bytes: int
+    groups: int
+    statistics_storage: str
+    gradient_collections: int  # over the whole run
+    fits: bool
+    problem: str | None  # why it does not fit, with a suggestion (the run would exit 8)
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """`--dry-run`: what a run would prune and need, without running a model or writing a file."""
+
+    tool_version: str
+    config: dict[str, Any]
+    input: ModelInfo
+    calibration: DataInfo | None
+    evaluation: DataInfo
+    method: str
+    scope: str
+    target_sparsity: float
+    tensors: tuple[PlannedTensor, ...]
+    params: int
+    params_to_prune: int
+    excluded: tuple[str, ...]
+    schedule: tuple[float, ...]  # sparsity after each pruning step
+    finetune_steps: int
+    memory: MemoryEstimate | None  # None for data-free estimators
+    environment: dict[str, Any]
+    kind: str = "dry-run"
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def exit_code(self) -> int:
+        return 8 if self.memory is not None and not self.memory.fits else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["exit_code"] = self.exit_code
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_jsonable) + "\n"
+
+
+def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
+    """The dry run for people: the tensors, the schedule and the memory estimate."""
+    lines = [
+        f"onnxprune {plan.tool_version} (dry run, nothing written): {plan.method}, {plan.scope} scope, "
+        f"target sparsity {plan.target_sparsity:.2f} on {plan.input.path}"
+    ]
+    width = max([len("prunable tensor")] + [len(t.name) for t in plan.tensors[:max_rows]]) + 2
+    lines.append(f"  {'prunable tensor':<{width}}{'shape':>16}{'params':>12}  consumers")
+    for t in plan.tensors[:max_rows]:
+        shape = "x".join(str(d) for d in t.shape)
+        lines.append(f"  {t.name:<{width}}{shape:>16}{t.numel:>12,}  {', '.join(t.consumers)}")
+    if len(plan.tensors) > max_rows:
+        lines.append(f"  ... {len(plan.tensors) - max_rows} more (see --json)")
+    lines.append(
+        f"  {len(plan.tensors)} tensors, {plan.params:,} params; {plan.params_to_prune:,} would be pruned"
+        + (f"; left dense by --exclude: {', '.join(plan.excluded[:8])}" if plan.excluded else "")
+    )
+    steps = " -> ".join(f"{x:.3f}" for x in plan.schedule)
+    lines.append(
+        f"schedule: sparsity {steps}" + (f", {plan.finetune_steps} fine-tuning steps" if plan.finetune_steps else "")
+    )
+    m = plan.memory
+    if m is None:
+        lines.append("memory: the estimator keeps no statistics")
+    else:
+        lines.append(
+            f"memory for the statistics: about {_size(m.estimate_bytes)} of {_size(m.budget_bytes)} allowed; "
+            f"{m.groups} group(s), statistics kept in {m.statistics_storage}, "
+            f"{m.gradient_collections} gradient collection(s)"
+        )
+        if m.problem:
+            lines.append(f"would fail (exit 8): {m.problem}")
+    for name, data in (("calibration", plan.calibration), ("evaluation", plan.evaluation)):
+        if data is not None:
+            lines.append(f"{name}: {data.samples} samples from {data.source}{' (synthetic)' if data.synthetic else ''}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
 class Report:
     tool_version: str
     device: str
@@ -172,6 +269,9 @@ class Report:
     peak_memory_bytes: int
     warnings: tuple[str, ...] = field(default=())
     report_path: str = ""
+    html_path: str | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    kind: str = "prune"
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -70,6 +70,48 @@ def output_error(name: str, reference: np.ndarray, candidate: np.ndarray) -> Out
     )
 
 
+@dataclass(frozen=True)
+class ErrorDistribution:
+    """How the per-sample error of one output is spread: the largest absolute difference of each
+    sample's output, as quantiles and as a histogram (log-spaced bins when it spans decades)."""
+
+    output: str
+    statistic: str
+    quantiles: dict[str, float]  # p50, p90, p99, max
+    bin_edges: tuple[float, ...]
+    counts: tuple[int, ...]
+
+
+def error_distribution(name: str, reference: np.ndarray, candidate: np.ndarray, bins: int = 30) -> ErrorDistribution:
+    """Per-sample max abs error of `candidate` against `reference` (samples on axis 0)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    diff = np.abs(ref - np.asarray(candidate, dtype=np.float64)).reshape(len(ref), -1) if len(ref) else np.zeros((0, 1))
+    per_sample = diff.max(axis=1) if diff.size else np.zeros(len(ref))
+    quantiles = {
+        q: float(np.quantile(per_sample, level)) if per_sample.size else 0.0
+        for q, level in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
+    }
+    positive = per_sample[per_sample > 0]
+    if positive.size:
+        low, high = float(positive.min()), float(positive.max())
+        if high <= low:
+            edges = np.array([low * 0.5, low * 1.5])
+        elif high / low > 100:  # errors spread over decades: log-spaced bins
+            edges = np.geomspace(low, high * (1 + 1e-9), bins + 1)
+        else:
+            edges = np.linspace(low, high * (1 + 1e-9), bins + 1)
+    else:
+        edges = np.array([0.0, 1.0])
+    counts, _ = np.histogram(np.clip(per_sample, edges[0], edges[-1]), bins=edges)
+    return ErrorDistribution(
+        output=name,
+        statistic="per-sample max abs error",
+        quantiles=quantiles,
+        bin_edges=tuple(float(e) for e in edges),
+        counts=tuple(int(c) for c in counts),
+    )
+
+
 def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Mean over samples (axis 0) of the cosine similarity; two zero vectors count as identical."""
     a = np.asarray(reference, dtype=np.float64)
