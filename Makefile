@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint coverage bench install clean
+.PHONY: demo test test-slow lint coverage bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	mkdir -p build/demo
 	$(BIN)/onnxprune models/mnist_cnn.onnx build/demo/mnist_cnn_80.onnx --sparsity 0.8 \
-		--calib models/mnist_calib.npz --eval models/mnist_eval.npz --force
-	@echo "pruned model: build/demo/mnist_cnn_80.onnx   report: build/demo/mnist_cnn_80.report.json"
+		--calib models/mnist_calib.npz --eval models/mnist_eval.npz --html build/demo/mnist_cnn_80.html --force
+	@echo "pruned model: build/demo/mnist_cnn_80.onnx   report: build/demo/mnist_cnn_80.report.json, build/demo/mnist_cnn_80.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Long tests (marked `slow`): the HTML page in headless Chromium (Debian's `chromium`; the test
+# is skipped, saying so, where it is not installed).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow -rs
 
 # Real exporters' files for docs/coverage.md. The model packages are installed without their
 # dependencies: they only contribute .onnx files, and rapidocr/nudenet would pull in plain

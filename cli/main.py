@@ -472,7 +472,7 @@ def sweep_command(
     """
     _configure_logging(quiet, verbose)
     from onnxprune import PruneConfig
-    from onnxprune.sweep import SweepConfig, format_sweep, sweep
+    from onnxprune.sweeps import SweepConfig, format_sweep, sweep
 
     def work():
         stem = out if out is not None else Path(input_path.stem)

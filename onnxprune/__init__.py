@@ -18,7 +18,7 @@ from .errors import (  # noqa: E402
 )
 from .estimators import ESTIMATORS, Estimator  # noqa: E402
 from .report import Report  # noqa: E402
-from .sweep import SweepConfig, sweep  # noqa: E402
+from .sweeps import SweepConfig, sweep  # noqa: E402
 
 __all__ = [
     "prune",

@@ -291,6 +291,14 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_jsonable) + "\n"
 
 
+def schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of every document onnxprune writes: the report, the dry
+    run and the sweep (told apart by `kind`). Documented in docs/report-schema.md."""
+    from importlib import resources
+
+    return json.loads(resources.files("onnxprune").joinpath("report_schema.json").read_text(encoding="utf-8"))
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
