@@ -152,7 +152,8 @@ def render(results: dict[str, dict]) -> str:
         "",
         "Produced by `make bench` (`benchmarks/bench.py`); do not edit by hand. Unless a section says "
         "otherwise: one-shot pruning, no fine-tuning, global selection across layers; FishLeg with its "
-        "defaults (200 auxiliary steps, relative damping 1.0, 20 online steps per later step). On "
+        "defaults (Kronecker warm start from the gradients, 200 auxiliary steps, relative damping 0.01, 20 "
+        "online steps per later step). On "
         f"{platform.machine()} CPU with {os.cpu_count()} cores (onnxprune {__version__}, torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}). Each row is a separate process.",
         "",
@@ -251,6 +252,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["cnn", "minilm"])
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md from results")
+    parser.add_argument("--redo", metavar="METHOD", help="measure this method's runs again (after it changed)")
     args = parser.parse_args()
     results = load_results()
     if not args.render:
@@ -258,7 +260,7 @@ def main() -> None:
             subprocess.run([sys.executable, str(MODELS / "make_minilm.py"), "--exporter", "legacy"], check=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         for run in grid(args.only):
-            if run.key in results and "error" not in results[run.key]:
+            if run.key in results and "error" not in results[run.key] and run.method != args.redo:
                 continue
             started = time.perf_counter()
             print(f"== {run}", file=sys.stderr, flush=True)

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import click
 
-from onnxprune.config import DEVICES, OBS_UPDATES, PROGRESS, PruneConfig
+from onnxprune.config import DEVICES, FISHLEG_INITS, OBS_UPDATES, PROGRESS, PruneConfig
 from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS
 from onnxprune.finetune import BATCHNORM_MODES, OPTIMIZERS
 from onnxprune.gradients import FISHER_KINDS
@@ -237,6 +237,13 @@ _SHARED = [
         default=_default("fishleg_probes"),
         show_default=True,
         help="FishLeg: Gaussian probe vectors per auxiliary step.",
+    ),
+    click.option(
+        "--fishleg-init",
+        type=click.Choice(FISHLEG_INITS),
+        default=_default("fishleg_init"),
+        show_default=True,
+        help="FishLeg: warm start of Q: kfac (Kronecker factors of the gradients) or diagonal (diagonal Fisher).",
     ),
     click.option(
         "--fishleg-damp",

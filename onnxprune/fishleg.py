@@ -52,6 +52,39 @@ def init_factors(diagonal: Tensor, gamma: float, block: int) -> KronFactors:
     return KronFactors(R=eye(rb, sr), L=eye(lb, sl), A=(diagonal + gamma).rsqrt())
 
 
+def _block_inverse_sqrt(gram: Tensor, size: int, shift: float) -> Tensor:
+    """(Ĝ + shift·I)^(-1/2) per diagonal block [count, s, s] of a Gram matrix of `size` rows,
+    Ĝ scaled to mean eigenvalue 1 over those rows (zero padding rows get shift^(-1/2))."""
+    mean = float(torch.diagonal(gram, dim1=-2, dim2=-1).sum()) / size
+    scaled = gram / mean if mean > 0 else gram
+    values, vectors = torch.linalg.eigh(scaled.double())
+    values = values.clamp_min(0.0) + shift
+    return (vectors * values.rsqrt().unsqueeze(-2)) @ vectors.transpose(-2, -1)
+
+
+def kfac_factors(grads: Tensor, damp: float, block: int) -> KronFactors:
+    """Warm start from the Kronecker structure of the gradients: F ≈ f̄ · Â ⊗ B̂ with
+    Â ∝ mean G Gᵀ (rows) and B̂ ∝ mean Gᵀ G (columns), each scaled to mean eigenvalue 1, and
+    f̄ = mean diag F. With relative damping δ (γ = δ f̄), F + γI ≈ f̄ (Â + √δ I) ⊗ (B̂ + √δ I),
+    whose inverse is Q with RᵀR = (Â + √δ I)⁻¹, LLᵀ = (B̂ + √δ I)⁻¹, A = f̄^(-1/2).
+    Factors are block-diagonal (diagonal blocks of Â, B̂) for layers larger than `block`."""
+    count, m, n = grads.shape
+    g = grads.double()
+    rb, sr = block_split(m, block)
+    lb, sl = block_split(n, block)
+    padded = _pad(g, rb * sr, lb * sl)
+    rows = padded.reshape(count, rb, sr, lb * sl)
+    gram_rows = torch.einsum("kbic,kbjc->bij", rows, rows) / count
+    cols = padded.reshape(count, rb * sr, lb, sl)
+    gram_cols = torch.einsum("krbi,krbj->bij", cols, cols) / count
+    shift = max(float(damp), 1e-12) ** 0.5
+    mean_diagonal = float((g * g).mean())
+    scale = mean_diagonal**-0.5 if mean_diagonal > 0 else 1.0
+    R = _block_inverse_sqrt(gram_rows, m, shift).to(grads.dtype)
+    L = _block_inverse_sqrt(gram_cols, n, shift).to(grads.dtype)
+    return KronFactors(R=R, L=L, A=torch.full((m, n), scale, dtype=grads.dtype))
+
+
 def _pad(x: Tensor, rows: int, cols: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, cols - x.shape[-1], 0, rows - x.shape[-2]))
 

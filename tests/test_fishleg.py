@@ -10,8 +10,10 @@ from onnxprune.estimators import ESTIMATORS
 from onnxprune.fishleg import (
     KronFactors,
     auxiliary_loss,
+    block_split,
     init_factors,
     joint_update,
+    kfac_factors,
     q_dense,
     q_diagonal,
     summed_update,
@@ -116,3 +118,40 @@ def test_the_online_learner_continues_with_few_steps_and_records_its_curve():
     assert learner.keep.reshape(-1).tolist() == keep.tolist()
     new = estimator.compensate(torch.randn(24), keep & (torch.arange(24) < 20), learner)
     assert bool((new[~(keep & (torch.arange(24) < 20))] == 0).all())
+
+
+@pytest.mark.parametrize("block", [256, 2])
+def test_kfac_warm_start_is_the_damped_inverse_of_the_kronecker_factored_fisher(block):
+    """F ≈ f̄ Â⊗B̂ from gradient rows G_k = δ_k x_kᵀ: Â ∝ mean G Gᵀ, B̂ ∝ mean Gᵀ G (mean
+    eigenvalue 1), f̄ = mean diag F; Q = (1/f̄)(Â + √δ I)⁻¹ ⊗ (B̂ + √δ I)⁻¹, block-diagonal
+    factors keeping the diagonal blocks when the layer is larger than `block`."""
+    generator = torch.Generator().manual_seed(3)
+    m, n, count, damp = 3, 5, 40, 0.1
+    delta = torch.randn(count, m, generator=generator, dtype=torch.float64)
+    x = torch.randn(count, n, generator=generator, dtype=torch.float64)
+    grads = delta[:, :, None] * x[:, None, :]
+    theta = kfac_factors(grads, damp, block)
+
+    rows = torch.einsum("kij,klj->il", grads, grads) / count
+    cols = torch.einsum("kji,kjl->il", grads, grads) / count
+    a_hat, b_hat = rows / (torch.trace(rows) / m), cols / (torch.trace(cols) / n)
+    mean_diagonal = (grads**2).mean()
+
+    def blockwise_inverse(matrix: torch.Tensor, size: int) -> torch.Tensor:
+        out = torch.zeros_like(matrix)
+        width = block_split(len(matrix), size)[1]
+        for start in range(0, len(matrix), width):
+            part = slice(start, start + width)
+            out[part, part] = torch.linalg.inv(matrix[part, part])
+        return out
+
+    eye = lambda k: torch.eye(k, dtype=torch.float64)  # noqa: E731
+    expected = (
+        torch.kron(
+            blockwise_inverse(a_hat + damp**0.5 * eye(m), block), blockwise_inverse(b_hat + damp**0.5 * eye(n), block)
+        )
+        / mean_diagonal
+    )
+    torch.testing.assert_close(q_dense(theta), expected, rtol=1e-10, atol=0)
+    if block == 2:  # the factors really are block-diagonal: entries across blocks are zero
+        assert float(expected[0, 2 * n]) == 0.0 and float(q_dense(theta)[0, 2 * n]) == 0.0

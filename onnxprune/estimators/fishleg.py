@@ -26,6 +26,7 @@ from ..fishleg import (
     gradient_fvp,
     init_factors,
     joint_update,
+    kfac_factors,
     q_diagonal,
     summed_update,
 )
@@ -49,9 +50,24 @@ class KronLearner:
         self.gamma = 0.0
         self.keep: Tensor | None = None
         self.curve: list[list[float]] = []  # one list of auxiliary-loss values per update
+        self.checks: list[list[float]] = []  # held-out auxiliary loss before and after each update
+        self.reverted = 0  # updates undone because they made the held-out loss worse
 
     def theta(self) -> KronFactors:
         return KronFactors(R=self.R, L=self.L, A=self.scale * self.a)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        # Adam moves every entry by about lr, so a dense k×k factor moves by about lr·√k in
+        # spectral norm: scaling its lr by 1/√k keeps the step on Q comparable across block
+        # sizes (without it, lr 1e-2 on 128-row blocks made the auxiliary loss diverge).
+        lr = self.settings.aux_lr
+        return torch.optim.Adam(
+            [
+                {"params": [self.R], "lr": lr / math.sqrt(self.R.shape[-1]), "base": lr / math.sqrt(self.R.shape[-1])},
+                {"params": [self.L], "lr": lr / math.sqrt(self.L.shape[-1]), "base": lr / math.sqrt(self.L.shape[-1])},
+                {"params": [self.a], "lr": lr, "base": lr},
+            ]
+        )
 
     def update(self, grads: Tensor, keep: Tensor | None = None) -> None:
         m, n = self.shape
@@ -60,18 +76,27 @@ class KronLearner:
         first = self.R is None
         if first:
             self.gamma = relative_damping(rows, self.settings.damp)
-            start = init_factors((rows * rows).mean(0), self.gamma, self.settings.kron_block)
+            if self.settings.init == "kfac":
+                start = kfac_factors(rows, self.settings.damp, self.settings.kron_block)
+            else:
+                start = init_factors((rows * rows).mean(0), self.gamma, self.settings.kron_block)
             self.R, self.L = start.R.requires_grad_(True), start.L.requires_grad_(True)
             self.scale = start.A.detach()
             self.a = torch.ones_like(self.scale, requires_grad=True)
-            self.optimizer = torch.optim.Adam([self.R, self.L, self.a], lr=self.settings.aux_lr)
+            self.optimizer = self._optimizer()
         steps = self.settings.initial_steps if first else self.settings.online_steps
+        # a check on fresh probes and all the rows (the steps see mini-batches of them): an
+        # update that makes the auxiliary loss worse there is undone (Q stays where it was)
+        check_probes = torch.randn(self.settings.probes, m, n, generator=self.generator)
+        check_fvp = gradient_fvp(rows)
+        before = self._check(check_probes, check_fvp, mask)
+        saved = [t.detach().clone() for t in (self.R, self.L, self.a)]
         values = []
         for step in range(steps):
             # cosine decay within each update: Adam's normalised step would otherwise keep
             # jittering once the auxiliary gradient vanishes
             for group in self.optimizer.param_groups:
-                group["lr"] = self.settings.aux_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
+                group["lr"] = group["base"] * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
             batch = torch.randint(len(rows), (min(self.settings.fvp_batch, len(rows)),), generator=self.generator)
             probes = torch.randn(self.settings.probes, m, n, generator=self.generator)
             surrogate, value = auxiliary_loss(self.theta(), probes, gradient_fvp(rows[batch]), self.gamma, mask)
@@ -79,9 +104,20 @@ class KronLearner:
             surrogate.backward()
             self.optimizer.step()
             values.append(float(value))
+        after = self._check(check_probes, check_fvp, mask)
+        if steps and not after <= before:
+            with torch.no_grad():
+                for tensor, old in zip((self.R, self.L, self.a), saved):
+                    tensor.copy_(old)
+            self.reverted += 1
+        self.checks.append([before, min(before, after) if steps else before])
         self.curve.append(values)
         self.count += len(rows)
         self.keep = mask if mask is not None else torch.ones(m, n, dtype=torch.bool)
+
+    def _check(self, probes: Tensor, fvp, mask: Tensor | None) -> float:
+        with torch.no_grad():
+            return float(auxiliary_loss(self.theta(), probes, fvp, self.gamma, mask, precondition=False)[1])
 
     def state_dict(self) -> dict:
         """Tensors and numbers only (loadable with weights_only=True)."""
@@ -95,6 +131,8 @@ class KronLearner:
             "keep": self.keep,
             "count": self.count,
             "curve": self.curve,
+            "checks": self.checks,
+            "reverted": self.reverted,
             "generator": self.generator.get_state(),
         }
 
@@ -103,9 +141,10 @@ class KronLearner:
         self.L = state["L"].clone().requires_grad_(True)
         self.scale = state["scale"]
         self.a = state["a"].clone().requires_grad_(True)
-        self.optimizer = torch.optim.Adam([self.R, self.L, self.a], lr=self.settings.aux_lr)
+        self.optimizer = self._optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.gamma, self.keep, self.count, self.curve = state["gamma"], state["keep"], state["count"], state["curve"]
+        self.checks, self.reverted = state["checks"], state["reverted"]
         self.generator.set_state(state["generator"])
 
 
@@ -130,6 +169,7 @@ class FishLegSurgeon(Estimator):
         self.probes = getattr(config, "fishleg_probes", 8)
         self.fvp_batch = getattr(config, "fishleg_fvp_batch", 32)
         self.kron_block = getattr(config, "fishleg_block", 256)
+        self.init = getattr(config, "fishleg_init", "kfac")
         self.seed = getattr(config, "seed", 0)
         self.learners: dict[str, KronLearner] = {}
 
@@ -151,12 +191,23 @@ class FishLegSurgeon(Estimator):
             "damp": self.damp,
             "update": self.update,
             "kron_block": self.kron_block,
+            "init": self.init,
             "auxiliary_steps": [self.initial_steps, self.online_steps],
             "auxiliary_lr": self.aux_lr,
             "probes": self.probes,
             "fvp_batch": self.fvp_batch,
             "auxiliary_loss": self.curve(),
+            # held-out auxiliary loss summed over tensors, before the first update and after the last
+            "auxiliary_check": self.check_summary(),
+            "reverted_updates": sum(learner.reverted for learner in self.learners.values()),
         }
+
+    def check_summary(self) -> list[float]:
+        if not self.learners or not all(learner.checks for learner in self.learners.values()):
+            return []
+        first = sum(learner.checks[0][0] for learner in self.learners.values())
+        last = sum(learner.checks[-1][1] for learner in self.learners.values())
+        return [round(first, 8), round(last, 8)]
 
     def curve(self, points: int = 200) -> list[float]:
         """The auxiliary loss summed over tensors, per auxiliary step, all updates in order
