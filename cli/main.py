@@ -29,8 +29,9 @@ Exit codes:
   4  unsupported operator
   5  bad calibration or evaluation data
   6  accuracy gate failed (--max-drop); output and report are written
-  7  non-finite weights, gradients or scores; nothing is written
+  7  non-finite weights, gradients, scores or model outputs; nothing is written
   8  the Fisher statistics would exceed --max-memory; nothing is written
+  9  a file could not be written (disk full, permissions); no partial file is left
 """
 
 

@@ -15,6 +15,7 @@ from .errors import (  # noqa: E402
     OnnxPruneError,
     UnsupportedOperatorError,
     UsageError,
+    WriteError,
 )
 from .estimators import ESTIMATORS, Estimator  # noqa: E402
 from .report import Report  # noqa: E402
@@ -35,4 +36,5 @@ __all__ = [
     "UnsupportedOperatorError",
     "CalibrationDataError",
     "NonFiniteError",
+    "WriteError",
 ]

@@ -207,7 +207,8 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
 
     with _timed(timings, "reference"):
         log.info("running the original model in onnxruntime on %d evaluation samples", len(evaluation))
-        reference = OrtModel(config.input).run(evaluation, specs, config.eval_batch_size)
+        original = OrtModel(config.input)
+        reference = original.run(evaluation, specs, config.eval_batch_size)
         headline = choose_headline(reference, evaluation.labels, config.metric)
 
     with _timed(timings, "convert"):
@@ -227,6 +228,12 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
         raise UsageError(f"nothing to prune: {why}")
     for target in targets:
         _require_finite(torch_model.tensors[target.name], f"weight {target.name!r} of the input model")
+    bad = _non_finite_output(reference, original.output_names)
+    if bad:
+        raise NonFiniteError(
+            f"the input model's output {bad!r} is NaN or infinite on the evaluation data from "
+            f"{evaluation.source}, so nothing can be compared; nothing was written"
+        )
     return Job(
         model,
         list(specs),
@@ -328,6 +335,11 @@ def validate_written(config: PruneConfig, job: Job, path: Path) -> tuple[Validat
     """Run the written model in onnxruntime on the evaluation data and compare with the original."""
     written = OrtModel(path)
     candidate = written.run(job.evaluation, job.specs, config.eval_batch_size)
+    bad = _non_finite_output(candidate, written.output_names)
+    if bad:
+        raise NonFiniteError(
+            f"the pruned model's output {bad!r} is NaN or infinite on the evaluation data; nothing was written"
+        )
     labels = job.evaluation.labels
     return compare_outputs(job.reference, candidate, labels, written.output_names, job.headline), candidate
 
@@ -345,7 +357,12 @@ def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, flo
 
     with _timed(timings, "validate"):
         log.info("validating %s in onnxruntime", config.output)
-        validation, candidate = validate_written(config, job, config.output)
+        try:
+            validation, candidate = validate_written(config, job, config.output)
+        except NonFiniteError:
+            config.output.unlink(missing_ok=True)
+            config.output.with_name(external_data_name(config.output)).unlink(missing_ok=True)
+            raise
         agreement = None
         if pruned.final_torch is not None:
             agreement = max(
@@ -639,6 +656,14 @@ def finetune_info(
         loss_curve=tuple(round(v, 6) for v in trainer.curve[::stride]),
         seconds=round(seconds, 3),
     )
+
+
+def _non_finite_output(outputs: Sequence[np.ndarray], names: Sequence[str]) -> str | None:
+    """The name of the first float output holding NaN or infinity, if any."""
+    for name, out in zip(names, outputs):
+        if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+            return name
+    return None
 
 
 def _require_finite(tensor: torch.Tensor, what: str) -> None:

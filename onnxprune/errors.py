@@ -56,3 +56,9 @@ class MemoryBudgetError(OnnxPruneError):
 # caller turns a failed accuracy gate into the exit code (see Report.gate_failed).
 EXIT_OK = 0
 EXIT_GATE_FAILED = 6
+
+
+class WriteError(OnnxPruneError):
+    """A file could not be written (disk full, permissions); no partial file is left (exit 9)."""
+
+    exit_code = 9

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import onnx
 from onnx import ModelProto, TensorProto
 
-from .errors import InvalidModelError, UsageError
+from .errors import InvalidModelError, UsageError, WriteError
 
 # protobuf refuses to serialise a message of 2 GiB or more; stay clear of it with a margin
 # for the graph structure itself.
@@ -194,6 +194,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     them into `path.parent`; the file named `path.name` moves last. Nothing is left on failure."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
+    try:
+        _atomic_write(path, folder, write)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise WriteError(f"could not write {path}: {reason}; no partial file was left") from None
+
+
+def _atomic_write(path: Path, folder: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     try:
         write(tmp)

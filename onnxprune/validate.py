@@ -24,7 +24,9 @@ class OrtModel:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+        # fatal only: its errors repeat as our one-line message, and warnings about unused
+        # initializers are noise here
+        options.log_severity_level = 4
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:

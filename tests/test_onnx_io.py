@@ -10,7 +10,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnxprune.bridge.bindings import find_prunable, write_back
-from onnxprune.errors import InvalidModelError, UsageError
+from onnxprune.errors import InvalidModelError, UsageError, WriteError
 from onnxprune.onnx_io import atomic_write, load_model, save_model
 
 from builders import mlp, ort_run, randn
@@ -108,7 +108,7 @@ def test_atomic_write_failure_leaves_previous_file_and_no_temporaries(tmp_path):
         (tmp / "out.onnx").write_bytes(b"half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="could not write .*out.onnx: disk full"):
         atomic_write(target, failing)
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
