@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
+import pickle
 import signal
+import tracemalloc
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +24,9 @@ from onnx import helper, numpy_helper
 from test_cli import run_cli
 
 from onnxprune import onnx_io
+from onnxprune.data import read_npz
+from onnxprune.errors import CalibrationDataError, WriteError
+from onnxprune.gradients import GradientSource
 
 from builders import model, randn, save, save_npz, tensor
 
@@ -243,3 +250,226 @@ def test_disk_full_while_saving_is_exit_9_with_no_partial_or_temporary_file(tmp_
     assert f"could not write {tmp_path / 'o.onnx'}: No space left on device" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # no output, report or temporary folder
     assert path.read_bytes() == original
+
+
+# ------------------------------------------------------------------------------ injection in subgraphs
+
+INJECTION = 'training"), getattr(__import__("os"), "system")("touch {marker}"), getattr(self, "training'
+
+
+def test_injection_in_if_and_loop_subgraph_names_does_not_execute_and_names_survive(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = INJECTION.format(marker=marker)
+    then_branch = helper.make_graph(
+        [helper.make_node("Relu", ["h"], [payload + "t"], name=payload + "then")],
+        payload + "then_graph",
+        [],
+        [helper.make_tensor_value_info(payload + "t", onnx.TensorProto.FLOAT, None)],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Neg", ["h"], [payload + "e"], name=payload + "else")],
+        payload + "else_graph",
+        [],
+        [helper.make_tensor_value_info(payload + "e", onnx.TensorProto.FLOAT, None)],
+    )
+    m = model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name=payload + "mm"),
+            helper.make_node(
+                "If", ["cond"], ["y"], name=payload + "if", then_branch=then_branch, else_branch=else_branch
+            ),
+        ],
+        [tensor("x", ["N", 4])],
+        [tensor("y", ["N", 3])],
+        {"w": randn(4, 3, seed=1), "cond": np.array(True)},
+        name=payload,
+    )
+    path = save(m, tmp_path / "m.onnx")
+    evaluation = save_npz(tmp_path / "e.npz", x=randn(16, 4, seed=2))
+    result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5", "--method", "magnitude", "--eval", evaluation)
+    assert not marker.exists()
+    assert result.exit_code == 0, result.stderr
+    written = onnx.load(str(tmp_path / "o.onnx"))
+    branch = next(a for a in written.graph.node[1].attribute if a.name == "then_branch").g
+    assert written.graph.name == payload and written.graph.node[1].name == payload + "if"
+    assert branch.name == payload + "then_graph" and branch.node[0].name == payload + "then"
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ external data through the command
+
+
+def external_model(tmp_path: Path) -> tuple[Path, Path]:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save_model(base_model(), str(folder / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)  # fmt: skip
+    return folder / "m.onnx", folder
+
+
+def point_external_data(path: Path, location: str | None = None, **fields: int) -> None:
+    m = onnx.load(str(path), load_external_data=False)
+    for t in m.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location" and location is not None:
+                entry.value = location
+            if entry.key in fields:
+                entry.value = str(fields[entry.key])
+        for key in set(fields) - {e.key for e in t.external_data}:
+            t.external_data.add(key=key, value=str(fields[key]))
+    path.write_bytes(m.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("dotdot", "leaves the model's folder"),
+        ("nested_dotdot", "leaves the model's folder"),
+        ("absolute", "absolute paths are not allowed"),
+        ("symlink", "symbolic link"),
+        ("symlinked_folder", "symbolic link"),
+        ("hard_link", "hard links"),
+        ("negative_offset", "negative offset or length"),
+        ("negative_length", "negative offset or length"),
+        ("oversized_length", "past the end"),
+        ("oversized_offset", "past the end"),
+    ],
+)
+def test_unsafe_external_data_is_exit_3_before_reading_outside(tmp_path, setup, message):
+    path, folder = external_model(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.replace(folder / "weights.bin", outside / "weights.bin")
+    secret = outside / "weights.bin"
+    if setup == "dotdot":
+        point_external_data(path, "../outside/weights.bin")
+    elif setup == "nested_dotdot":
+        (folder / "sub").mkdir()
+        point_external_data(path, "sub/../../outside/weights.bin")
+    elif setup == "absolute":
+        point_external_data(path, str(secret))
+    elif setup == "symlink":
+        os.symlink(secret, folder / "weights.bin")
+    elif setup == "symlinked_folder":
+        os.symlink(outside, folder / "data")
+        point_external_data(path, "data/weights.bin")
+    elif setup == "hard_link":
+        os.link(secret, folder / "weights.bin")
+    else:
+        os.replace(secret, folder / "weights.bin")
+        field = {"negative_offset": ("offset", -4), "negative_length": ("length", -4),
+                 "oversized_length": ("length", 10**12), "oversized_offset": ("offset", 10**12)}[setup]  # fmt: skip
+        point_external_data(path, None, **{field[0]: field[1]})
+    before = os.stat(secret if secret.exists() else folder / "weights.bin").st_atime_ns
+    result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5", "--method", "magnitude")
+    assert result.exit_code == 3, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.onnx").exists()
+    if secret.exists():  # the file outside was never opened for reading
+        assert os.stat(secret).st_atime_ns == before
+
+
+# ------------------------------------------------------------------------------ hostile data files
+
+
+def test_zip_bomb_npz_is_refused_with_bounded_memory(tmp_path):
+    """A member of 64 MiB of zeros compresses to ~64 KiB; with a 16 MiB limit it is refused from
+    its declared size, before it is inflated."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**22, 4)})
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            for _ in range(64):
+                member.write(bytes(2**20))
+    assert path.stat().st_size < 2**20
+    tracemalloc.start()
+    with pytest.raises(CalibrationDataError, match="bomb.npz: holds more than"):
+        read_npz(path, max_bytes=16 * 2**20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * 2**20
+
+
+def test_pickle_file_as_calibration_data_is_exit_5_and_never_unpickled(tmp_path):
+    path = save(base_model(), tmp_path / "m.onnx")
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "calib.pkl").write_bytes(pickle.dumps(Payload()))
+    np.save(tmp_path / "arr.npy", np.array([Payload()], dtype=object), allow_pickle=True)
+    with zipfile.ZipFile(tmp_path / "objects.npz", "w") as archive:
+        archive.write(tmp_path / "arr.npy", "x.npy")
+    for name, message in (("calib.pkl", "not a .npz archive"), ("objects.npz", "object arrays")):
+        result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5", "--calib", tmp_path / name)
+        assert result.exit_code == 5, result.stderr
+        assert str(tmp_path / name) in result.stderr and message in result.stderr
+    assert not marker.exists() and not (tmp_path / "o.onnx").exists()
+
+
+# ------------------------------------------------------------------------------ failures while saving
+
+
+@pytest.mark.parametrize("point", ["write", "fsync", "replace data", "replace model"])
+def test_failure_at_any_point_of_saving_leaves_the_previous_output_and_no_temporaries(tmp_path, monkeypatch, point):
+    """External data: the data file moves first, the model last; a failure before the model
+    moves leaves the previous output in place (its data file may be the new one only when the
+    failure hits the model's own move, which the error reports)."""
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous model")
+    proto = base_model()
+    calls = {"replace": 0}
+    real_replace, real_fsync = os.replace, onnx_io._fsync
+
+    def failing_replace(src, dst):
+        calls["replace"] += 1
+        if (point == "replace data" and calls["replace"] == 1) or (
+            point == "replace model" and str(dst) == str(target)
+        ):
+            raise OSError(errno.EIO, "simulated I/O error")
+        return real_replace(src, dst)
+
+    def failing_fsync(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def failing_write(proto, target_path, **kwargs):
+        Path(target_path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if point == "write":
+        monkeypatch.setattr(onnx, "save_model", failing_write)
+    elif point == "fsync":
+        monkeypatch.setattr(onnx_io, "_fsync", failing_fsync)
+    else:
+        monkeypatch.setattr(onnx_io.os, "replace", failing_replace)
+    with pytest.raises(WriteError, match="could not write"):
+        onnx_io.save_model(proto, target, external_data=True)
+    monkeypatch.setattr(onnx_io.os, "replace", real_replace)
+    monkeypatch.setattr(onnx_io, "_fsync", real_fsync)
+    assert target.read_bytes() == b"previous model"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary folder left
+
+
+# ------------------------------------------------------------------------------ non-finite statistics
+
+
+def test_non_finite_gradients_are_exit_7_naming_the_tensor(tmp_path, monkeypatch):
+    path = save(base_model(), tmp_path / "m.onnx")
+    calib = save_npz(tmp_path / "c.npz", x=randn(64, 6, seed=3), labels=np.arange(64) % 3)
+    real = GradientSource.collect
+
+    def poisoned(self, names, masks, progress=None):
+        rows = real(self, names, masks, progress)
+        if "w2" in rows:
+            rows["w2"][0, 0] = float("inf")
+        return rows
+
+    monkeypatch.setattr(GradientSource, "collect", poisoned)
+    result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5", "--calib", calib, "--num-grads", "8")
+    assert result.exit_code == 7, result.stderr
+    assert "gradients of 'w2' contain NaN or infinite values; nothing was written" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.onnx"]
