@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import signal
@@ -473,3 +474,55 @@ def test_non_finite_gradients_are_exit_7_naming_the_tensor(tmp_path, monkeypatch
     assert result.exit_code == 7, result.stderr
     assert "gradients of 'w2' contain NaN or infinite values; nothing was written" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.onnx"]
+
+
+# ------------------------------------------------------------------------------ beyond protobuf's 2 GiB
+
+
+@pytest.mark.slow
+def test_model_larger_than_2_gib_round_trips_with_external_data(tmp_path):
+    """Three MatMul weights of 1 GiB, 1 GiB and 0.5 GiB (2.5 GiB in all, external data): pruned by
+    magnitude to 50% per layer and validated in onnxruntime. The peak memory is in the report."""
+    import subprocess
+    import sys
+
+    width = 16384
+    weights = {
+        "w1": np.random.default_rng(1).standard_normal((width, width), dtype=np.float32),
+        "w2": np.random.default_rng(2).standard_normal((width, width), dtype=np.float32),
+        "w3": np.random.default_rng(3).standard_normal((width, width // 2), dtype=np.float32),
+    }
+    m = model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h1"], name="mm1"),
+            helper.make_node("MatMul", ["h1", "w2"], ["h2"], name="mm2"),
+            helper.make_node("MatMul", ["h2", "w3"], ["y"], name="mm3"),
+        ],
+        [tensor("x", ["N", width])],
+        [tensor("y", ["N", width // 2])],
+        weights,
+    )
+    del weights
+    folder = tmp_path / "big"
+    folder.mkdir()
+    onnx.save_model(m, str(folder / "big.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="big.onnx.weights", size_threshold=1024)  # fmt: skip
+    del m
+    data_file = folder / "big.onnx.weights"
+    assert data_file.stat().st_size > 2 * 2**30
+    before = hashlib.sha256(data_file.read_bytes()).hexdigest()
+    evaluation = save_npz(tmp_path / "e.npz", x=randn(8, width, seed=4) / 128)
+    command = Path(sys.executable).with_name("onnxprune")
+    out = tmp_path / "out.onnx"
+    done = subprocess.run(
+        [str(command), str(folder / "big.onnx"), str(out), "--sparsity", "0.5", "--method", "magnitude",
+         "--scope", "layer", "--eval", str(evaluation), "--json"],
+        capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["output"]["external_data"] is True and report["output"]["size_bytes"] > 2 * 2**30
+    assert all(abs(t["sparsity"] - 0.5) < 1e-6 for t in report["pruning"]["tensors"])
+    assert report["validation"]["outputs"][0]["cosine"] > 0.5  # onnxruntime ran the written model
+    assert hashlib.sha256(data_file.read_bytes()).hexdigest() == before  # the input's data untouched
+    print(f"peak memory of a 2.5 GiB model round trip: {report['peak_memory_bytes'] / 2**30:.1f} GiB")
