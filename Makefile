@@ -24,7 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Long tests (marked `slow`): the HTML page in headless Chromium (Debian's `chromium`; the test
+# Long tests (marked `slow`): 2,000 fuzzed models, a 2.5 GiB external-data model round trip
+# (about 10 GiB of memory), and the HTML page in headless Chromium (Debian's `chromium`; that test
 # is skipped, saying so, where it is not installed).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -rs
