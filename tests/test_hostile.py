@@ -526,3 +526,13 @@ def test_model_larger_than_2_gib_round_trips_with_external_data(tmp_path):
     assert report["validation"]["outputs"][0]["cosine"] > 0.5  # onnxruntime ran the written model
     assert hashlib.sha256(data_file.read_bytes()).hexdigest() == before  # the input's data untouched
     print(f"peak memory of a 2.5 GiB model round trip: {report['peak_memory_bytes'] / 2**30:.1f} GiB")
+
+
+def test_output_whose_data_file_would_replace_the_inputs_external_data_is_refused(tmp_path):
+    """in.onnx keeps its weights in out.onnx.data, the name `out.onnx` would write its own to."""
+    onnx.save_model(base_model(), str(tmp_path / "in.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="out.onnx.data", size_threshold=0)  # fmt: skip
+    data = (tmp_path / "out.onnx.data").read_bytes()
+    result = run_cli(tmp_path / "in.onnx", tmp_path / "out.onnx", "--sparsity", "0.5", "--method", "magnitude")
+    assert result.exit_code == 2 and "would replace out.onnx.data, the input's external data" in result.stderr
+    assert (tmp_path / "out.onnx.data").read_bytes() == data and not (tmp_path / "out.onnx").exists()
