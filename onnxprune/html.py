@@ -168,7 +168,7 @@ def _fisher(report: Report) -> str:
         ("estimator time", f"{f.estimator_seconds:.2f} s"),
     ]
     facts += [(k, v) for k, v in f.estimator.items() if k != "auxiliary_loss"]
-    html.append(_table(["", ""], [[k, _text(v)] for k, v in facts]))
+    html.append(_table(["setting", "value"], [[k, _text(v)] for k, v in facts]))
     steps = [
         [s.step, f"{s.sparsity:.4f}", f"{s.gradient_seconds:.2f}", f"{s.estimator_seconds:.2f}", s.collections]
         for s in f.steps
@@ -229,7 +229,8 @@ def _table_section(title: str, items: Iterable[tuple[str, Any]]) -> str:
     rows = [[key, _text(value)] for key, value in items]
     if not rows:
         return ""
-    return f"<h2>{escape(title)}</h2><details><summary>{len(rows)} entries</summary>{_table(['', ''], rows)}</details>"
+    table = _table(["name", "value"], rows)
+    return f"<h2>{escape(title)}</h2><details><summary>{len(rows)} entries</summary>{table}</details>"
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -397,5 +397,5 @@ def format_human(report: Report, max_rows: int = 30) -> str:
     for w in report.warnings:
         lines.append(f"warning: {w}")
     if report.report_path:
-        lines.append(f"report: {report.report_path}")
+        lines.append(f"report: {report.report_path}" + (f"; HTML: {report.html_path}" if report.html_path else ""))
     return "\n".join(lines)
