@@ -6,6 +6,7 @@ score broken by position so the result is deterministic.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping
 
@@ -48,7 +49,8 @@ def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Ten
     if not scores:
         return {}
     names = list(scores)
-    flat = torch.cat([scores[n].detach().reshape(-1).to(torch.float64) for n in names])
+    dtype = functools.reduce(torch.promote_types, (scores[n].dtype for n in names))
+    flat = torch.cat([scores[n].detach().reshape(-1).to(dtype) for n in names])
     keep = keep_lowest_pruned(flat, prune_count(flat.numel(), sparsity))
     masks, start = {}, 0
     for name in names:

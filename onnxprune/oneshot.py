@@ -154,7 +154,9 @@ class Pruner:
             scored.collections += bool(self.estimator.needs_gradients)
             started = time.perf_counter()
             for i in self._tracked(group, f"scores, {label}", g):
-                s = self.estimator.scores(self.views[i].read(), stats[i]).to(torch.float64)
+                s = self.estimator.scores(self.views[i].read(), stats[i])
+                # float32 scores stay float32 (the order is the same; half the memory of a large model)
+                s = s if s.dtype in (torch.float32, torch.float64) else s.to(torch.float64)
                 if not bool(torch.isfinite(s).all()):
                     raise NonFiniteError(
                         f"{self.estimator.name} scores of {self.views[i].target.name!r} contain NaN or "
@@ -179,8 +181,9 @@ class Pruner:
         self.keep = [chosen[i].to(previous[i].device) & previous[i] for i in range(len(self.views))]
 
         updates: dict[int, Tensor] = {}
+        recollect = self.estimator.compensates and self.plan is not None and not self.plan.keep_statistics
         for g, group in enumerate(self.groups, 1):
-            if self.estimator.compensates and self.plan is not None and not self.plan.keep_statistics:
+            if recollect:
                 # the same rows as for the scores: the update needs how the newly pruned weights
                 # correlate with the kept ones
                 label = f"{scored.label} (again, for the update)"
@@ -196,10 +199,14 @@ class Pruner:
                         f"{self.estimator.name} update of {self.views[i].target.name!r} produced NaN or "
                         "infinite values; nothing was written"
                     )
-                updates[i] = torch.where(self.keep[i], new.float(), torch.zeros_like(new.float()))
+                new = torch.where(self.keep[i], new.float(), torch.zeros_like(new.float()))
+                if recollect:
+                    updates[i] = new
+                else:
+                    self.views[i].write(new)  # at once: a large model never holds two copies of all
             timer["estimator"] += time.perf_counter() - started
-        # written only now: a group whose statistics are collected again must see the weights
-        # its scores were computed at
+        # written only now: a group whose statistics are collected again must see the weights its
+        # scores were computed at
         for i, new in updates.items():
             self.views[i].write(new)
         record = StepRecord(scored.number, sparsity, timer["gradients"], timer["estimator"], collections)

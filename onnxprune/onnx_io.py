@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import onnx
-from onnx import ModelProto, TensorProto
+from onnx import GraphProto, ModelProto, TensorProto
+from onnx.external_data_helper import set_external_data
 
 from .errors import InvalidModelError, UsageError, WriteError
 
@@ -233,19 +234,28 @@ def save_model(model: ModelProto, path: Path, *, external_data: bool) -> None:
     def write(tmp: Path) -> None:
         if external_data:
             # A fresh folder: onnx appends to an existing data file, which must never be ours
-            # to append to (it could be the input's).
-            onnx.save_model(
-                model,
-                str(tmp / path.name),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=external_data_name(path),
-                size_threshold=1024,
-            )
+            # to append to (it could be the input's). The tensors are marked here rather than by
+            # save_as_external_data, which refuses when a file of that name exists relative to the
+            # current directory (so --force failed when run from the output's folder).
+            for tensor in _initializers(model.graph):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    set_external_data(tensor, external_data_name(path))
+            onnx.save_model(model, str(tmp / path.name))
         else:
             (tmp / path.name).write_bytes(model.SerializeToString())
 
     atomic_write(path, write)
+
+
+def _initializers(graph: GraphProto) -> Iterator[TensorProto]:
+    """The initializers of a graph and of all its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _initializers(attribute.g)
+            for sub in attribute.graphs:
+                yield from _initializers(sub)
 
 
 def _fsync(path: Path) -> None:

@@ -536,3 +536,24 @@ def test_output_whose_data_file_would_replace_the_inputs_external_data_is_refuse
     result = run_cli(tmp_path / "in.onnx", tmp_path / "out.onnx", "--sparsity", "0.5", "--method", "magnitude")
     assert result.exit_code == 2 and "would replace out.onnx.data, the input's external data" in result.stderr
     assert (tmp_path / "out.onnx.data").read_bytes() == data and not (tmp_path / "out.onnx").exists()
+
+
+def test_force_overwrites_an_external_data_output_from_inside_its_folder(tmp_path, monkeypatch):
+    """onnx's save_as_external_data looks for an existing data file relative to the current
+    directory; running twice with --force from the output's folder used to fail."""
+    m = model([helper.make_node("MatMul", ["x", "w1"], ["y"], name="mm")], [tensor("x", ["N", 32])],
+              [tensor("y", ["N", 32])], {"w1": randn(32, 32, seed=1)})  # fmt: skip
+    onnx.save_model(m, str(tmp_path / "in.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="in.onnx.data", size_threshold=0)  # fmt: skip
+    save_npz(tmp_path / "e.npz", x=randn(8, 32, seed=1))
+    monkeypatch.chdir(tmp_path)
+    for sparsity in ("0.5", "0.75"):
+        result = run_cli("in.onnx", "out.onnx", "--sparsity", sparsity, "--method", "magnitude", "--eval", "e.npz",
+                         "--force")  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+    written = onnx.load(str(tmp_path / "out.onnx"))  # loads its data from out.onnx.data
+    w1 = next(numpy_helper.to_array(t) for t in written.graph.initializer if t.name == "w1")
+    assert (tmp_path / "out.onnx.data").exists() and int((w1 == 0).sum()) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["in.onnx", "in.onnx.data", "e.npz", "out.onnx", "out.onnx.data", "out.report.json"]
+    )
