@@ -191,7 +191,9 @@ def sweep(config: SweepConfig) -> SweepReport:
             for sparsity in config.sparsities:
                 module.load_state_dict(dense)
                 tick = time.perf_counter()
-                pruned = run_schedule(config.point(method, sparsity), job, device)
+                point = config.point(method, sparsity)
+                pruned = run_schedule(point, job, device)
+                point.checkpoint_path.unlink(missing_ok=True)  # the point is complete
                 seconds = time.perf_counter() - tick
                 gradient_seconds += sum(r.gradient_seconds for r in pruned.outcome.steps)
                 estimator_seconds += sum(r.estimator_seconds for r in pruned.outcome.steps)

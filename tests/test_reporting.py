@@ -276,3 +276,15 @@ def test_sweep_on_the_demo_model_reuses_scores_and_matches_single_runs(tmp_path)
         assert report.value(method, 0.9) == alone.validation.quality.after
     wf, mag = report.value("woodfisher", 0.9), report.value("magnitude", 0.9)
     assert wf > mag  # the point of second-order scores at high sparsity (0.94 vs 0.92 here)
+
+
+def test_sweep_with_several_steps_runs_each_point_and_leaves_only_its_files(mlp_files):
+    path, calib, evaluation, tmp = mlp_files
+    out = tmp / "grid"
+    out.mkdir()
+    settings = onnxprune.PruneConfig(input=path, output=out / "m.onnx", sparsity=0.6, evaluation=evaluation, steps=2)
+    report = sweep(SweepConfig(settings, sparsities=(0.3, 0.6), methods=("magnitude",)))
+    assert [r.scores_reused for r in report.methods] == [False]
+    assert [p.target_sparsity for p in report.points] == [0.3, 0.6]
+    assert all(abs(p.sparsity - p.target_sparsity) <= 0.5 / 704 for p in report.points)  # to the nearest weight
+    assert sorted(p.name for p in out.iterdir()) == ["m.sweep.json", "m.sweep.png"]  # no checkpoint, no model
