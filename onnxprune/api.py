@@ -89,10 +89,7 @@ def prune(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | N
     subclass (with its exit code) on anything the user can fix. A failed accuracy gate is not an
     exception: the output and report are written and `report.gate_failed` is True.
     """
-    if not isinstance(config, PruneConfig):
-        config = PruneConfig(input=config, output=output, **settings)
-    elif output is not None or settings:
-        raise UsageError("pass either a PruneConfig or (input, output, **settings), not both")
+    config = _as_config(config, output, settings)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -109,21 +106,12 @@ def plan(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | No
     """What `prune()` would do, without running a model or writing anything: the tensors it
     would prune, the schedule, and the memory the estimator's statistics would need. The model
     and the data files are loaded and checked as a real run would."""
-    if not isinstance(config, PruneConfig):
-        config = PruneConfig(input=config, output=output, **settings)
+    config = _as_config(config, output, settings)
     resolve_device(config.device)  # --device cuda without a GPU fails here too
-    model = load_model(config.input)
-    _check_no_clobber(model, config)
-    specs = input_specs(model.proto)
-    estimator = ESTIMATORS.get(config.method)(config)
-    needs_calibration = estimator.needs_gradients or config.finetune_steps > 0 or config.batchnorm == "reestimate"
-    calibration, evaluation = load_data(config, specs, needs_calibration)
+    model, specs, estimator, calibration, evaluation = load_inputs(config)
     torch_model = convert(model.proto)
-    targets = select(torch_model.prunable, config.exclude)
-    if not targets:
-        raise UsageError("nothing to prune: no prunable weight is left after --exclude")
-    steps = config.steps if config.schedule == "oneshot" else config.prune_steps
-    phases = SCHEDULES.get(config.schedule)(config.sparsity, steps, config.initial_sparsity, config.finetune_steps)
+    targets = select_targets(torch_model, config.exclude)
+    phases = schedule_phases(config)
     memory = None
     if estimator.needs_gradients:
         views = [TensorView(t, torch_model.tensors[t.name]) for t in targets]
@@ -194,16 +182,51 @@ class Pruned:
     checked: int  # evaluation samples in final_torch
 
 
+def _as_config(config: PruneConfig | str | os.PathLike, output, settings: dict) -> PruneConfig:
+    """A PruneConfig as given, or built from (input, output, **settings)."""
+    if not isinstance(config, PruneConfig):
+        return PruneConfig(input=config, output=output, **settings)
+    if output is not None or settings:
+        raise UsageError("pass either a PruneConfig or (input, output, **settings), not both")
+    return config
+
+
+def load_inputs(config: PruneConfig) -> tuple[LoadedModel, list[InputSpec], Estimator, Dataset | None, Dataset]:
+    """The checked model, its input specs, the estimator, and the calibration and evaluation data."""
+    model = load_model(config.input)
+    _check_no_clobber(model, config)
+    specs = list(input_specs(model.proto))
+    estimator = ESTIMATORS.get(config.method)(config)
+    needs_calibration = estimator.needs_gradients or config.finetune_steps > 0 or config.batchnorm == "reestimate"
+    calibration, evaluation = load_data(config, specs, needs_calibration)
+    return model, specs, estimator, calibration, evaluation
+
+
+def select_targets(torch_model: TorchModel, exclude: Sequence[str]) -> list[PrunableTensor]:
+    """The prunable weights left after --exclude; none is a usage error saying why."""
+    candidates = torch_model.prunable
+    targets = select(candidates, exclude)
+    if not targets:
+        why = (
+            "every prunable weight matches --exclude"
+            if candidates
+            else "the model has no weights feeding Conv, ConvTranspose, Gemm, MatMul or a recurrent node"
+        )
+        raise UsageError(f"nothing to prune: {why}")
+    return list(targets)
+
+
+def schedule_phases(config: PruneConfig) -> list:
+    """The pruning steps of the configured schedule."""
+    steps = config.steps if config.schedule == "oneshot" else config.prune_steps
+    return SCHEDULES.get(config.schedule)(config.sparsity, steps, config.initial_sparsity, config.finetune_steps)
+
+
 def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]) -> Job:
     """Load the model and data, run the original in onnxruntime, convert it, pick the targets."""
     with _timed(timings, "load"):
         log.info("loading %s", config.input)
-        model = load_model(config.input)
-        _check_no_clobber(model, config)
-        specs = input_specs(model.proto)
-        estimator = ESTIMATORS.get(config.method)(config)
-        needs_calibration = estimator.needs_gradients or config.finetune_steps > 0 or config.batchnorm == "reestimate"
-        calibration, evaluation = load_data(config, specs, needs_calibration)
+        model, specs, _, calibration, evaluation = load_inputs(config)
 
     with _timed(timings, "reference"):
         log.info("running the original model in onnxruntime on %d evaluation samples", len(evaluation))
@@ -218,14 +241,7 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
         conversion = check_conversion(torch_model, evaluation, specs, reference, config, device)
 
     candidates = torch_model.prunable
-    targets = select(candidates, config.exclude)
-    if not targets:
-        why = (
-            "every prunable weight matches --exclude"
-            if candidates
-            else "the model has no weights feeding Conv, ConvTranspose, Gemm, MatMul or a recurrent node"
-        )
-        raise UsageError(f"nothing to prune: {why}")
+    targets = select_targets(torch_model, config.exclude)
     for target in targets:
         _require_finite(torch_model.tensors[target.name], f"weight {target.name!r} of the input model")
     bad = _non_finite_output(reference, original.output_names)
@@ -236,7 +252,7 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
         )
     return Job(
         model,
-        list(specs),
+        specs,
         calibration,
         evaluation,
         reference,
@@ -267,8 +283,7 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
     torch_model, targets, calibration, specs = job.torch_model, job.targets, job.calibration, job.specs
     estimator = ESTIMATORS.get(config.method)(config)
     source = gradient_source(config, job, estimator, device)
-    steps = config.steps if config.schedule == "oneshot" else config.prune_steps
-    phases = SCHEDULES.get(config.schedule)(config.sparsity, steps, config.initial_sparsity, config.finetune_steps)
+    phases = schedule_phases(config)
     trainer = make_finetuner(config, torch_model, targets, calibration, specs, job.headline, job.reference, device)
     batchnorm = batchnorm_statistics(torch_model)
     progress = Progress(progress_enabled(config.progress))

@@ -16,6 +16,19 @@ from .validate import ErrorDistribution, OutputError
 SCHEMA_VERSION = 1
 
 
+class JsonDocument:
+    """A report dataclass written as JSON: its fields, plus `exit_code` where it has one."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if hasattr(self, "exit_code"):
+            data["exit_code"] = self.exit_code
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_jsonable) + "\n"
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     path: str
@@ -176,7 +189,7 @@ class MemoryEstimate:
 
 
 @dataclass(frozen=True)
-class DryRun:
+class DryRun(JsonDocument):
     """`--dry-run`: what a run would prune and need, without running a model or writing a file."""
 
     tool_version: str
@@ -201,14 +214,6 @@ class DryRun:
     @property
     def exit_code(self) -> int:
         return 8 if self.memory is not None and not self.memory.fits else 0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["exit_code"] = self.exit_code
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_jsonable) + "\n"
 
 
 def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
@@ -250,7 +255,7 @@ def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
 
 
 @dataclass(frozen=True)
-class Report:
+class Report(JsonDocument):
     tool_version: str
     device: str
     config: dict[str, Any]
@@ -281,14 +286,6 @@ class Report:
     @property
     def exit_code(self) -> int:
         return 6 if self.gate_failed else 0
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["exit_code"] = self.exit_code
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_jsonable) + "\n"
 
 
 def schema() -> dict[str, Any]:

@@ -9,12 +9,11 @@ from the dense weights.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from .estimators import ESTIMATORS
 from .oneshot import Pruner
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, atomic_write_bytes, save_model, tensor_bytes
 from .progress import Progress, progress_enabled
-from .report import SCHEMA_VERSION, DataInfo, ModelInfo, _jsonable
+from .report import SCHEMA_VERSION, DataInfo, JsonDocument, ModelInfo
 
 log = logging.getLogger("onnxprune")
 
@@ -116,7 +115,7 @@ class MethodRun:
 
 
 @dataclass(frozen=True)
-class SweepReport:
+class SweepReport(JsonDocument):
     tool_version: str
     config: dict[str, Any]
     input: ModelInfo
@@ -132,12 +131,6 @@ class SweepReport:
     environment: dict[str, Any] = field(default_factory=dict)
     kind: str = "sweep"
     schema_version: int = SCHEMA_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_jsonable) + "\n"
 
     def value(self, method: str, sparsity: float) -> float | None:
         return next((p.after for p in self.points if p.method == method and p.target_sparsity == sparsity), None)
