@@ -12,11 +12,11 @@ from typing import Iterator
 
 import click
 
+from onnxprune.allocation import ALLOCATIONS
 from onnxprune.config import DEVICES, FISHLEG_INITS, OBS_UPDATES, PROGRESS, PruneConfig
 from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS
 from onnxprune.finetune import BATCHNORM_MODES, OPTIMIZERS
 from onnxprune.gradients import FISHER_KINDS
-from onnxprune.masks import SCOPES
 from onnxprune.schedule import SCHEDULES
 from onnxprune.validate import METRICS
 
@@ -55,13 +55,41 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     return value
 
 
+class _Damping(click.ParamType):
+    name = "DAMP|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+        if not number > 0:
+            self.fail(f"{value} is not positive", param, ctx)
+        return number
+
+
+_DAMP = _Damping()
+
 _SHARED = [
     click.option(
+        "--allocation",
         "--scope",
-        type=click.Choice(list(SCOPES)),
+        "scope",
+        type=click.Choice([*ALLOCATIONS, "uniform"]),
         default="global",
         show_default=True,
-        help="global: one threshold over all weights; layer: every tensor to the same sparsity.",
+        help="How the sparsity is split across tensors. global: one threshold over all weights on the "
+        "estimator's scale; layer (or uniform): every tensor to the same sparsity; sensitivity: per-tensor "
+        "sparsities that minimise the measured loss increase (each tensor pruned alone at several "
+        "sparsities, the model run on calibration samples).",
+    ),
+    click.option(
+        "--pattern",
+        metavar="N:M",
+        help="N:M sparsity, e.g. 2:4: at most N non-zeros in every M consecutive inputs of an output unit "
+        "(across input channels for convolutions), as sparse tensor cores expect; needs --sparsity 1-N/M.",
     ),
     click.option(
         "--exclude",
@@ -134,10 +162,12 @@ _SHARED = [
     ),
     click.option(
         "--damp",
-        type=click.FloatRange(min=0, min_open=True),
+        type=_DAMP,
         default=_default("damp"),
         show_default=True,
-        help="Relative damping: lambda = DAMP x mean(diag F), per tensor.",
+        help="Relative damping: lambda = DAMP x mean(diag F) (or of diag H for sparsegpt), per tensor; "
+        "auto: chosen per model from 1e-4..1 on held-out calibration samples (models up to 5M prunable "
+        "weights; larger ones use 1e-3).",
     ),
     click.option(
         "--obs-update",

@@ -8,16 +8,18 @@ import shutil
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from onnx import ModelProto
 
 from . import __version__
-from .bridge.bindings import PrunableTensor, read_tensor, select, write_back
+from .activations import ActivationSource
+from .allocation import output_loss
+from .bridge.bindings import PrunableTensor, read_tensor, release_payloads, select, write_back
 from .bridge.convert import TorchModel, convert
 from .checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .config import PruneConfig
@@ -25,6 +27,7 @@ from .data import Dataset, InputSpec, input_specs, load_dataset, run_batches, sp
 from .environment import environment
 from .errors import MemoryBudgetError, NonFiniteError, UsageError
 from .estimators import ESTIMATORS, Estimator
+from .estimators.base import DAMP_GRID, DEFAULT_DAMP
 from .finetune import (
     Finetuner,
     batchnorm_statistics,
@@ -33,7 +36,7 @@ from .finetune import (
     trainable_tensors,
 )
 from .gradients import GradientSource, choose_loss
-from .masks import prune_count
+from .masks import parse_pattern, prune_count
 from .memory import GIB, available_bytes, peak_bytes
 from .oneshot import OneShotResult, Pruner, StepRecord, TensorView, plan_statistics
 from .onnx_io import (
@@ -74,6 +77,7 @@ from .validate import (
     is_classifier_output,
     labels_usable,
     output_error,
+    output_kind,
     top1_agreement,
 )
 
@@ -128,7 +132,7 @@ def plan(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | No
     return DryRun(
         tool_version=__version__,
         config=config.as_dict(),
-        input=model_info(model.proto, config.input, model.uses_external_data),
+        input=model_info(model.proto, config.input, model.external_files),
         calibration=data_info(calibration),
         evaluation=data_info(evaluation),
         method=config.method,
@@ -152,7 +156,8 @@ class Job:
     """What every pruning of one input shares: the model, its data, the onnxruntime reference
     outputs, the converted torch model and the weights that may be pruned."""
 
-    model: LoadedModel
+    model: LoadedModel  # the targets' values released (see release_payloads)
+    input_info: ModelInfo
     specs: list[InputSpec]
     calibration: Dataset | None
     evaluation: Dataset
@@ -197,7 +202,13 @@ def load_inputs(config: PruneConfig) -> tuple[LoadedModel, list[InputSpec], Esti
     _check_no_clobber(model, config)
     specs = list(input_specs(model.proto))
     estimator = ESTIMATORS.get(config.method)(config)
-    needs_calibration = estimator.needs_gradients or config.finetune_steps > 0 or config.batchnorm == "reestimate"
+    needs_calibration = (
+        estimator.needs_gradients
+        or estimator.needs_activations
+        or config.finetune_steps > 0
+        or config.batchnorm == "reestimate"
+        or config.scope == "sensitivity"
+    )
     calibration, evaluation = load_data(config, specs, needs_calibration)
     return model, specs, estimator, calibration, evaluation
 
@@ -232,6 +243,8 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
         log.info("running the original model in onnxruntime on %d evaluation samples", len(evaluation))
         original = OrtModel(config.input)
         reference = original.run(evaluation, specs, config.eval_batch_size)
+        output_names = original.output_names
+        del original  # its copy of the weights
         headline = choose_headline(reference, evaluation.labels, config.metric)
 
     with _timed(timings, "convert"):
@@ -244,14 +257,18 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
     targets = select_targets(torch_model, config.exclude)
     for target in targets:
         _require_finite(torch_model.tensors[target.name], f"weight {target.name!r} of the input model")
-    bad = _non_finite_output(reference, original.output_names)
+    bad = _non_finite_output(reference, output_names)
     if bad:
         raise NonFiniteError(
             f"the input model's output {bad!r} is NaN or infinite on the evaluation data from "
             f"{evaluation.source}, so nothing can be compared; nothing was written"
         )
+    input_info = model_info(model.proto, config.input, model.external_files)
+    # the targets' values now live in the torch model, and every write-back replaces them
+    release_payloads(model.proto, [t.name for t in targets])
     return Job(
         model,
+        input_info,
         specs,
         calibration,
         evaluation,
@@ -265,8 +282,23 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
     )
 
 
-def gradient_source(config: PruneConfig, job: Job, estimator: Estimator, device: torch.device) -> GradientSource | None:
-    """Where the estimator's gradients come from (None for data-free estimators)."""
+def statistics_source(
+    config: PruneConfig, job: Job, estimator: Estimator, device: torch.device
+) -> GradientSource | ActivationSource | None:
+    """Where the estimator's statistics come from: gradients of a loss, the layers' calibration
+    inputs, or nothing (data-free estimators)."""
+    if estimator.needs_activations:
+        log.info("statistics: the inputs of each pruned layer on %d calibration samples", config.num_grads)
+        return ActivationSource(
+            job.torch_model,
+            job.calibration,
+            job.specs,
+            job.targets,
+            config.num_grads,
+            config.eval_batch_size,
+            config.seed,
+            device,
+        )
     if not estimator.needs_gradients:
         return None
     fisher = config.fisher if config.fisher != "auto" else getattr(estimator, "default_fisher", "auto")
@@ -277,12 +309,90 @@ def gradient_source(config: PruneConfig, job: Job, estimator: Estimator, device:
     )
 
 
+AUTO_DAMP_MAX_PARAMS = 5_000_000
+
+
+def resolve_damping(config: PruneConfig, job: Job, device: torch.device) -> tuple[PruneConfig, dict | None]:
+    """The config with `damp` a number: as given, or for "auto" the grid value whose one-shot
+    pruning at the target sparsity leaves the smallest loss on held-out calibration samples
+    (statistics from the other samples). Returns the search (grid, losses, choice) too."""
+    estimator = ESTIMATORS.get(config.method)
+    if config.damp != "auto" or not estimator.uses_damping:
+        return config, None
+    params = sum(t.numel for t in job.targets)
+    if params > AUTO_DAMP_MAX_PARAMS:
+        log.info(
+            "damping: %s prunable weights, more than the %s the automatic search runs on; using %g "
+            "(pass --damp to choose)",
+            f"{params:,}",
+            f"{AUTO_DAMP_MAX_PARAMS:,}",
+            DEFAULT_DAMP,
+        )
+        return replace(config, damp=DEFAULT_DAMP), {"grid": [], "losses": [], "chosen": DEFAULT_DAMP, "searched": False}
+    held_count = min(config.sensitivity_samples, max(1, len(job.calibration) // 4))
+    fit, held = split(job.calibration, held_count / len(job.calibration), config.seed + 3)
+    trial_job = replace(job, calibration=fit)
+    evaluate = loss_evaluator(config, replace(job, calibration=held), device)
+    saved = {t.name: job.torch_model.tensors[t.name].detach().clone() for t in job.targets}
+    losses = []
+    for damp in DAMP_GRID:
+        trial = replace(config, damp=damp, steps=1, scope="global" if config.scope == "sensitivity" else config.scope)
+        trial_estimator = ESTIMATORS.get(trial.method)(trial)
+        source = statistics_source(trial, trial_job, trial_estimator, device)
+        with Pruner(
+            job.torch_model,
+            job.targets,
+            trial_estimator,
+            trial.scope,
+            lambda step, source=source: source,
+            memory_budget(trial),
+            Progress(False),
+            spill_folder=config.output.parent,
+            pattern=parse_pattern(trial.pattern),
+        ) as pruner:
+            pruner.step(config.sparsity, f"damping {damp:g}")
+        losses.append(evaluate())
+        with torch.no_grad():
+            for name, value in saved.items():
+                job.torch_model.tensors[name].copy_(value)
+    chosen = DAMP_GRID[int(np.argmin(losses))]
+    log.info(
+        "damping: chose %g (loss on %d held-out calibration samples: %s)",
+        chosen,
+        held_count,
+        ", ".join(f"{d:g}: {loss:.4g}" for d, loss in zip(DAMP_GRID, losses)),
+    )
+    search = {"grid": list(DAMP_GRID), "losses": [round(x, 6) for x in losses], "chosen": chosen, "searched": True}
+    return replace(config, damp=chosen), search
+
+
+def loss_evaluator(config: PruneConfig, job: Job, device: torch.device) -> Callable[[], float]:
+    """A function giving how far the torch model's headline output is now from the dense model's,
+    on `sensitivity_samples` calibration samples (dense outputs taken when this is called)."""
+    calibration = job.calibration
+    count = min(config.sensitivity_samples, len(calibration))
+    chosen = np.sort(np.random.default_rng(config.seed + 2).permutation(len(calibration))[:count])
+    samples = calibration.take(chosen, "sensitivity samples")
+    run = torch_runner(job.torch_model, device)
+    output = job.headline.output
+    kind = output_kind(job.reference[output])
+
+    def headline() -> torch.Tensor:
+        rows = run_batches(run, samples, job.specs, config.eval_batch_size, count)[output]
+        return torch.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, -1))
+
+    dense = headline()
+    return lambda: output_loss(dense, headline(), kind)
+
+
 def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
     """Prune step by step along the schedule, with BatchNorm re-estimation, fine-tuning and a
     checkpoint after each step; returns the new values of every changed tensor."""
     torch_model, targets, calibration, specs = job.torch_model, job.targets, job.calibration, job.specs
+    config, search = resolve_damping(config, job, device)
     estimator = ESTIMATORS.get(config.method)(config)
-    source = gradient_source(config, job, estimator, device)
+    estimator.damp_search = search
+    source = statistics_source(config, job, estimator, device)
     phases = schedule_phases(config)
     trainer = make_finetuner(config, torch_model, targets, calibration, specs, job.headline, job.reference, device)
     batchnorm = batchnorm_statistics(torch_model)
@@ -308,6 +418,8 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
         memory_budget(config),
         progress,
         spill_folder=config.output.parent,
+        pattern=parse_pattern(config.pattern),
+        evaluate=loss_evaluator(config, job, device) if config.scope == "sensitivity" else None,
     ) as pruner:
         done = 0
         if config.resume:
@@ -367,7 +479,7 @@ def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, flo
         sparsity = measure_sparsity(proto, job.targets)
         external = job.model.uses_external_data or tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
         save_model(proto, config.output, external_data=external)
-        output = model_info(proto, config.output, external)
+        output = model_info(proto, config.output, written_data_files(config.output, external))
         del proto
 
     with _timed(timings, "validate"):
@@ -395,7 +507,7 @@ def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, flo
         tool_version=__version__,
         device=str(job.device),
         config=config.as_dict(),
-        input=model_info(job.model.proto, config.input, job.model.uses_external_data),
+        input=job.input_info,
         output=output,
         calibration=data_info(job.calibration),
         evaluation=data_info(job.evaluation),
@@ -542,19 +654,49 @@ def memory_budget(config: PruneConfig) -> int:
     return int(0.8 * available_bytes())
 
 
-def fisher_info(source: GradientSource | None, estimator: Estimator, outcome: OneShotResult) -> Fisher | None:
-    if source is None or outcome.plan is None:
+def estimator_details(estimator: Estimator) -> dict:
+    """The estimator's settings for the report, with the damping search when one ran."""
+    details = estimator.describe()
+    search = getattr(estimator, "damp_search", None)
+    if search is not None:
+        details["damp_search"] = search
+    return details
+
+
+def fisher_info(
+    source: GradientSource | ActivationSource | None, estimator: Estimator, outcome: OneShotResult
+) -> Fisher | None:
+    if source is None:
         return None
     steps = tuple(
         StepInfo(s.step, s.sparsity, round(s.gradient_seconds, 3), round(s.estimator_seconds, 3), s.collections)
         for s in outcome.steps
     )
+    if isinstance(source, ActivationSource):
+        return Fisher(
+            loss="none: each layer's output error on its calibration inputs, ‖ΔW·X‖² (H = 2XᵀX)",
+            statistics="layer inputs",
+            num_grads=source.count,
+            fisher_batch=1,
+            calibration_samples_used=source.samples_used,
+            estimator=estimator_details(estimator),
+            steps=steps,
+            groups=1,
+            statistics_storage="memory",
+            memory_estimate_bytes=0,
+            memory_budget_bytes=0,
+            gradient_seconds=round(sum(s.gradient_seconds for s in steps), 3),
+            estimator_seconds=round(sum(s.estimator_seconds for s in steps), 3),
+        )
+    if outcome.plan is None:
+        return None
     return Fisher(
         loss=source.loss.describe(),
+        statistics="gradients",
         num_grads=source.count,
         fisher_batch=source.micro_batch,
         calibration_samples_used=source.samples_used,
-        estimator=estimator.describe(),
+        estimator=estimator_details(estimator),
         steps=steps,
         groups=len(outcome.plan.groups),
         statistics_storage=outcome.plan.storage,
@@ -740,20 +882,23 @@ def compare_outputs(
     )
 
 
-def model_info(proto: ModelProto, path: Path, external: bool) -> ModelInfo:
-    size = path.stat().st_size
-    if external:
-        data = path.with_name(external_data_name(path))
-        size += data.stat().st_size if data.exists() else 0
+def model_info(proto: ModelProto, path: Path, data_files: Sequence[Path] = ()) -> ModelInfo:
+    """The model file's facts; sizes include its external data files."""
+    files = [path, *sorted(data_files)]
     return ModelInfo(
         path=str(path),
-        size_bytes=size,
-        compressed_bytes=compressed_size([path] + ([path.with_name(external_data_name(path))] if external else [])),
+        size_bytes=sum(f.stat().st_size for f in files if f.exists()),
+        compressed_bytes=compressed_size(files),
         ir_version=proto.ir_version,
         opsets={(o.domain or "ai.onnx"): o.version for o in proto.opset_import},
         producer=f"{proto.producer_name} {proto.producer_version}".strip(),
-        external_data=external,
+        external_data=bool(data_files),
     )
+
+
+def written_data_files(path: Path, external: bool) -> list[Path]:
+    """The external data file an output written by `save_model` has (none without external data)."""
+    return [path.with_name(external_data_name(path))] if external else []
 
 
 def compressed_size(paths: Sequence[Path], chunk: int = 1 << 24) -> int:

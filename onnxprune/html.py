@@ -156,6 +156,16 @@ def _fisher(report: Report) -> str:
     f = report.fisher
     if f is None:
         return ""
+    if f.statistics == "layer inputs":
+        html = ["<h2>Layer-input statistics</h2>", f"<p>loss {escape(f.loss)}</p>"]
+        facts = [
+            ("calibration samples", f.num_grads),
+            ("input capture time", f"{f.gradient_seconds:.2f} s"),
+            ("estimator time", f"{f.estimator_seconds:.2f} s"),
+        ]
+        facts += [(k, v) for k, v in f.estimator.items()]
+        html.append(_table(["setting", "value"], [[k, _text(v)] for k, v in facts]))
+        return "\n".join(html)
     html = ["<h2>Second-order statistics</h2>", f"<p>{escape(f.loss)}</p>"]
     facts = [
         ("gradients per estimate", f.num_grads),

@@ -61,3 +61,61 @@ def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Ten
 
 
 SCOPES = {"global": global_masks, "layer": layer_masks}
+
+
+# ------------------------------------------------------------------------------ N:M patterns
+
+
+def parse_pattern(text: str | None) -> tuple[int, int] | None:
+    """'2:4' → (2, 4): at most N non-zeros in every M consecutive inputs; None/'' → None."""
+    if not text:
+        return None
+    try:
+        n, m = (int(part) for part in str(text).split(":"))
+    except ValueError:
+        raise ValueError(f"a pattern is N:M with whole numbers, like 2:4; got {text!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern N:M needs 0 < N < M, got {text!r}")
+    return n, m
+
+
+def pattern_order(cols: int, kernel: int) -> Tensor:
+    """Column order in which the N:M groups are consecutive: canonical columns are (input,
+    kernel position) pairs, input-major; the groups run along the inputs at each kernel position."""
+    return torch.arange(cols).reshape(cols // kernel, kernel).T.reshape(-1)
+
+
+def pattern_masks(scores: Tensor, rows: int, n: int, m: int, kernel: int = 1) -> Tensor:
+    """Keep-mask for flat canonical `scores` of a [rows, cols] matrix: in every group of m inputs
+    (at one kernel position) the m−n lowest scores are pruned; a last, shorter group keeps at most
+    n. Already-pruned entries (score −1) go first; ties by position."""
+    cols = scores.numel() // rows
+    order = pattern_order(cols, kernel).to(scores.device)
+    grouped = scores.reshape(rows, cols)[:, order]
+    width = grouped.shape[1]
+    pad = (-(cols // kernel)) % m
+    # per kernel position the inputs form one run; pad each run to a multiple of m with entries
+    # that count as pruned (so a short group prunes only what it must)
+    runs = grouped.reshape(rows, kernel, cols // kernel)
+    if pad:
+        filler = torch.full((rows, kernel, pad), -math.inf, dtype=scores.dtype, device=scores.device)
+        runs = torch.cat([runs, filler], dim=2)
+    groups = runs.reshape(rows, kernel, -1, m)
+    ranks = torch.sort(groups, dim=3, stable=True).indices
+    pruned = torch.zeros_like(groups, dtype=torch.bool)
+    pruned.scatter_(3, ranks[..., : m - n], True)
+    pruned = pruned.reshape(rows, kernel, -1)[:, :, : cols // kernel].reshape(rows, width)
+    keep = torch.empty_like(pruned)
+    keep[:, order] = ~pruned
+    return keep.reshape(scores.shape)
+
+
+def pattern_violations(matrix: Tensor, n: int, m: int, kernel: int = 1) -> int:
+    """Groups of m inputs (at one kernel position) of a canonical [rows, cols] matrix with more
+    than n non-zeros."""
+    rows, cols = matrix.shape
+    grouped = (matrix != 0)[:, pattern_order(cols, kernel).to(matrix.device)].reshape(rows, kernel, cols // kernel)
+    pad = (-(cols // kernel)) % m
+    if pad:
+        grouped = torch.cat([grouped, torch.zeros(rows, kernel, pad, dtype=torch.bool, device=matrix.device)], dim=2)
+    return int((grouped.reshape(rows, kernel, -1, m).sum(3) > n).sum())

@@ -8,6 +8,7 @@ memory plan decides which tensors are processed together.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -20,12 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .allocation import GRID, choose_sparsities, exact_counts
 from .bridge.bindings import PrunableTensor
 from .bridge.convert import TorchModel
 from .errors import MemoryBudgetError, NonFiniteError
 from .estimators.base import Estimator, Statistics
 from .gradients import GradientSource
-from .masks import SCOPES
+from .masks import SCOPES, keep_lowest_pruned, pattern_masks, prune_count
 from .memory import DoesNotFit, MemoryPlan, human, plan_memory
 from .progress import Progress
 from .schedule import oneshot_targets
@@ -66,18 +68,28 @@ class TensorView:
 
     def __init__(self, target: PrunableTensor, param: Tensor):
         self.target, self.param = target, param
-        order = target.canonical_order()
-        self.order = None if order is None else torch.from_numpy(order).to(param.device)
-        self.inverse = None if self.order is None else torch.argsort(self.order)
+        # canonical = the ONNX layout with its first two axes swapped (no index arrays: for a
+        # 1 GiB tensor they would take 2 GiB each)
+        self.swapped = target.swapped
+        self.onnx_shape = tuple(param.shape)
+        self.canonical_shape = (self.onnx_shape[1], self.onnx_shape[0], *self.onnx_shape[2:]) if self.swapped else None
         self.numel = param.numel()
         self.shape = target.matrix_shape()
+        # kernel positions per input channel (Conv, ConvTranspose): N:M groups run across channels
+        convolution = target.consumers and target.consumers[0].op_type in ("Conv", "ConvTranspose")
+        self.kernel = int(np.prod(target.shape[2:], dtype=np.int64)) if convolution and len(target.shape) > 2 else 1
 
     def to_canonical(self, flat: Tensor) -> Tensor:
         """ONNX-flat → canonical (works on [..., numel] rows too)."""
-        return flat if self.order is None else flat[..., self.order]
+        return self._swap(flat, self.onnx_shape) if self.swapped else flat
 
     def to_onnx(self, flat: Tensor) -> Tensor:
-        return flat if self.inverse is None else flat[..., self.inverse]
+        return self._swap(flat, self.canonical_shape) if self.swapped else flat
+
+    @staticmethod
+    def _swap(flat: Tensor, shape: tuple[int, ...]) -> Tensor:
+        lead = flat.shape[:-1]
+        return flat.reshape(*lead, *shape).transpose(len(lead), len(lead) + 1).reshape(*lead, -1)
 
     def read(self) -> Tensor:
         return self.to_canonical(self.param.detach().reshape(-1).float())
@@ -102,17 +114,25 @@ class Pruner:
         budget: int,
         progress: Progress,
         spill_folder: Path | None = None,
+        pattern: tuple[int, int] | None = None,
+        evaluate: Callable[[], float] | None = None,
     ):
         self.estimator, self.scope, self.sources, self.progress = estimator, scope, sources, progress
+        self.pattern = pattern
+        # the loss of the current model on held-out calibration samples (sensitivity allocation)
+        self.evaluate = evaluate
+        if scope == "sensitivity" and evaluate is None:
+            raise ValueError("the sensitivity allocation needs an evaluation function")
+        self.curves: dict[str, list[float]] = {}  # the last step's loss curves, by tensor
         self.views = [TensorView(t, model.tensors[t.name]) for t in targets]
         self.keep = [torch.ones(v.numel, dtype=torch.bool, device=v.param.device) for v in self.views]
         self.records: list[StepRecord] = []
         self.plan: MemoryPlan | None = None
         self._cleanup = ExitStack()
         self._spill: Path | None = None
+        if (estimator.needs_gradients or estimator.needs_activations) and sources is None:
+            raise ValueError(f"{estimator.name} needs calibration statistics")
         if estimator.needs_gradients:
-            if sources is None:
-                raise ValueError(f"{estimator.name} needs gradients")
             disk_free = shutil.disk_usage(spill_folder).free if spill_folder is not None else 0
             self.plan = plan_statistics(self.views, estimator, sources(0).count, budget, disk_free)
             if self.plan.storage == "disk":
@@ -151,7 +171,7 @@ class Pruner:
         scored = Scored(number, label, self.sources(number) if self.sources is not None else None, list(self.keep))
         for g, group in enumerate(self.groups, 1):
             stats = self._statistics(group, self.keep, scored.source, scored.timer, label, g)
-            scored.collections += bool(self.estimator.needs_gradients)
+            scored.collections += bool(self.estimator.needs_gradients or self.estimator.needs_activations)
             started = time.perf_counter()
             for i in self._tracked(group, f"scores, {label}", g):
                 s = self.estimator.scores(self.views[i].read(), stats[i])
@@ -163,8 +183,9 @@ class Pruner:
                         "infinite values; nothing was written"
                     )
                 # already-pruned entries sort below every saliency (all are >= 0)
-                scored.scores[i] = torch.where(self.keep[i], s, torch.full_like(s, -1.0))
-                if self.plan is None or self.plan.keep_statistics:
+                scored.scores[i] = torch.where(self.keep[i], s, -1.0)
+                keep_for_update = not self.estimator.sequential or self.scope == "sensitivity"
+                if (self.plan is None or self.plan.keep_statistics) and keep_for_update:
                     scored.stats[i] = stats[i]
                     if self._spill is not None and hasattr(stats[i], "spill"):
                         stats[i].spill(self._spill)
@@ -176,9 +197,39 @@ class Pruner:
         """Select the masks for `sparsity` from `scored` and compensate the survivors."""
         timer = dict(scored.timer)
         collections = scored.collections
-        chosen = SCOPES[self.scope](scored.scores, sparsity)
+        pattern = self.pattern if self.pattern and sparsity >= 1 - self.pattern[0] / self.pattern[1] - 1e-9 else None
+        if self.pattern is not None:
+            # N:M: the final step prunes the m−n lowest of every group; an earlier step (lower
+            # sparsity) prunes, by the allocation, only among those, so every group can still end
+            # with exactly n (the pattern overrides a sensitivity allocation: N:M is uniform)
+            allowed = {
+                i: pattern_masks(s, self.views[i].shape[0], *self.pattern, kernel=self.views[i].kernel)
+                for i, s in scored.scores.items()
+            }
+            if pattern is not None:
+                chosen = allowed
+            else:
+                top = max(float(s.max()) for s in scored.scores.values()) + 1.0
+                restricted = {i: torch.where(allowed[i], torch.full_like(s, top), s) for i, s in scored.scores.items()}
+                chosen = SCOPES["layer" if self.scope == "sensitivity" else self.scope](restricted, sparsity)
+        elif self.scope == "sensitivity":
+            chosen = self._sensitivity_masks(scored, sparsity, timer)
+        else:
+            chosen = SCOPES[self.scope](scored.scores, sparsity)
         previous = scored.keep  # the masks the statistics were collected with
         self.keep = [chosen[i].to(previous[i].device) & previous[i] for i in range(len(self.views))]
+
+        def forced(i: int) -> Tensor:
+            """Entries the estimator must prune: those pruned before, or, at a step below an N:M
+            pattern's sparsity, the whole selected mask (an estimator picking its own mask could
+            otherwise leave a group with more pruned entries than the pattern allows)."""
+            return ~self.keep[i] if self.pattern is not None and pattern is None else ~previous[i]
+
+        if self.estimator.sequential:
+            collections += self._apply_in_network_order(scored, forced, pattern, timer)
+            record = StepRecord(scored.number, sparsity, timer["gradients"], timer["estimator"], collections)
+            self.records.append(record)
+            return record
 
         updates: dict[int, Tensor] = {}
         recollect = self.estimator.compensates and self.plan is not None and not self.plan.keep_statistics
@@ -193,13 +244,14 @@ class Pruner:
                 stats = {i: scored.stats.get(i) for i in group}
             started = time.perf_counter()
             for i in self._tracked(group, f"updates, {scored.label}", g):
-                new = self.estimator.compensate(self.views[i].read(), self.keep[i], stats[i])
+                new, keep = self.estimator.prune(self.views[i].read(), self.keep[i], stats[i], forced(i), pattern)
+                self.keep[i] = keep.to(previous[i].device) & previous[i]
                 if not bool(torch.isfinite(new).all()):
                     raise NonFiniteError(
                         f"{self.estimator.name} update of {self.views[i].target.name!r} produced NaN or "
                         "infinite values; nothing was written"
                     )
-                new = torch.where(self.keep[i], new.float(), torch.zeros_like(new.float()))
+                new = torch.where(self.keep[i], new.float(), 0.0)
                 if recollect:
                     updates[i] = new
                 else:
@@ -212,6 +264,69 @@ class Pruner:
         record = StepRecord(scored.number, sparsity, timer["gradients"], timer["estimator"], collections)
         self.records.append(record)
         return record
+
+    def _sensitivity_masks(self, scored: Scored, sparsity: float, timer: dict[str, float]) -> dict[int, Tensor]:
+        """Masks with per-tensor counts from measured loss curves (see allocation.py): each tensor
+        alone is pruned at the grid's sparsities by the estimator (with its update when the
+        statistics are at hand) and the model run on held-out calibration samples."""
+        started = time.perf_counter()
+        base = self.evaluate()
+        numels = [view.numel for view in self.views]
+        already = [int((~keep).sum()) for keep in scored.keep]
+        curves = []
+        with self.progress.task(f"sensitivity, {scored.label} (tensors)", len(self.views)) as task:
+            for i, view in enumerate(self.views):
+                original = view.read().clone()
+                stats = scored.stats.get(i)
+                curve = []
+                for fraction in GRID:
+                    count = prune_count(view.numel, fraction)
+                    if count <= already[i]:
+                        curve.append(0.0 if count == already[i] else math.inf)
+                        continue
+                    keep = keep_lowest_pruned(scored.scores[i], count) & scored.keep[i]
+                    new = original
+                    if stats is not None or not self.estimator.compensates:
+                        new, keep = self.estimator.prune(original, keep, stats, ~scored.keep[i])
+                    view.write(torch.where(keep.to(new.device), new.float(), 0.0))
+                    curve.append(self.evaluate() - base)
+                view.write(original)
+                curves.append(curve)
+                task.advance()
+        fractions = choose_sparsities(curves, numels, sparsity)
+        counts = exact_counts(numels, fractions, prune_count(sum(numels), sparsity), lower=already)
+        self.curves = {view.target.name: curve for view, curve in zip(self.views, curves)}
+        timer["estimator"] += time.perf_counter() - started
+        return {i: keep_lowest_pruned(scored.scores[i], counts[i]) for i in range(len(self.views))}
+
+    def _apply_in_network_order(
+        self,
+        scored: Scored,
+        forced: Callable[[int], Tensor],
+        pattern: tuple[int, int] | None,
+        timer: dict[str, float],
+    ) -> int:
+        """Prune tensor by tensor in network order, each with statistics taken after every tensor
+        before it was pruned and updated (the estimator may pick its own mask at the selected
+        counts); returns the number of collections."""
+        index = {view.target.name: i for i, view in enumerate(self.views)}
+        passes = scored.source.sequence(list(index))
+        for number, names in enumerate(passes, 1):
+            group = [index[name] for name in names]
+            label = f"{scored.label}, layer by layer"
+            stats = self._statistics(group, self.keep, scored.source, timer, label, number, len(passes))
+            started = time.perf_counter()
+            for i in group:
+                new, keep = self.estimator.prune(self.views[i].read(), self.keep[i], stats[i], forced(i), pattern)
+                if not bool(torch.isfinite(new).all()):
+                    raise NonFiniteError(
+                        f"{self.estimator.name} update of {self.views[i].target.name!r} produced NaN or "
+                        "infinite values; nothing was written"
+                    )
+                self.keep[i] = keep.to(self.keep[i].device) & scored.keep[i].to(self.keep[i].device)
+                self.views[i].write(torch.where(self.keep[i], new.float(), 0.0))
+            timer["estimator"] += time.perf_counter() - started
+        return len(passes)
 
     def restore(self, values: dict[str, Tensor], keep: Sequence[Tensor], records: int) -> None:
         """Put back weights, masks and the step count saved before an `apply` (to apply again)."""
@@ -236,15 +351,24 @@ class Pruner:
         timer: dict[str, float],
         label: str,
         number: int,
+        total: int | None = None,
     ) -> dict[int, Statistics | None]:
-        """Statistics for the tensors of `group`, from freshly collected (masked) gradients."""
+        """Statistics for the tensors of `group`, from freshly collected (masked) gradients or
+        the layers' calibration inputs."""
         views, estimator = self.views, self.estimator
         stats = {i: estimator.statistics(views[i].target.name, views[i].shape) for i in group}
+        total = len(self.groups) if total is None else total
+        suffix = f", group {number}/{total}" if total > 1 else ""
+        if estimator.needs_activations:
+            started = time.perf_counter()
+            with self.progress.task(f"layer inputs, {label}{suffix} (samples)", source.count) as task:
+                source.collect({views[i].target.name: stats[i] for i in group}, progress=task.advance)
+            timer["gradients"] += time.perf_counter() - started
+            return stats
         if not estimator.needs_gradients:
             return stats
         names = [views[i].target.name for i in group]
         masks = {views[i].target.name: views[i].to_onnx(keep[i]) for i in group}
-        suffix = f", group {number}/{len(self.groups)}" if len(self.groups) > 1 else ""
         started = time.perf_counter()
         with self.progress.task(f"gradients, {label}{suffix}", source.count) as task:
             rows = source.collect(names, masks, progress=task.advance)

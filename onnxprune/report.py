@@ -85,6 +85,7 @@ class Fisher:
     """How the second-order statistics were made (absent for data-free estimators)."""
 
     loss: str
+    statistics: str  # "gradients" or "layer inputs" (Wanda, SparseGPT: num_grads is then samples)
     num_grads: int
     fisher_batch: int
     calibration_samples_used: int
@@ -331,7 +332,10 @@ def format_human(report: Report, max_rows: int = 30) -> str:
         lines.append(f"  left dense by --exclude: {', '.join(p.excluded[:8])}{' ...' if len(p.excluded) > 8 else ''}")
     f = report.fisher
     if f is not None:
-        lines.append(f"fisher: {f.num_grads} gradients x {f.fisher_batch} samples; {f.loss}")
+        if f.statistics == "layer inputs":
+            lines.append(f"layer inputs: {f.num_grads} calibration samples; loss {f.loss}")
+        else:
+            lines.append(f"fisher: {f.num_grads} gradients x {f.fisher_batch} samples; {f.loss}")
         settings = ", ".join(
             f"{k} {v}" for k, v in f.estimator.items() if not (isinstance(v, (list, tuple)) and len(v) > 4)
         )

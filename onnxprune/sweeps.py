@@ -24,13 +24,14 @@ from . import __version__
 from .api import (
     Job,
     data_info,
-    gradient_source,
+    loss_evaluator,
     measure_sparsity,
     memory_budget,
-    model_info,
     prepare,
+    resolve_damping,
     resolve_device,
     run_schedule,
+    statistics_source,
     validate_written,
 )
 from .bridge.bindings import write_back
@@ -38,6 +39,7 @@ from .config import PruneConfig
 from .environment import environment
 from .errors import UsageError
 from .estimators import ESTIMATORS
+from .masks import parse_pattern
 from .oneshot import Pruner
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, atomic_write_bytes, save_model, tensor_bytes
 from .progress import Progress, progress_enabled
@@ -144,7 +146,10 @@ def sweep(config: SweepConfig) -> SweepReport:
     device = resolve_device(base.device)
     _check_free(config)
     # prepare with a method that needs gradients if any does, so calibration data is loaded
-    needs = next((m for m in config.methods if ESTIMATORS.get(m).needs_gradients), config.methods[0])
+    needs = next(
+        (m for m in config.methods if ESTIMATORS.get(m).needs_gradients or ESTIMATORS.get(m).needs_activations),
+        config.methods[0],
+    )
     timings: dict[str, float] = {}
     job = prepare(replace(base, method=needs), device, timings)
     module = job.torch_model.module
@@ -159,12 +164,26 @@ def sweep(config: SweepConfig) -> SweepReport:
         log.info("sweep: %s at %s", method, ", ".join(f"{s:g}" for s in config.sparsities))
         torch.manual_seed(base.seed)
         if reusable:
+            # one damping for every sparsity (the scores are shared): chosen at the highest,
+            # where it matters most, so that point equals a separate run at that sparsity
+            highest, search = resolve_damping(replace(first, sparsity=max(config.sparsities)), job, device)
+            first = replace(first, damp=highest.damp)
             estimator = ESTIMATORS.get(method)(first)
-            source = gradient_source(first, job, estimator, device)
+            estimator.damp_search = search
+            source = statistics_source(first, job, estimator, device)
             sources = (lambda step, source=source: source) if source is not None else None
             budget = memory_budget(first)
             with Pruner(
-                job.torch_model, job.targets, estimator, first.scope, sources, budget, progress, config.folder
+                job.torch_model,
+                job.targets,
+                estimator,
+                first.scope,
+                sources,
+                budget,
+                progress,
+                config.folder,
+                parse_pattern(first.pattern),
+                loss_evaluator(first, job, device) if first.scope == "sensitivity" else None,
             ) as pruner:
                 tick = time.perf_counter()
                 scored = pruner.score(f"{method}, all sparsities")
@@ -199,7 +218,7 @@ def sweep(config: SweepConfig) -> SweepReport:
     report = SweepReport(
         tool_version=__version__,
         config={**base.as_dict(), "sparsities": list(config.sparsities), "methods": list(config.methods)},
-        input=model_info(job.model.proto, base.input, job.model.uses_external_data),
+        input=job.input_info,
         calibration=data_info(job.calibration),
         evaluation=data_info(job.evaluation),
         metric=quality.metric,

@@ -272,6 +272,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, method
     real_step, calls = Pruner.step, []
 
     def interrupted(self, sparsity, label):
+        if label.startswith("damping"):  # the automatic damping search's trial steps
+            return real_step(self, sparsity, label)
         calls.append(label)
         if len(calls) == 3:
             raise KeyboardInterrupt

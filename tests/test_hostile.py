@@ -258,7 +258,7 @@ def test_disk_full_while_saving_is_exit_9_with_no_partial_or_temporary_file(tmp_
 INJECTION = 'training"), getattr(__import__("os"), "system")("touch {marker}"), getattr(self, "training'
 
 
-def test_injection_in_if_and_loop_subgraph_names_does_not_execute_and_names_survive(tmp_path):
+def test_injection_in_if_subgraph_names_does_not_execute_and_names_survive(tmp_path):
     marker = tmp_path / "pwned"
     payload = INJECTION.format(marker=marker)
     then_branch = helper.make_graph(
@@ -295,6 +295,80 @@ def test_injection_in_if_and_loop_subgraph_names_does_not_execute_and_names_surv
     assert written.graph.name == payload and written.graph.node[1].name == payload + "if"
     assert branch.name == payload + "then_graph" and branch.node[0].name == payload + "then"
     assert not marker.exists()
+
+
+def test_injection_in_loop_body_names_does_not_execute(tmp_path):
+    """Loop is not convertible (onnx2torch has no converter): exit 4, and nothing in the body ran."""
+    marker = tmp_path / "pwned"
+    payload = INJECTION.format(marker=marker)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", [payload + "c_in"], [payload + "c_out"], name=payload + "keep_going"),
+            helper.make_node("Relu", [payload + "v_in"], [payload + "v_out"], name=payload + "body_relu"),
+        ],
+        payload + "body",
+        [
+            helper.make_tensor_value_info(payload + "i", onnx.TensorProto.INT64, []),
+            helper.make_tensor_value_info(payload + "c_in", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info(payload + "v_in", onnx.TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info(payload + "c_out", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info(payload + "v_out", onnx.TensorProto.FLOAT, None),
+        ],
+    )
+    m = model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name=payload + "mm"),
+            helper.make_node("Loop", ["trips", "go", "h"], ["y"], name=payload + "loop", body=body),
+        ],
+        [tensor("x", ["N", 4])],
+        [tensor("y", ["N", 3])],
+        {"w": randn(4, 3, seed=1), "trips": np.array(2, dtype=np.int64), "go": np.array(True)},
+        name=payload,
+    )
+    path = save(m, tmp_path / "m.onnx")
+    evaluation = save_npz(tmp_path / "e.npz", x=randn(16, 4, seed=2))
+    result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5", "--method", "magnitude", "--eval", evaluation)
+    assert not marker.exists()
+    assert result.exit_code == 4 and "unsupported operators: Loop" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o.onnx").exists()
+
+
+def without_file_permission_override() -> None:
+    """In the child before exec: drop root's power to ignore file modes (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH) from the bounding set, so a read-only folder is read-only for it too."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_read_only_output_folder_is_a_clear_error_and_the_input_is_untouched(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    path = save(base_model(), tmp_path / "m.onnx")
+    before = path.read_bytes()
+    os.chmod(folder, 0o555)
+    command = Path(sys.executable).with_name("onnxprune")
+    try:
+        done = subprocess.run(
+            [str(command), str(path), str(folder / "o.onnx"), "--sparsity", "0.5", "--method", "magnitude"],
+            capture_output=True, text=True, timeout=300,
+            preexec_fn=without_file_permission_override if os.geteuid() == 0 else None,
+        )  # fmt: skip
+    except subprocess.SubprocessError as exc:
+        pytest.skip(f"cannot drop root's file-permission override here: {exc}")
+    finally:
+        os.chmod(folder, 0o755)
+    assert done.returncode == 2, done.stderr
+    assert f"cannot write to the folder {folder}" in done.stderr and "Traceback" not in done.stderr
+    assert list(folder.iterdir()) == [] and path.read_bytes() == before
 
 
 # ------------------------------------------------------------------------------ external data through the command
@@ -479,6 +553,15 @@ def test_non_finite_gradients_are_exit_7_naming_the_tensor(tmp_path, monkeypatch
 # ------------------------------------------------------------------------------ beyond protobuf's 2 GiB
 
 
+def sha256_of(path: Path) -> str:
+    """The file's digest, read in chunks (a 2.5 GiB file is not held in the test's memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @pytest.mark.slow
 def test_model_larger_than_2_gib_round_trips_with_external_data(tmp_path):
     """Three MatMul weights of 1 GiB, 1 GiB and 0.5 GiB (2.5 GiB in all, external data): pruned by
@@ -510,7 +593,7 @@ def test_model_larger_than_2_gib_round_trips_with_external_data(tmp_path):
     del m
     data_file = folder / "big.onnx.weights"
     assert data_file.stat().st_size > 2 * 2**30
-    before = hashlib.sha256(data_file.read_bytes()).hexdigest()
+    before = sha256_of(data_file)
     evaluation = save_npz(tmp_path / "e.npz", x=randn(8, width, seed=4) / 128)
     command = Path(sys.executable).with_name("onnxprune")
     out = tmp_path / "out.onnx"
@@ -524,7 +607,7 @@ def test_model_larger_than_2_gib_round_trips_with_external_data(tmp_path):
     assert report["output"]["external_data"] is True and report["output"]["size_bytes"] > 2 * 2**30
     assert all(abs(t["sparsity"] - 0.5) < 1e-6 for t in report["pruning"]["tensors"])
     assert report["validation"]["outputs"][0]["cosine"] > 0.5  # onnxruntime ran the written model
-    assert hashlib.sha256(data_file.read_bytes()).hexdigest() == before  # the input's data untouched
+    assert sha256_of(data_file) == before  # the input's data untouched
     print(f"peak memory of a 2.5 GiB model round trip: {report['peak_memory_bytes'] / 2**30:.1f} GiB")
 
 

@@ -11,6 +11,7 @@ original model: an initializer, or the value of a Constant node, in the main gra
 from __future__ import annotations
 
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
@@ -63,13 +64,19 @@ class PrunableTensor:
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    @property
+    def swapped(self) -> bool:
+        """Whether the canonical order (output units major) is the ONNX layout with its first two
+        axes swapped: every consumer stores the weight (input, output, ...) and uses it directly.
+        Otherwise (already canonical, consumers disagreeing, a layout chain) it is the ONNX one."""
+        if not self.consumers or any(c.via for c in self.consumers) or len(self.shape) < 2:
+            return False
+        return {c.transposed for c in self.consumers} == {True}
+
     def canonical_order(self) -> np.ndarray | None:
-        """Flat ONNX positions in canonical order (output units major), or None when the ONNX
-        layout already is canonical or the consumers disagree or reach it through a chain."""
-        if not self.consumers or any(c.via for c in self.consumers):
-            return None
-        flags = {c.transposed for c in self.consumers}
-        if flags != {True} or len(self.shape) < 2:
+        """Flat ONNX positions in canonical order, or None when that is the ONNX order (an index
+        array as large as the tensor: for checks; the pipeline transposes instead)."""
+        if not self.swapped:
             return None
         return np.arange(self.numel).reshape(self.shape).swapaxes(0, 1).reshape(-1)
 
@@ -77,7 +84,7 @@ class PrunableTensor:
         """(output units, inputs per unit) in canonical order: Conv [out, in·k], Gemm/MatMul
         [out, in], recurrent W/R [directions·gates·hidden, in]."""
         shape = list(self.shape)
-        if self.canonical_order() is not None:
+        if self.swapped:
             shape[0], shape[1] = shape[1], shape[0]
         if self.consumers and self.consumers[0].op_type in ("LSTM", "GRU", "RNN"):
             rows = int(np.prod(shape[:-1]))
@@ -191,14 +198,31 @@ def write_back(model: ModelProto, arrays: Mapping[str, np.ndarray]) -> ModelProt
         shape = tuple(tensor.dims)
         if array.shape != shape:
             raise ValueError(f"write_back: {name!r} has shape {shape}, got {array.shape}")
-        replacement = numpy_helper.from_array(np.asarray(array, dtype=dtype, order="C"))
         # Replace only the payload, so the tensor's other fields (doc, metadata) stay as they were.
-        for typed_field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-            tensor.ClearField(typed_field)
-        tensor.raw_data = replacement.raw_data
+        _clear_payload(tensor)
+        # raw_data is little-endian; one bytes copy of the values (a large tensor is not staged
+        # through a second TensorProto)
+        values = np.ascontiguousarray(array, dtype=dtype)
+        tensor.raw_data = (values.byteswap() if sys.byteorder == "big" else values).tobytes()
     if remaining:
         raise KeyError(f"write_back: no initializer or Constant named {sorted(remaining)}")
     return out
+
+
+def release_payloads(model: ModelProto, names: Iterable[str]) -> None:
+    """Drop the values of the tensors called `names` from `model` in place, keeping their names,
+    types and shapes: the values live on in the torch model and every write-back replaces them,
+    so a large model is not held twice."""
+    wanted = set(names)
+    for name, tensor in named_tensors(model):
+        if name in wanted:
+            _clear_payload(tensor)
+            tensor.ClearField("raw_data")
+
+
+def _clear_payload(tensor: TensorProto) -> None:
+    for typed_field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(typed_field)
 
 
 def read_tensor(model: ModelProto, name: str) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Estimators, one module each, all registered in ESTIMATORS on import."""
 
-from . import diagonal, fishleg, magnitude, woodfisher  # noqa: F401  (register)
+from . import diagonal, fishleg, layerwise, magnitude, woodfisher  # noqa: F401  (register)
 from .base import ESTIMATORS, Estimator, MemoryNeed, Statistics, register
 
 DEFAULT_METHOD = "woodfisher"

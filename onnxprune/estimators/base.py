@@ -54,6 +54,14 @@ class Estimator(ABC):
     # Whether statistics persist and learn across steps (one `update` per step) rather than
     # being rebuilt from each step's rows.
     online: ClassVar[bool] = False
+    # Whether `statistics` are fed the calibration inputs of each weight's layer (rows
+    # [groups, n, cols], see activations.py) instead of gradients.
+    needs_activations: ClassVar[bool] = False
+    # Whether the update of each tensor needs statistics taken after every tensor before it in
+    # the network was pruned (layer by layer, each seeing the already-pruned inputs).
+    sequential: ClassVar[bool] = False
+    # Whether the estimator reads `damp` (then chosen automatically when it is "auto").
+    uses_damping: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig | None = None):
         self.config = config
@@ -76,9 +84,35 @@ class Estimator(ABC):
         """New values for the flat `weight` given the keep-mask; pruned entries exactly zero."""
         return torch.where(keep, weight, torch.zeros_like(weight))
 
+    def prune(
+        self,
+        weight: Tensor,
+        keep: Tensor,
+        stats: Statistics | None,
+        forced: Tensor,
+        pattern: tuple[int, int] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """New values and keep-mask for the flat `weight`. `keep` is the selected mask (already
+        N:M when `pattern` is given); an estimator that picks its own mask (SparseGPT) may return
+        another with as many pruned entries (or the same pattern) that prunes every `forced`
+        entry (pruned at an earlier step)."""
+        return self.compensate(weight, keep, stats), keep
+
     def describe(self) -> dict:
         """The settings that shaped the result, for the report."""
         return {}
+
+
+# The damping used when `damp` is "auto" but no search ran (large models, or an estimator built
+# outside a run); the search grid.
+DEFAULT_DAMP = 1e-3
+DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def damping(config: PruneConfig | None) -> float:
+    """The configured relative damping as a number ("auto" not yet resolved: DEFAULT_DAMP)."""
+    value = getattr(config, "damp", DEFAULT_DAMP)
+    return DEFAULT_DAMP if value == "auto" else float(value)
 
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")

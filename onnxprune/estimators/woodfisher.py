@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..obs import from_blocks, obs_joint_update, obs_saliency, obs_summed_update, to_blocks, woodbury_inverse
-from .base import Estimator, MemoryNeed, register
+from .base import Estimator, MemoryNeed, damping, register
 
 # Gradients folded in per Woodbury step: the same result as Sherman-Morrison (chunk 1), and each
 # step reads the whole inverse once, so fewer steps are faster (64 measured ~2x faster than 32 on
@@ -68,11 +68,12 @@ class WoodFisher(Estimator):
     name = "woodfisher"
     summary = "OBS with a block-diagonal inverse Fisher built by the Woodbury recursion; joint block update"
     needs_gradients = True
+    uses_damping = True
 
     def __init__(self, config=None):
         super().__init__(config)
         self.block_size = getattr(config, "block_size", 128)
-        self.damp = getattr(config, "damp", 1e-3)
+        self.damp = damping(config)
         self.update = getattr(config, "obs_update", "joint")
         self.compensates = self.update != "none"
 

@@ -1,0 +1,259 @@
+"""Calibration inputs of each weight's layer, captured with hooks: the raw material of the
+layer-wise estimators (Wanda, SparseGPT).
+
+For a weight W seen as a matrix [rows, cols] (canonical order), the rows its layer multiplies it
+with are: the last axis of a MatMul's other operand, Gemm's op(A) rows, and a Conv's unfolded
+input patches (per group of a grouped convolution). Each captured batch goes straight into the
+tensor's statistics (sums, not stored rows), so memory does not grow with the calibration set.
+Weights whose inputs cannot be captured that way (ConvTranspose, recurrent nodes, 3-D
+convolutions, weights reached through layout nodes, batched MatMul weights) are refused up front
+with the names, rather than pruned on a different scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from .bridge.bindings import PrunableTensor
+from .bridge.convert import TorchModel
+from .data import Dataset, InputSpec, feed_plan, iter_feeds
+from .errors import UsageError
+from .layerwise import conv_patches, gram
+
+log = logging.getLogger("onnxprune")
+
+
+class InputStatistics:
+    """Sums over the calibration input rows of one weight: XᵀX per group (when `full`) and the
+    squared column norms; `groups` is 1 except for grouped convolutions, `kernel` the number of
+    kernel positions per input channel (1 for MatMul/Gemm)."""
+
+    def __init__(self, cols: int, full: bool = True):
+        self.cols, self.full = cols, full
+        self.gram: Tensor | None = None  # [groups, cols, cols]
+        self.squares: Tensor | None = None  # [groups, cols]
+        self.count = 0  # input rows seen (per group)
+        self.groups = 1
+        self.kernel = 1
+
+    def update(self, rows: Tensor, keep: Tensor | None = None) -> None:
+        """Add input rows [groups, n, cols]."""
+        rows = rows.detach().to(torch.float64)
+        squares = (rows * rows).sum(1)
+        self.squares = squares if self.squares is None else self.squares + squares
+        if self.full:
+            grams = torch.stack([gram(part) for part in rows])
+            self.gram = grams if self.gram is None else self.gram + grams
+        self.groups = rows.shape[0]
+        self.count += rows.shape[1]
+
+    def hessian(self) -> Tensor:
+        """The mean XᵀX per group [groups, cols, cols] (undamped); zero for a layer that never ran
+        (the damping then makes its scores magnitude-like)."""
+        if self.gram is None:
+            return torch.zeros(1, self.cols, self.cols, dtype=torch.float64)
+        return self.gram / max(1, self.count)
+
+    def column_norms(self) -> Tensor:
+        """‖X_j‖ per group [groups, cols]; ones for a layer that never ran (magnitude scores)."""
+        if self.squares is None:
+            return torch.ones(1, self.cols, dtype=torch.float64)
+        return self.squares.sqrt()
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Where one weight's input rows come from: a module and how to read them from its inputs."""
+
+    name: str
+    module: str  # path of the module whose forward pre-hook sees the inputs
+    read: Callable[[nn.Module, tuple], Tensor | None]  # → rows [groups, n, cols], None if not this weight
+    activation: str  # the ONNX value the rows are made from (weights sharing it share a pass)
+    order: int  # position of the consuming node in the graph (topological)
+
+
+def plan_captures(model: TorchModel, targets: Sequence[PrunableTensor]) -> dict[str, list[Capture]]:
+    """How to capture every target's inputs; targets that cannot be captured raise a UsageError."""
+    modules = dict(model.module.named_modules())
+    order = {name: index for index, name in enumerate(model.node_inputs)}
+    plans: dict[str, list[Capture]] = {}
+    refused = []
+    for target in targets:
+        if any(c.via for c in target.consumers):
+            refused.append(f"{target.name!r} (reached through {', '.join(c.describe() for c in target.consumers)})")
+            continue
+        param = model.tensors[target.name]
+        captures = []
+        for module_name, inputs in model.node_inputs.items():
+            op_type = model.nodes[module_name][0]
+            for index, value in enumerate(inputs):
+                if value != target.name:
+                    continue
+                found = _capture(op_type, index, modules, module_name, inputs, param, target)
+                if found is None:
+                    refused.append(f"{target.name!r} ({op_type} input {index})")
+                else:
+                    path, read, activation = found
+                    captures.append(Capture(target.name, path, read, activation, order[module_name]))
+        if not captures:
+            refused.append(f"{target.name!r} (no MatMul, Gemm or Conv uses it directly)")
+        plans[target.name] = captures
+    if refused:
+        raise UsageError(
+            "the layer-wise estimators read each weight's inputs from MatMul, Gemm or 1-D/2-D Conv nodes that "
+            f"use it directly; they cannot for {', '.join(sorted(set(refused)))}. Exclude those tensors with "
+            "--exclude, or use a gradient-based --method (woodfisher, fishleg, diagonal-fisher, magnitude)"
+        )
+    return plans
+
+
+def _capture(op_type, index, modules, module_name, inputs, param, target):
+    """(hooked module path, reader, activation value) for one use of a weight, or None."""
+    if len(target.shape) != 2 and op_type in ("MatMul", "Gemm"):
+        return None
+    if op_type == "MatMul":
+        return module_name, _matmul_reader(index, param), inputs[1 - index]
+    if op_type == "Gemm":
+        return module_name, _gemm_reader(index, param, modules[module_name]), inputs[1 - index]
+    if op_type == "Conv" and index == 1:
+        convs = [
+            (path, m)
+            for path, m in modules.items()
+            if path.startswith(module_name + ".") and isinstance(m, _ConvNd) and not m.transposed
+        ]
+        if (
+            len(convs) != 1
+            or len(convs[0][1].kernel_size) > 2
+            or convs[0][1].padding_mode != "zeros"
+            or isinstance(convs[0][1].padding, str)
+        ):
+            return None
+        return convs[0][0], _conv_reader(param), inputs[0]
+    return None
+
+
+def _matmul_reader(index: int, param: Tensor):
+    def read(module: nn.Module, args: tuple) -> Tensor | None:
+        if len(args) < 2 or args[index] is not param:
+            return None
+        other = args[1 - index]
+        if index == 1:  # x @ W: the rows are x's last axis
+            return other.reshape(1, -1, other.shape[-1])
+        return other.transpose(-1, -2).reshape(1, -1, other.shape[-2])  # W @ x: x's columns
+
+    return read
+
+
+def _gemm_reader(index: int, param: Tensor, module: nn.Module):
+    trans_a, trans_b = bool(getattr(module, "trans_a", False)), bool(getattr(module, "trans_b", False))
+
+    def read(module: nn.Module, args: tuple) -> Tensor | None:
+        if len(args) < 2 or args[index] is not param:
+            return None
+        if index == 1:  # Y = op(A) op(B): the rows are op(A)'s rows
+            a = args[0]
+            return (a.T if trans_a else a).reshape(1, -1, param.shape[1 if trans_b else 0])
+        b = args[1]  # W = op(A): the rows are op(B)'s columns
+        return (b if trans_b else b.T).reshape(1, -1, param.shape[0 if trans_a else 1])
+
+    return read
+
+
+def _conv_reader(param: Tensor):
+    def read(module: nn.Module, args: tuple) -> Tensor | None:
+        if module.weight is not param or not args:
+            return None
+        return conv_patches(args[0], module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
+
+    return read
+
+
+class _Done(Exception):
+    """Raised in a hook once every wanted input of this batch was seen: the rest is not needed."""
+
+
+class ActivationSource:
+    """Runs calibration samples through the model and feeds each weight's input rows to its
+    statistics. The same `count` samples (a seeded choice) are used at every collection."""
+
+    def __init__(
+        self,
+        model: TorchModel,
+        data: Dataset,
+        specs: Sequence[InputSpec],
+        targets: Sequence[PrunableTensor],
+        count: int,
+        batch: int,
+        seed: int,
+        device: torch.device,
+    ):
+        self.model, self.data, self.specs, self.device = model, data, specs, device
+        self.captures = plan_captures(model, targets)
+        self.count = min(count, len(data))
+        order = np.random.default_rng(seed).permutation(len(data))[: self.count]
+        self.samples = data.take(np.sort(order), "calibration samples")
+        self.plan = feed_plan(specs, self.samples, preferred=batch)
+        self.kernels = {t.name: int(np.prod(t.shape[2:], dtype=np.int64)) if len(t.shape) > 2 else 1 for t in targets}
+
+    @property
+    def samples_used(self) -> int:
+        return self.count
+
+    def sequence(self, names: Sequence[str]) -> list[list[str]]:
+        """`names` in network order, grouped by the activation they read (one pass per group)."""
+        groups: dict[str, list[str]] = {}
+        first: dict[str, int] = {}
+        for name in sorted(names, key=lambda n: min(c.order for c in self.captures[n])):
+            key = self.captures[name][0].activation
+            groups.setdefault(key, []).append(name)
+            first.setdefault(key, min(c.order for c in self.captures[name]))
+        return [groups[key] for key in sorted(groups, key=first.get)]
+
+    def collect(self, stats: dict[str, InputStatistics], progress: Callable[[int], None] | None = None) -> None:
+        """Feed the input rows of every weight named in `stats` over the calibration samples."""
+        modules = dict(self.model.module.named_modules())
+        wanted = [c for name in stats for c in self.captures[name]]
+        for name, s in stats.items():
+            s.kernel = self.kernels[name]
+        seen: set[int] = set()
+        real = [1.0]
+
+        def hook_for(capture: Capture, key: int):
+            def hook(module: nn.Module, args: tuple) -> None:
+                rows = capture.read(module, args)
+                if rows is None:
+                    return
+                # a fixed-batch model pads the last batch: its rows come last (batch-major)
+                keep = int(round(rows.shape[1] * real[0]))
+                stats[capture.name].update(rows[:, :keep])
+                seen.add(key)
+                if len(seen) == len(wanted):
+                    raise _Done
+
+            return hook
+
+        handles = [modules[c.module].register_forward_pre_hook(hook_for(c, k)) for k, c in enumerate(wanted)]
+        try:
+            with torch.no_grad():
+                for feeds, samples in iter_feeds(self.samples, self.specs, self.plan):
+                    seen.clear()
+                    real[0] = (samples.stop - samples.start) / self.plan.batch if self.plan.fixed else 1.0
+                    try:
+                        self.model(*self.model.inputs(feeds, self.device))
+                    except _Done:
+                        pass
+                    if progress is not None:
+                        progress(samples.stop - samples.start)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, s in stats.items():
+            if s.count == 0:
+                log.warning("%r: its layer never ran on the calibration samples; pruned by magnitude", name)

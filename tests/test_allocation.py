@@ -1,0 +1,112 @@
+"""Allocation across tensors (exact counts, the knapsack against brute force, sensitivity end to
+end) and automatic damping."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxprune import PruneConfig, api, prune
+from onnxprune.allocation import choose_sparsities, exact_counts
+from onnxprune.estimators.base import DAMP_GRID, DEFAULT_DAMP
+from onnxprune.masks import prune_count
+
+from builders import MODELS
+
+
+@pytest.mark.parametrize("target", [0.0, 0.33, 0.5, 0.8, 0.97])
+def test_exact_counts_sum_to_the_target_to_the_element(target):
+    numels = [7, 1000, 333, 2]
+    rng = np.random.default_rng(0)
+    fractions = rng.uniform(0, 1, size=4)
+    total = prune_count(sum(numels), target)
+    counts = exact_counts(numels, fractions, total)
+    assert sum(counts) == total
+    assert all(0 <= c <= n for c, n in zip(counts, numels))
+
+
+def test_exact_counts_respect_entries_already_pruned_and_the_sizes():
+    counts = exact_counts([10, 10, 10], [0.0, 0.9, 0.9], 15, lower=[6, 0, 0])
+    assert sum(counts) == 15 and counts[0] >= 6 and max(counts) <= 10
+    assert exact_counts([4, 4], [1.0, 0.0], 6) == [4, 2]  # the capped tensor's excess moves on
+    with pytest.raises(ValueError):
+        exact_counts([4, 4], [0.5, 0.5], 9)
+
+
+def test_knapsack_choice_equals_brute_force():
+    grid = (0.0, 0.5, 0.8, 0.9)
+    numels = [100, 300, 50]
+    rng = np.random.default_rng(1)
+    # convex-ish increasing curves with different scales per tensor
+    curves = [sorted(rng.uniform(0, scale, size=len(grid))) for scale in (1.0, 0.1, 5.0)]
+    for curve in curves:
+        curve[0] = 0.0
+    target = 0.7
+    chosen = choose_sparsities(curves, numels, target, grid)
+    best, best_loss = None, np.inf
+    for picks in itertools.product(range(len(grid)), repeat=len(numels)):
+        pruned = sum(grid[k] * n for k, n in zip(picks, numels))
+        loss = sum(curves[i][k] for i, k in enumerate(picks))
+        if pruned >= target * sum(numels) - 1e-9 and loss < best_loss:
+            best, best_loss = [grid[k] for k in picks], loss
+    assert chosen == best
+    # the cheap tensor (scale 0.1) takes the most
+    assert chosen[1] == max(chosen)
+
+
+def test_sensitivity_allocation_on_the_shipped_cnn_prunes_exactly_and_beats_uniform(tmp_path):
+    accuracy = {}
+    for scope in ("layer", "sensitivity"):
+        report = prune(
+            PruneConfig(
+                input=MODELS / "mnist_cnn.onnx", output=tmp_path / f"{scope}.onnx", sparsity=0.9,
+                method="magnitude", scope=scope, calibration=MODELS / "mnist_calib.npz",
+                evaluation=MODELS / "mnist_eval.npz", progress="off",
+            )
+        )  # fmt: skip
+        accuracy[scope] = report.validation.accuracy_after
+        if scope == "sensitivity":  # exact over all tensors (layer rounds each tensor on its own)
+            assert report.pruning.zeros == prune_count(report.pruning.params, 0.9)
+            per_tensor = {t.name: t.sparsity for t in report.pruning.tensors}
+            assert len(set(round(s, 2) for s in per_tensor.values())) > 1  # not uniform
+    assert accuracy["sensitivity"] >= accuracy["layer"] + 0.02, accuracy
+
+
+# ------------------------------------------------------------------------------ automatic damping
+
+
+def cnn_config(tmp_path, name: str, **settings) -> PruneConfig:
+    return PruneConfig(
+        input=MODELS / "mnist_cnn.onnx", output=tmp_path / f"{name}.onnx", sparsity=0.9, method="woodfisher",
+        calibration=MODELS / "mnist_calib.npz", evaluation=MODELS / "mnist_eval.npz", num_grads=64,
+        progress="off", **settings,
+    )  # fmt: skip
+
+
+def weights(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_auto_damping_picks_the_grid_value_with_the_smallest_held_out_loss_and_leaves_no_trace(tmp_path):
+    report = prune(cnn_config(tmp_path, "auto"))
+    search = report.fisher.estimator["damp_search"]
+    assert search["searched"] and search["grid"] == list(DAMP_GRID) and len(search["losses"]) == len(DAMP_GRID)
+    assert search["chosen"] == DAMP_GRID[int(np.argmin(search["losses"]))] == report.fisher.estimator["damp"]
+    assert max(search["losses"]) > 1.05 * min(search["losses"])  # the choice matters on this model
+    # the search restored every weight: the run equals one with that damping given
+    given = prune(cnn_config(tmp_path, "given", damp=search["chosen"]))
+    assert "damp_search" not in given.fisher.estimator
+    first, second = weights(tmp_path / "auto.onnx"), weights(tmp_path / "given.onnx")
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    assert report.validation.accuracy_after == given.validation.accuracy_after
+
+
+def test_auto_damping_is_skipped_for_large_models(tmp_path, monkeypatch):
+    monkeypatch.setattr(api, "AUTO_DAMP_MAX_PARAMS", 1000)
+    report = prune(cnn_config(tmp_path, "large"))
+    search = report.fisher.estimator["damp_search"]
+    assert not search["searched"] and search["chosen"] == DEFAULT_DAMP == report.fisher.estimator["damp"]
