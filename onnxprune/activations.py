@@ -200,7 +200,7 @@ class ActivationSource:
         order = np.random.default_rng(seed).permutation(len(data))[: self.count]
         self.samples = data.take(np.sort(order), "calibration samples")
         self.plan = feed_plan(specs, self.samples, preferred=batch)
-        self.kernels = {t.name: int(np.prod(t.shape[2:], dtype=np.int64)) if len(t.shape) > 2 else 1 for t in targets}
+        self.kernels = {t.name: t.kernel for t in targets}
 
     @property
     def samples_used(self) -> int:

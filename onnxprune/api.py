@@ -487,8 +487,8 @@ def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, flo
         try:
             validation, candidate = validate_written(config, job, config.output)
         except NonFiniteError:
-            config.output.unlink(missing_ok=True)
-            config.output.with_name(external_data_name(config.output)).unlink(missing_ok=True)
+            for written in [config.output, *written_data_files(config.output, external=True)]:
+                written.unlink(missing_ok=True)
             raise
         agreement = None
         if pruned.final_torch is not None:
@@ -657,9 +657,8 @@ def memory_budget(config: PruneConfig) -> int:
 def estimator_details(estimator: Estimator) -> dict:
     """The estimator's settings for the report, with the damping search when one ran."""
     details = estimator.describe()
-    search = getattr(estimator, "damp_search", None)
-    if search is not None:
-        details["damp_search"] = search
+    if estimator.damp_search is not None:
+        details["damp_search"] = estimator.damp_search
     return details
 
 
@@ -672,38 +671,36 @@ def fisher_info(
         StepInfo(s.step, s.sparsity, round(s.gradient_seconds, 3), round(s.estimator_seconds, 3), s.collections)
         for s in outcome.steps
     )
+    shared = dict(
+        num_grads=source.count,
+        calibration_samples_used=source.samples_used,
+        estimator=estimator_details(estimator),
+        steps=steps,
+        gradient_seconds=round(sum(s.gradient_seconds for s in steps), 3),
+        estimator_seconds=round(sum(s.estimator_seconds for s in steps), 3),
+    )
     if isinstance(source, ActivationSource):
         return Fisher(
             loss="none: each layer's output error on its calibration inputs, ‖ΔW·X‖² (H = 2XᵀX)",
             statistics="layer inputs",
-            num_grads=source.count,
             fisher_batch=1,
-            calibration_samples_used=source.samples_used,
-            estimator=estimator_details(estimator),
-            steps=steps,
             groups=1,
             statistics_storage="memory",
             memory_estimate_bytes=0,
             memory_budget_bytes=0,
-            gradient_seconds=round(sum(s.gradient_seconds for s in steps), 3),
-            estimator_seconds=round(sum(s.estimator_seconds for s in steps), 3),
+            **shared,
         )
     if outcome.plan is None:
         return None
     return Fisher(
         loss=source.loss.describe(),
         statistics="gradients",
-        num_grads=source.count,
         fisher_batch=source.micro_batch,
-        calibration_samples_used=source.samples_used,
-        estimator=estimator_details(estimator),
-        steps=steps,
         groups=len(outcome.plan.groups),
         statistics_storage=outcome.plan.storage,
         memory_estimate_bytes=outcome.plan.estimate,
         memory_budget_bytes=outcome.plan.budget,
-        gradient_seconds=round(sum(s.gradient_seconds for s in steps), 3),
-        estimator_seconds=round(sum(s.estimator_seconds for s in steps), 3),
+        **shared,
     )
 
 

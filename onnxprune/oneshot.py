@@ -75,9 +75,7 @@ class TensorView:
         self.canonical_shape = (self.onnx_shape[1], self.onnx_shape[0], *self.onnx_shape[2:]) if self.swapped else None
         self.numel = param.numel()
         self.shape = target.matrix_shape()
-        # kernel positions per input channel (Conv, ConvTranspose): N:M groups run across channels
-        convolution = target.consumers and target.consumers[0].op_type in ("Conv", "ConvTranspose")
-        self.kernel = int(np.prod(target.shape[2:], dtype=np.int64)) if convolution and len(target.shape) > 2 else 1
+        self.kernel = target.kernel  # N:M groups run across input channels at each kernel position
 
     def to_canonical(self, flat: Tensor) -> Tensor:
         """ONNX-flat → canonical (works on [..., numel] rows too)."""
@@ -123,7 +121,6 @@ class Pruner:
         self.evaluate = evaluate
         if scope == "sensitivity" and evaluate is None:
             raise ValueError("the sensitivity allocation needs an evaluation function")
-        self.curves: dict[str, list[float]] = {}  # the last step's loss curves, by tensor
         self.views = [TensorView(t, model.tensors[t.name]) for t in targets]
         self.keep = [torch.ones(v.numel, dtype=torch.bool, device=v.param.device) for v in self.views]
         self.records: list[StepRecord] = []
@@ -169,6 +166,8 @@ class Pruner:
         number of `apply` calls from these same weights (a sweep over sparsities)."""
         number = len(self.records) + 1
         scored = Scored(number, label, self.sources(number) if self.sources is not None else None, list(self.keep))
+        # sequential estimators collect their statistics again, layer by layer, for the update
+        keep_for_update = not self.estimator.sequential or self.scope == "sensitivity"
         for g, group in enumerate(self.groups, 1):
             stats = self._statistics(group, self.keep, scored.source, scored.timer, label, g)
             scored.collections += bool(self.estimator.needs_gradients or self.estimator.needs_activations)
@@ -184,7 +183,6 @@ class Pruner:
                     )
                 # already-pruned entries sort below every saliency (all are >= 0)
                 scored.scores[i] = torch.where(self.keep[i], s, -1.0)
-                keep_for_update = not self.estimator.sequential or self.scope == "sensitivity"
                 if (self.plan is None or self.plan.keep_statistics) and keep_for_update:
                     scored.stats[i] = stats[i]
                     if self._spill is not None and hasattr(stats[i], "spill"):
@@ -244,14 +242,7 @@ class Pruner:
                 stats = {i: scored.stats.get(i) for i in group}
             started = time.perf_counter()
             for i in self._tracked(group, f"updates, {scored.label}", g):
-                new, keep = self.estimator.prune(self.views[i].read(), self.keep[i], stats[i], forced(i), pattern)
-                self.keep[i] = keep.to(previous[i].device) & previous[i]
-                if not bool(torch.isfinite(new).all()):
-                    raise NonFiniteError(
-                        f"{self.estimator.name} update of {self.views[i].target.name!r} produced NaN or "
-                        "infinite values; nothing was written"
-                    )
-                new = torch.where(self.keep[i], new.float(), 0.0)
+                new = self._prune_tensor(i, stats[i], forced(i), pattern, previous[i])
                 if recollect:
                     updates[i] = new
                 else:
@@ -264,6 +255,20 @@ class Pruner:
         record = StepRecord(scored.number, sparsity, timer["gradients"], timer["estimator"], collections)
         self.records.append(record)
         return record
+
+    def _prune_tensor(
+        self, i: int, stats: Statistics | None, forced: Tensor, pattern: tuple[int, int] | None, previous: Tensor
+    ) -> Tensor:
+        """Tensor i's new canonical values from the estimator (pruned entries exactly zero); its
+        keep-mask becomes the estimator's, within `previous`."""
+        new, keep = self.estimator.prune(self.views[i].read(), self.keep[i], stats, forced, pattern)
+        if not bool(torch.isfinite(new).all()):
+            raise NonFiniteError(
+                f"{self.estimator.name} update of {self.views[i].target.name!r} produced NaN or "
+                "infinite values; nothing was written"
+            )
+        self.keep[i] = keep.to(previous.device) & previous
+        return torch.where(self.keep[i], new.float(), 0.0)
 
     def _sensitivity_masks(self, scored: Scored, sparsity: float, timer: dict[str, float]) -> dict[int, Tensor]:
         """Masks with per-tensor counts from measured loss curves (see allocation.py): each tensor
@@ -295,7 +300,6 @@ class Pruner:
                 task.advance()
         fractions = choose_sparsities(curves, numels, sparsity)
         counts = exact_counts(numels, fractions, prune_count(sum(numels), sparsity), lower=already)
-        self.curves = {view.target.name: curve for view, curve in zip(self.views, curves)}
         timer["estimator"] += time.perf_counter() - started
         return {i: keep_lowest_pruned(scored.scores[i], counts[i]) for i in range(len(self.views))}
 
@@ -317,14 +321,7 @@ class Pruner:
             stats = self._statistics(group, self.keep, scored.source, timer, label, number, len(passes))
             started = time.perf_counter()
             for i in group:
-                new, keep = self.estimator.prune(self.views[i].read(), self.keep[i], stats[i], forced(i), pattern)
-                if not bool(torch.isfinite(new).all()):
-                    raise NonFiniteError(
-                        f"{self.estimator.name} update of {self.views[i].target.name!r} produced NaN or "
-                        "infinite values; nothing was written"
-                    )
-                self.keep[i] = keep.to(self.keep[i].device) & scored.keep[i].to(self.keep[i].device)
-                self.views[i].write(torch.where(self.keep[i], new.float(), 0.0))
+                self.views[i].write(self._prune_tensor(i, stats[i], forced(i), pattern, scored.keep[i]))
             timer["estimator"] += time.perf_counter() - started
         return len(passes)
 

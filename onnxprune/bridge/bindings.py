@@ -92,6 +92,13 @@ class PrunableTensor:
             rows = shape[0]
         return rows, self.numel // rows
 
+    @property
+    def kernel(self) -> int:
+        """Kernel positions per input channel: the product of a (transposed) convolution weight's
+        spatial axes, 1 for anything else."""
+        convolution = self.consumers and self.consumers[0].op_type in ("Conv", "ConvTranspose")
+        return int(np.prod(self.shape[2:], dtype=np.int64)) if convolution and len(self.shape) > 2 else 1
+
     def matches(self, pattern: re.Pattern) -> bool:
         """Whether `pattern` matches the tensor's name or the name of a node that uses it."""
         return bool(pattern.search(self.name)) or any(pattern.search(c.node) for c in self.consumers)

@@ -65,6 +65,8 @@ class Estimator(ABC):
 
     def __init__(self, config: PruneConfig | None = None):
         self.config = config
+        # the automatic damping search that chose `damp` (grid, losses, choice), for the report
+        self.damp_search: dict | None = None
 
     def statistics(self, name: str, shape: tuple[int, int]) -> Statistics | None:
         """An accumulator for tensor `name`, seen as a matrix of `shape` (output units × inputs)
