@@ -44,6 +44,7 @@ from pathlib import Path
 from onnx import numpy_helper
 from onnxprune.api import compare_outputs
 from onnxprune.bridge.bindings import find_prunable, read_tensor
+from onnxprune.bridge.preprocess import constants_to_initializers
 from onnxprune.data import input_specs, load_dataset
 from onnxprune.validate import OrtModel, choose_headline
 original = onnx.load({model!r})
@@ -55,9 +56,13 @@ written = OrtModel({out!r})
 candidate = written.run(evaluation, specs, 32)
 q = compare_outputs(reference, candidate, evaluation.labels, written.output_names, headline).quality
 written_proto = onnx.load({out!r})
-targets = [t.name for t in find_prunable(original)]
-zeros = sum(int((read_tensor(written_proto, n) == 0).sum()) for n in targets)
-total = sum(read_tensor(original, n).size for n in targets)
+# the peer writes each pruned weight as a new initializer (`_v_21`, ...) and leaves the original,
+# now unused, beside it: count zeros in the weights the written graph's layers actually read
+# (weights in Constant nodes, as PaddlePaddle writes them, counted like initializers)
+constants_to_initializers(original.graph)
+constants_to_initializers(written_proto.graph)
+zeros = sum(int((read_tensor(written_proto, t.name) == 0).sum()) for t in find_prunable(written_proto))
+total = sum(read_tensor(original, t.name).size for t in find_prunable(original))
 print(json.dumps({{
     "metric": q.metric, "before": q.before, "after": q.after, "wall_seconds": prune_seconds,
     "prune_seconds": prune_seconds, "peak_bytes": peak, "gradient_seconds": 0.0, "estimator_seconds": 0.0,

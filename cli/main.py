@@ -78,12 +78,13 @@ _SHARED = [
         "--scope",
         "scope",
         type=click.Choice([*ALLOCATIONS, "uniform"]),
-        default="global",
+        default="auto",
         show_default=True,
         help="How the sparsity is split across tensors. global: one threshold over all weights on the "
         "estimator's scale; layer (or uniform): every tensor to the same sparsity; sensitivity: per-tensor "
         "sparsities that minimise the measured loss increase (each tensor pruned alone at several "
-        "sparsities, the model run on calibration samples).",
+        "sparsities, the model run on calibration samples); auto: global or layer, whichever leaves the "
+        "smaller loss on held-out calibration samples (global without calibration data).",
     ),
     click.option(
         "--pattern",

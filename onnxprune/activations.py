@@ -43,14 +43,16 @@ class InputStatistics:
         self.groups = 1
         self.kernel = 1
 
-    def update(self, rows: Tensor, keep: Tensor | None = None) -> None:
+    def update(self, rows: Tensor) -> None:
         """Add input rows [groups, n, cols]."""
         rows = rows.detach().to(torch.float64)
-        squares = (rows * rows).sum(1)
-        self.squares = squares if self.squares is None else self.squares + squares
         if self.full:
-            grams = torch.stack([gram(part) for part in rows])
+            grams = gram(rows)  # one batched product for all groups (depthwise convs have hundreds)
             self.gram = grams if self.gram is None else self.gram + grams
+            squares = grams.diagonal(dim1=1, dim2=2)
+        else:
+            squares = (rows * rows).sum(1)
+        self.squares = squares.clone() if self.squares is None else self.squares + squares
         self.groups = rows.shape[0]
         self.count += rows.shape[1]
 

@@ -83,7 +83,9 @@ def choose_sparsities(
     return list(reversed(picks))
 
 
-ALLOCATIONS = ("global", "layer", "sensitivity")
+ALLOCATIONS = ("auto", "global", "layer", "sensitivity")
+# What `auto` chooses between (on held-out calibration samples, see api.resolve_allocation).
+ALLOCATION_CANDIDATES = ("global", "layer")
 
 
 def output_loss(dense: Tensor, current: Tensor, kind: str) -> float:

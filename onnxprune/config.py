@@ -37,8 +37,9 @@ class PruneConfig:
     # over all weights on the estimator's scale, so layers that matter less lose more; layer
     # (uniform): every tensor to the same sparsity; sensitivity: per-tensor sparsities minimising
     # the measured loss increase (each tensor pruned alone at several sparsities, the model run on
-    # `sensitivity_samples` held-out calibration samples).
-    scope: str = "global"
+    # `sensitivity_samples` held-out calibration samples); auto: global or layer, whichever leaves
+    # the smaller loss on held-out calibration samples (global when there is no calibration data).
+    scope: str = "auto"
     sensitivity_samples: int = 128
     exclude: tuple[str, ...] = ()
     # N:M sparsity ("2:4"): at most N non-zeros in every M consecutive inputs of an output unit

@@ -26,9 +26,9 @@ from torch import Tensor
 
 
 def gram(rows: Tensor) -> Tensor:
-    """XᵀX (float64) of input rows [n, cols]."""
+    """XᵀX (float64) of input rows [n, cols], or one per group for rows [groups, n, cols]."""
     x = rows.to(torch.float64)
-    return x.T @ x
+    return x.transpose(-2, -1) @ x
 
 
 def conv_patches(

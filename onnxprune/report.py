@@ -69,6 +69,7 @@ class Pruning:
     zeros: int
     sparsity: float  # zeros / params over the pruned tensors
     excluded: tuple[str, ...]  # prunable tensors left dense by --exclude
+    allocation_search: dict | None = None  # --allocation auto: candidates, held-out losses, choice
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,10 @@ def format_human(report: Report, max_rows: int = 30) -> str:
         f"onnxprune {report.tool_version}: {p.method}, {p.scope} scope, target sparsity {p.target_sparsity:.2f}"
         f" -> {report.output.path}",
     ]
+    if p.allocation_search:
+        s = p.allocation_search
+        losses = ", ".join(f"{a} {loss:.4g}" for a, loss in zip(s["candidates"], s["losses"]))
+        lines.append(f"  allocation auto: chose {s['chosen']} (loss on held-out calibration samples: {losses})")
     width = max([len("pruned tensor")] + [len(t.name) for t in p.tensors[:max_rows]]) + 2
     lines.append(f"  {'pruned tensor':<{width}}{'shape':>16}{'params':>12}{'sparsity':>10}")
     for t in p.tensors[:max_rows]:

@@ -28,6 +28,7 @@ from .api import (
     measure_sparsity,
     memory_budget,
     prepare,
+    resolve_allocation,
     resolve_damping,
     resolve_device,
     run_schedule,
@@ -167,7 +168,8 @@ def sweep(config: SweepConfig) -> SweepReport:
             # one damping for every sparsity (the scores are shared): chosen at the highest,
             # where it matters most, so that point equals a separate run at that sparsity
             highest, search = resolve_damping(replace(first, sparsity=max(config.sparsities)), job, device)
-            first = replace(first, damp=highest.damp)
+            highest, _ = resolve_allocation(highest, job, device, search)
+            first = replace(first, damp=highest.damp, scope=highest.scope)
             estimator = ESTIMATORS.get(method)(first)
             estimator.damp_search = search
             source = statistics_source(first, job, estimator, device)

@@ -8,14 +8,15 @@ import itertools
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxprune import PruneConfig, api, prune
 from onnxprune.allocation import choose_sparsities, exact_counts
 from onnxprune.estimators.base import DAMP_GRID, DEFAULT_DAMP
 from onnxprune.masks import prune_count
+from onnxprune.report import format_human
 
-from builders import MODELS
+from builders import MODELS, model, ort_run, randn, save, save_npz, tensor
 
 
 @pytest.mark.parametrize("target", [0.0, 0.33, 0.5, 0.8, 0.97])
@@ -80,8 +81,9 @@ def test_sensitivity_allocation_on_the_shipped_cnn_prunes_exactly_and_beats_unif
 
 
 def cnn_config(tmp_path, name: str, **settings) -> PruneConfig:
+    settings = {"method": "woodfisher", **settings}
     return PruneConfig(
-        input=MODELS / "mnist_cnn.onnx", output=tmp_path / f"{name}.onnx", sparsity=0.9, method="woodfisher",
+        input=MODELS / "mnist_cnn.onnx", output=tmp_path / f"{name}.onnx", sparsity=0.9,
         calibration=MODELS / "mnist_calib.npz", evaluation=MODELS / "mnist_eval.npz", num_grads=64,
         progress="off", **settings,
     )  # fmt: skip
@@ -110,3 +112,68 @@ def test_auto_damping_is_skipped_for_large_models(tmp_path, monkeypatch):
     report = prune(cnn_config(tmp_path, "large"))
     search = report.fisher.estimator["damp_search"]
     assert not search["searched"] and search["chosen"] == DEFAULT_DAMP == report.fisher.estimator["damp"]
+
+
+# ------------------------------------------------------------------------------ automatic allocation
+
+
+def rescaled_mlp(tmp_path):
+    """x → Gemm(w1·1e3) → Relu → MatMul(w2·1e-3): the scales cancel, so the function is an ordinary
+    MLP's, but every head weight is smaller than every first-layer one. Global magnitude at 50%
+    (320 of 640 weights) then empties the head (128); per layer keeps both layers working."""
+    w1, w2 = randn(32, 16, seed=1) * 1e3, randn(32, 4, seed=2) * 1e-3
+    m = model(
+        [
+            helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["logits"], name="head"),
+        ],
+        [tensor("x", ["N", 16])],
+        [tensor("logits", ["N", 4])],
+        {"w1": w1, "w2": w2},
+    )
+    path = save(m, tmp_path / "rescaled.onnx")
+    x = randn(400, 16, seed=3)
+    labels = np.argmax(ort_run(m, {"x": x})[0], axis=1)
+    calib = save_npz(tmp_path / "calib.npz", x=x[:300], labels=labels[:300])
+    evaluation = save_npz(tmp_path / "eval.npz", x=x[300:], labels=labels[300:])
+    return path, calib, evaluation
+
+
+def test_auto_allocation_chooses_the_candidate_with_the_smaller_held_out_loss(tmp_path):
+    path, calib, evaluation = rescaled_mlp(tmp_path)
+    settings = dict(input=path, sparsity=0.5, method="magnitude", evaluation=evaluation, progress="off")
+    auto = prune(PruneConfig(output=tmp_path / "auto.onnx", calibration=calib, **settings))
+    search = auto.pruning.allocation_search
+    assert search["candidates"] == ["global", "layer"] and len(search["losses"]) == 2
+    assert search["chosen"] == "layer" == auto.pruning.scope
+    assert search["losses"][0] > 1.5 * search["losses"][1]
+    assert "allocation auto: chose layer" in format_human(auto)
+    # the chosen allocation, given explicitly, writes the same weights and reaches the same accuracy
+    given = prune(PruneConfig(output=tmp_path / "layer.onnx", calibration=calib, scope="layer", **settings))
+    assert given.pruning.allocation_search is None and given.pruning.scope == "layer"
+    first, second = weights(tmp_path / "auto.onnx"), weights(tmp_path / "layer.onnx")
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    assert auto.validation.accuracy_after == given.validation.accuracy_after
+    # and it was the right choice: global magnitude empties the head and loses the model
+    worse = prune(PruneConfig(output=tmp_path / "global.onnx", calibration=calib, scope="global", **settings))
+    assert (weights(tmp_path / "global.onnx")["w2"] == 0).all()
+    assert worse.validation.accuracy_after < auto.validation.accuracy_after - 0.2
+
+
+def test_auto_allocation_without_calibration_data_is_global(tmp_path):
+    path, _, evaluation = rescaled_mlp(tmp_path)
+    report = prune(PruneConfig(input=path, output=tmp_path / "o.onnx", sparsity=0.5, method="magnitude",
+                               evaluation=evaluation, progress="off"))  # fmt: skip
+    assert report.pruning.scope == "global" and report.pruning.allocation_search is None
+
+
+def test_auto_allocation_keeps_sparsegpt_global_on_the_cnn_and_reuses_the_damping_search(tmp_path):
+    # measured: at 90% SparseGPT keeps 0.953 with global allocation and 0.574 per layer on this CNN
+    report = prune(cnn_config(tmp_path, "sgpt", method="sparsegpt"))
+    search, damping = report.pruning.allocation_search, report.fisher.estimator["damp_search"]
+    assert search["chosen"] == "global" == report.pruning.scope
+    assert search["losses"][1] > 2 * search["losses"][0]
+    # the damping search pruned with global allocation: its best loss is global's at the chosen damping
+    assert damping["allocation"] == "global" and search["losses"][0] == round(min(damping["losses"]), 6)
+    assert report.validation.accuracy_after > 0.9
