@@ -55,8 +55,13 @@ def render_html(report: Report) -> str:
 def _summary(report: Report) -> str:
     q, p = report.validation.quality, report.pruning
     metric = METRIC_NAMES.get(q.metric, q.metric)
+    scope = f"{p.scope} scope"
+    if p.allocation_search:  # auto: which split, and by how much
+        s = p.allocation_search
+        losses = ", ".join(f"{a} {x:.3g}" for a, x in zip(s["candidates"], s["losses"]))
+        scope += f" (auto; held-out loss {losses})"
     cards = [
-        ("sparsity", f"{p.sparsity:.4f}", f"target {p.target_sparsity:.2f}, {p.method}, {p.scope} scope"),
+        ("sparsity", f"{p.sparsity:.4f}", f"target {p.target_sparsity:.2f}, {p.method}, {scope}"),
         (metric, f"{q.before:.4f} → {q.after:.4f}", f"drop {q.drop:+.4f} on {report.validation.samples} samples"),
         ("size", f"{_size(report.input.size_bytes)} → {_size(report.output.size_bytes)}", _compressed(report)),
         ("time", f"{report.timings.get('total', 0):.1f} s", f"peak memory {_size(report.peak_memory_bytes)}"),
