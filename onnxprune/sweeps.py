@@ -107,6 +107,7 @@ class SweepPoint:
     cosine: float  # mean cosine of the headline output against the original
     seconds: float  # pruning time of this point (a reused score counted at its first point)
     model: str | None  # the written model, with keep_models
+    allocation: str = "global"  # the split across tensors used (--allocation auto resolved)
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def sweep(config: SweepConfig) -> SweepReport:
                     tick = time.perf_counter()
                     pruner.apply(scored, sparsity)
                     seconds = time.perf_counter() - tick + (shared if index == 0 else 0.0)
-                    points.append(_evaluate(config, job, method, sparsity, pruner.arrays(), seconds))
+                    points.append(_evaluate(config, job, method, sparsity, pruner.arrays(), seconds, first.scope))
                 runs.append(MethodRun(method, True, round(scored.timer["gradients"], 3), _estimator_seconds(pruner)))
             module.load_state_dict(dense)
         else:
@@ -211,7 +212,7 @@ def sweep(config: SweepConfig) -> SweepReport:
                 seconds = time.perf_counter() - tick
                 gradient_seconds += sum(r.gradient_seconds for r in pruned.outcome.steps)
                 estimator_seconds += sum(r.estimator_seconds for r in pruned.outcome.steps)
-                points.append(_evaluate(config, job, method, sparsity, pruned.arrays, seconds))
+                points.append(_evaluate(config, job, method, sparsity, pruned.arrays, seconds, pruned.scope))
             module.load_state_dict(dense)
             runs.append(MethodRun(method, False, round(gradient_seconds, 3), round(estimator_seconds, 3)))
     quality = job.headline
@@ -255,7 +256,13 @@ def _check_free(config: SweepConfig) -> None:
 
 
 def _evaluate(
-    config: SweepConfig, job: Job, method: str, sparsity: float, arrays: dict[str, np.ndarray], seconds: float
+    config: SweepConfig,
+    job: Job,
+    method: str,
+    sparsity: float,
+    arrays: dict[str, np.ndarray],
+    seconds: float,
+    allocation: str,
 ) -> SweepPoint:
     """Write the point's model (kept, or in a temporary folder), run it in onnxruntime, measure."""
     point = config.point(method, sparsity)
@@ -281,6 +288,7 @@ def _evaluate(
         cosine=validation.outputs[job.headline.output].cosine,
         seconds=round(seconds, 3),
         model=str(point.output) if config.keep_models else None,
+        allocation=allocation,
     )
 
 
@@ -308,8 +316,10 @@ def format_sweep(report: SweepReport) -> str:
         lines.append(f"  {s:>8.2f}{cells}")
     for r in report.methods:
         reuse = "scores reused across sparsities" if r.scores_reused else "a full run per sparsity"
+        allocations = ", ".join(dict.fromkeys(p.allocation for p in report.points if p.method == r.method))
         lines.append(
-            f"  {r.method}: {reuse}; gradients {r.gradient_seconds:.1f} s, estimator {r.estimator_seconds:.1f} s"
+            f"  {r.method}: {reuse}; {allocations} allocation; gradients {r.gradient_seconds:.1f} s, "
+            f"estimator {r.estimator_seconds:.1f} s"
         )
     if report.plot_path:
         lines.append(f"plot: {report.plot_path}")

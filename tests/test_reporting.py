@@ -23,7 +23,7 @@ from test_cli import load_report, run_cli
 import onnxprune
 from onnxprune.api import compressed_size
 from onnxprune.report import SCHEMA_VERSION, schema
-from onnxprune.sweeps import SweepConfig, sweep
+from onnxprune.sweeps import SweepConfig, format_sweep, sweep
 from onnxprune.validate import error_distribution
 
 from builders import model, randn, save, save_npz, tensor
@@ -274,6 +274,9 @@ def test_sweep_on_the_demo_model_reuses_scores_and_matches_single_runs(tmp_path)
         for name in swept:
             np.testing.assert_array_equal(swept[name], written[name], err_msg=f"{method} {name}")
         assert report.value(method, 0.9) == alone.validation.quality.after
+        point = next(p for p in report.points if p.method == method and p.target_sparsity == 0.9)
+        assert point.allocation == alone.pruning.scope == "global"  # auto's choice on this CNN
+    assert "woodfisher: scores reused across sparsities; global allocation" in format_sweep(report)
     wf, mag = report.value("woodfisher", 0.9), report.value("magnitude", 0.9)
     assert wf > mag  # the point of second-order scores at high sparsity (0.94 vs 0.92 here)
 
