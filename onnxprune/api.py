@@ -320,6 +320,30 @@ def _search_scope(config: PruneConfig) -> str:
     return "global" if config.scope in ("sensitivity", "auto") else config.scope
 
 
+def make_pruner(
+    config: PruneConfig,
+    job: Job,
+    estimator: Estimator,
+    source: GradientSource | ActivationSource | None,
+    progress: Progress,
+    spill_folder: Path,
+    device: torch.device,
+) -> Pruner:
+    """A Pruner over the job's targets for a config whose damping and allocation are resolved."""
+    return Pruner(
+        job.torch_model,
+        job.targets,
+        estimator,
+        config.scope,
+        (lambda step: source) if source is not None else None,
+        memory_budget(config),
+        progress,
+        spill_folder=spill_folder,
+        pattern=parse_pattern(config.pattern),
+        evaluate=loss_evaluator(config, job, device) if config.scope == "sensitivity" else None,
+    )
+
+
 def trial_losses(
     config: PruneConfig, job: Job, device: torch.device, trials: Sequence[tuple[str, PruneConfig]]
 ) -> list[float]:
@@ -335,17 +359,7 @@ def trial_losses(
     for label, trial in trials:
         estimator = ESTIMATORS.get(trial.method)(trial)
         source = statistics_source(trial, trial_job, estimator, device)
-        with Pruner(
-            job.torch_model,
-            job.targets,
-            estimator,
-            trial.scope,
-            (lambda step, source=source: source) if source is not None else None,
-            memory_budget(trial),
-            Progress(False),
-            spill_folder=config.output.parent,
-            pattern=parse_pattern(trial.pattern),
-        ) as pruner:
+        with make_pruner(trial, trial_job, estimator, source, Progress(False), config.output.parent, device) as pruner:
             pruner.step(trial.sparsity, label)
         losses.append(evaluate())
         with torch.no_grad():
@@ -423,6 +437,16 @@ def resolve_allocation(
     return replace(config, scope=chosen), search
 
 
+def resolve_automatic(
+    config: PruneConfig, job: Job, device: torch.device
+) -> tuple[PruneConfig, dict | None, dict | None]:
+    """The config with `--damp auto` and `--allocation auto` resolved (damping first: the
+    allocation search reuses its best trial), and the two searches for the report."""
+    config, damp_search = resolve_damping(config, job, device)
+    config, allocation_search = resolve_allocation(config, job, device, damp_search)
+    return config, damp_search, allocation_search
+
+
 def loss_evaluator(config: PruneConfig, job: Job, device: torch.device) -> Callable[[], float]:
     """A function giving how far the torch model's headline output is now from the dense model's,
     on `sensitivity_samples` calibration samples (dense outputs taken when this is called)."""
@@ -446,10 +470,9 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
     """Prune step by step along the schedule, with BatchNorm re-estimation, fine-tuning and a
     checkpoint after each step; returns the new values of every changed tensor."""
     torch_model, targets, calibration, specs = job.torch_model, job.targets, job.calibration, job.specs
-    config, search = resolve_damping(config, job, device)
-    config, allocation = resolve_allocation(config, job, device, search)
+    config, damp_search, allocation = resolve_automatic(config, job, device)
     estimator = ESTIMATORS.get(config.method)(config)
-    estimator.damp_search = search
+    estimator.damp_search = damp_search
     source = statistics_source(config, job, estimator, device)
     phases = schedule_phases(config)
     trainer = make_finetuner(config, torch_model, targets, calibration, specs, job.headline, job.reference, device)
@@ -467,18 +490,7 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
     )
     fingerprint_ = fingerprint(config, config.input)
     tuning_seconds = 0.0
-    with Pruner(
-        torch_model,
-        targets,
-        estimator,
-        config.scope,
-        (lambda step: source) if source is not None else None,
-        memory_budget(config),
-        progress,
-        spill_folder=config.output.parent,
-        pattern=parse_pattern(config.pattern),
-        evaluate=loss_evaluator(config, job, device) if config.scope == "sensitivity" else None,
-    ) as pruner:
+    with make_pruner(config, job, estimator, source, progress, config.output.parent, device) as pruner:
         done = 0
         if config.resume:
             done = resume(config, fingerprint_, torch_model, pruner, estimator, trainer, batchnorm)

@@ -24,12 +24,10 @@ from . import __version__
 from .api import (
     Job,
     data_info,
-    loss_evaluator,
+    make_pruner,
     measure_sparsity,
-    memory_budget,
     prepare,
-    resolve_allocation,
-    resolve_damping,
+    resolve_automatic,
     resolve_device,
     run_schedule,
     statistics_source,
@@ -40,7 +38,6 @@ from .config import PruneConfig
 from .environment import environment
 from .errors import UsageError
 from .estimators import ESTIMATORS
-from .masks import parse_pattern
 from .oneshot import Pruner
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, atomic_write_bytes, save_model, tensor_bytes
 from .progress import Progress, progress_enabled
@@ -168,26 +165,12 @@ def sweep(config: SweepConfig) -> SweepReport:
         if reusable:
             # one damping for every sparsity (the scores are shared): chosen at the highest,
             # where it matters most, so that point equals a separate run at that sparsity
-            highest, search = resolve_damping(replace(first, sparsity=max(config.sparsities)), job, device)
-            highest, _ = resolve_allocation(highest, job, device, search)
+            highest, damp_search, _ = resolve_automatic(replace(first, sparsity=max(config.sparsities)), job, device)
             first = replace(first, damp=highest.damp, scope=highest.scope)
             estimator = ESTIMATORS.get(method)(first)
-            estimator.damp_search = search
+            estimator.damp_search = damp_search
             source = statistics_source(first, job, estimator, device)
-            sources = (lambda step, source=source: source) if source is not None else None
-            budget = memory_budget(first)
-            with Pruner(
-                job.torch_model,
-                job.targets,
-                estimator,
-                first.scope,
-                sources,
-                budget,
-                progress,
-                config.folder,
-                parse_pattern(first.pattern),
-                loss_evaluator(first, job, device) if first.scope == "sensitivity" else None,
-            ) as pruner:
+            with make_pruner(first, job, estimator, source, progress, config.folder, device) as pruner:
                 tick = time.perf_counter()
                 scored = pruner.score(f"{method}, all sparsities")
                 shared = time.perf_counter() - tick
