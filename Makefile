@@ -7,7 +7,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-slow lint coverage bench install clean
 
+# torch from the registry brings its CUDA libraries: about 6.6 GiB in .venv, plus the downloaded
+# wheels while pip installs them. Say so up front rather than after pip fails half-way.
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import shutil, sys, tempfile; \
+	free = min(shutil.disk_usage(p).free for p in (".", tempfile.gettempdir())) / 2**30; \
+	free < 10 and print(f"warning: {free:.1f} GiB free here or in the temp folder; installing torch with its CUDA libraries needs about 10 GiB", file=sys.stderr)'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[dev]'
