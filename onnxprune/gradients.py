@@ -132,30 +132,50 @@ class GradientSource:
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, Tensor]:
         """{name: [N, numel] float32 gradients in ONNX layout (flattened), pruned entries 0}."""
+        tensors = {name: self.model.tensors[name] for name in names}
+        rows = {
+            name: torch.zeros(self.count, t.numel(), dtype=torch.float32, device=t.device)
+            for name, t in tensors.items()
+        }
+
+        def store(k: int, grads: dict[str, Tensor]) -> None:
+            for name, flat in grads.items():
+                rows[name][k] = flat
+
+        self.stream(names, store, masks, progress)
+        return rows
+
+    def stream(
+        self,
+        names: Sequence[str],
+        consume: Callable[[int, dict[str, Tensor]], None],
+        masks: dict[str, Tensor] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Hand gradient k of each weight (flat float32, ONNX layout, pruned entries 0; weights
+        the loss does not reach are left out) to `consume(k, grads)` as it is computed, so that
+        statistics that only accumulate (squares) never hold all N rows."""
         params = [self.model.tensors[name] for name in names]
         previous = [p.requires_grad for p in params]
-        rows = {
-            name: torch.zeros(self.count, p.numel(), dtype=torch.float32, device=p.device)
-            for name, p in zip(names, params)
-        }
         try:
             for p in params:
                 p.requires_grad_(True)
             for k in range(self.count):
                 grads = torch.autograd.grad(self._loss(k), params, allow_unused=True)
+                flats = {}
                 for name, g in zip(names, grads):
                     if g is None:
                         continue
                     flat = g.detach().reshape(-1).float()
                     if masks is not None and name in masks:
                         flat = flat * masks[name].reshape(-1).to(flat.device, flat.dtype)
-                    rows[name][k] = flat
+                    flats[name] = flat
+                consume(k, flats)
                 if progress is not None:
                     progress(1)
         finally:
             for p, flag in zip(params, previous):
                 p.requires_grad_(flag)
-        return rows
 
     def _loss(self, k: int) -> Tensor:
         """Mean per-sample loss over micro-batch k (fixed-batch padding excluded)."""

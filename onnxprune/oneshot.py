@@ -364,19 +364,30 @@ class Pruner:
             return stats
         if not estimator.needs_gradients:
             return stats
-        names = [views[i].target.name for i in group]
-        masks = {views[i].target.name: views[i].to_onnx(keep[i]) for i in group}
-        started = time.perf_counter()
+        index = {views[i].target.name: i for i in group}
+        masks = {name: views[i].to_onnx(keep[i]) for name, i in index.items()}
+
+        def add(rows: dict[str, Tensor]) -> None:
+            begun = time.perf_counter()
+            for name in list(rows):
+                row = rows.pop(name)  # the ONNX-layout rows go as soon as they are taken in
+                if not bool(torch.isfinite(row).all()):
+                    raise NonFiniteError(f"gradients of {name!r} contain NaN or infinite values; nothing was written")
+                i = index[name]
+                stats[i].update(views[i].to_canonical(row), keep=keep[i])
+            timer["estimator"] += time.perf_counter() - begun
+
+        started, before = time.perf_counter(), timer["estimator"]
         with self.progress.task(f"gradients, {label}{suffix}", source.count) as task:
-            rows = source.collect(names, masks, progress=task.advance)
-        timer["gradients"] += time.perf_counter() - started
-        started = time.perf_counter()
-        for i in group:
-            name = views[i].target.name
-            if not bool(torch.isfinite(rows[name]).all()):
-                raise NonFiniteError(f"gradients of {name!r} contain NaN or infinite values; nothing was written")
-            stats[i].update(views[i].to_canonical(rows.pop(name)), keep=keep[i])
-        timer["estimator"] += time.perf_counter() - started
+            if estimator.streams_gradients:
+                source.stream(
+                    list(index), lambda k, grads: add({n: g[None] for n, g in grads.items()}), masks, task.advance
+                )
+            else:
+                rows = source.collect(list(index), masks, progress=task.advance)
+        timer["gradients"] += time.perf_counter() - started - (timer["estimator"] - before)
+        if not estimator.streams_gradients:
+            add(rows)
         return stats
 
 

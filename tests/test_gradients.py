@@ -59,6 +59,23 @@ def test_per_sample_and_micro_batch_gradients_equal_the_hand_computed_mean():
         np.testing.assert_allclose(rows[k], mean.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
+def test_streamed_gradients_are_the_collected_rows_one_at_a_time():
+    m, tm = linear_classifier()
+    data = Dataset({"x": randn(12, 5, seed=3)}, np.array([0, 1, 2] * 4), "d")
+    loss = FisherLoss(0, "logits", "logits", "given")
+    mask = torch.ones(15, dtype=torch.bool)
+    mask[[2, 9]] = False
+    rows = source(tm, m, data, loss, 6, 2).collect(["w", "b"], {"w": mask})
+    seen = []
+    source(tm, m, data, loss, 6, 2).stream(["w", "b"], lambda k, grads: seen.append((k, grads)), {"w": mask})
+    assert [k for k, _ in seen] == list(range(6))
+    for k, grads in seen:
+        assert set(grads) == {"w", "b"} and grads["w"].shape == (15,)
+        torch.testing.assert_close(grads["w"], rows["w"][k], rtol=0, atol=0)
+        torch.testing.assert_close(grads["b"], rows["b"][k], rtol=0, atol=0)
+    assert float(rows["w"][:, ~mask].abs().sum()) == 0.0 and float(rows["w"].abs().sum()) > 0
+
+
 def test_masked_coordinates_are_zero_in_every_gradient():
     m, tm = linear_classifier()
     data = Dataset({"x": randn(8, 5, seed=4)}, None, "d")

@@ -37,12 +37,21 @@ def mlp_model():
     )
 
 
-def run(method="woodfisher", steps=1, budget=2**30, sparsity=0.6, scope="global", spill=None, **options):
+def run(
+    method="woodfisher",
+    steps=1,
+    budget=2**30,
+    sparsity=0.6,
+    scope="global",
+    spill=None,
+    estimator_class=None,
+    **options,
+):
     m = mlp_model()
     tm = convert(m)
     data = Dataset({"x": randn(40, 6, seed=4)}, None, "calib")
     config = PruneConfig(input="i.onnx", output="o.onnx", sparsity=sparsity, method=method, block_size=8, **options)
-    estimator = ESTIMATORS.get(method)(config)
+    estimator = (estimator_class or ESTIMATORS.get(method))(config)
     source = GradientSource(
         tm, data, input_specs(m), FisherLoss(0, "logits", "logits", "sampled"), 32, 2, 0, torch.device("cpu")
     )
@@ -113,6 +122,27 @@ def test_statistics_spilled_or_collected_again_give_the_same_result_as_kept_in_m
     for name in roomy.arrays:
         np.testing.assert_allclose(again.arrays[name], roomy.arrays[name], rtol=0, atol=1e-6)
         np.testing.assert_allclose(spilled.arrays[name], roomy.arrays[name], rtol=0, atol=1e-6)
+
+
+def test_diagonal_fisher_streams_its_gradients_in_one_group_with_the_result_of_collected_rows():
+    diagonal = ESTIMATORS.get("diagonal-fisher")
+
+    class Collected(diagonal):
+        streams_gradients = False  # all N rows held, then squared: the reference
+
+        def memory(self, shape, count):
+            return MemoryNeed(peak=4 * shape[0] * shape[1] * count)
+
+    # a budget that holds the streamed sums of both tensors but not the 32 rows of either
+    budget = 40 * (16 * 6 + 16 * 4)
+    assert budget < 4 * 16 * 4 * 32
+    _, _, _, streamed = run("diagonal-fisher", budget=budget)
+    assert streamed.plan.groups == ((0, 1),) and streamed.steps[0].collections == 1
+    with pytest.raises(MemoryBudgetError):
+        run("diagonal-fisher", budget=budget, estimator_class=Collected)
+    _, _, _, held = run("diagonal-fisher", estimator_class=Collected)
+    for name in held.arrays:
+        np.testing.assert_allclose(streamed.arrays[name], held.arrays[name], rtol=0, atol=0)
 
 
 def test_plan_memory_by_hand():

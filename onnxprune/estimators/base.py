@@ -60,6 +60,9 @@ class Estimator(ABC):
     # Whether the update of each tensor needs statistics taken after every tensor before it in
     # the network was pruned (layer by layer, each seeing the already-pruned inputs).
     sequential: ClassVar[bool] = False
+    # Whether `statistics` only accumulate (sums of squares): they are then fed one gradient row
+    # at a time as it is computed, and the N rows are never held together.
+    streams_gradients: ClassVar[bool] = False
     # Whether the estimator reads `damp` (then chosen automatically when it is "auto").
     uses_damping: ClassVar[bool] = False
 

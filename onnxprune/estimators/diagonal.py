@@ -35,13 +35,15 @@ class DiagonalFisher(Estimator):
     name = "diagonal-fisher"
     summary = "OBD: w² · diag(F) / 2 with the empirical or true Fisher diagonal; no compensation"
     needs_gradients = True
+    streams_gradients = True
 
     def statistics(self, name: str, shape: tuple[int, int]) -> SquaredGradients:
         return SquaredGradients(shape[0] * shape[1])
 
     def memory(self, shape: tuple[int, int], count: int) -> MemoryNeed:
         numel = shape[0] * shape[1]
-        return MemoryNeed(peak=4 * numel * count + 8 * numel, kept=0)
+        # streamed: the float64 sum, one float32 row and its float64 square while it is added
+        return MemoryNeed(peak=8 * numel + 4 * numel + 16 * numel, kept=0)
 
     def scores(self, weight: Tensor, stats: SquaredGradients) -> Tensor:
         w = weight.to(torch.float64)
