@@ -1,9 +1,10 @@
 """Memory: what is available, what a run would need, and how to split the work to fit.
 
 The second-order statistics dominate: gradient rows (N × numel) while they are collected, block
-inverses (numel × block size) after. Tensors are processed in groups that fit the budget; when
-the inverses of all tensors cannot be kept until the masks are known (global selection needs
-every score first), each group's gradients are collected again for the weight update.
+inverses (numel × block size) after; estimators that only sum squares stream the rows and hold
+none. Tensors are processed in groups that fit the budget; when the inverses of all tensors
+cannot be kept until the masks are known (global selection needs every score first), each
+group's gradients are collected again for the weight update.
 """
 
 from __future__ import annotations
