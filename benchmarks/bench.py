@@ -243,13 +243,10 @@ def render(results: dict[str, dict]) -> str:
     for model in ("cnn", "minilm"):
         # this table's own grid only: the side-by-side's runs (automatic damping, other
         # allocations) have their own table and would read as unexplained duplicates here
-        own = {run.key for run in grid(model)}
         rows = [
-            (json.loads(k), v)
-            for k, v in results.items()
-            if k in own
-            and json.loads(k).get("schedule", "oneshot") == "oneshot"
-            and json.loads(k)["method"] in MAIN_METHODS
+            (json.loads(run.key), results[run.key])
+            for run in grid(model)
+            if run.schedule == "oneshot" and run.key in results
         ]
         if not rows:
             continue
@@ -292,9 +289,6 @@ def render(results: dict[str, dict]) -> str:
             lines += render_gradual(results)
     lines += render_side_by_side(results)
     return "\n".join(lines)
-
-
-MAIN_METHODS = ("magnitude", "diagonal-fisher", "woodfisher", "fishleg")
 
 
 def render_side_by_side(results: dict[str, dict]) -> list[str]:
