@@ -470,7 +470,7 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
     """Prune step by step along the schedule, with BatchNorm re-estimation, fine-tuning and a
     checkpoint after each step; returns the new values of every changed tensor."""
     torch_model, targets, calibration, specs = job.torch_model, job.targets, job.calibration, job.specs
-    config, damp_search, allocation = resolve_automatic(config, job, device)
+    config, damp_search, allocation_search = resolve_automatic(config, job, device)
     estimator = ESTIMATORS.get(config.method)(config)
     estimator.damp_search = damp_search
     source = statistics_source(config, job, estimator, device)
@@ -536,7 +536,7 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
         final_torch,
         checked,
         config.scope,
-        allocation,
+        allocation_search,
     )
 
 

@@ -8,7 +8,7 @@ from html import escape
 from typing import Any, Iterable, Sequence
 
 from .plots import METRIC_NAMES, curve_figure, figure_png, histogram_figure, sparsity_figure
-from .report import Report, _size
+from .report import Report, _size, allocation_losses
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:1100px;color:#222;
@@ -57,9 +57,7 @@ def _summary(report: Report) -> str:
     metric = METRIC_NAMES.get(q.metric, q.metric)
     scope = f"{p.scope} scope"
     if p.allocation_search:  # auto: which split, and by how much
-        s = p.allocation_search
-        losses = ", ".join(f"{a} {x:.3g}" for a, x in zip(s["candidates"], s["losses"]))
-        scope += f" (auto; held-out loss {losses})"
+        scope += f" (auto; held-out loss {allocation_losses(p.allocation_search, '.3g')})"
     cards = [
         ("sparsity", f"{p.sparsity:.4f}", f"target {p.target_sparsity:.2f}, {p.method}, {scope}"),
         (metric, f"{q.before:.4f} → {q.after:.4f}", f"drop {q.drop:+.4f} on {report.validation.samples} samples"),

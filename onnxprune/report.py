@@ -312,6 +312,11 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def allocation_losses(search: dict, spec: str) -> str:
+    """The automatic allocation's candidates with their held-out losses: "global 0.0025, layer 0.34"."""
+    return ", ".join(f"{a} {loss:{spec}}" for a, loss in zip(search["candidates"], search["losses"]))
+
+
 def format_human(report: Report, max_rows: int = 30) -> str:
     """A short table for people: per-tensor sparsity, quality before/after, sizes, gate."""
     p, v = report.pruning, report.validation
@@ -320,9 +325,10 @@ def format_human(report: Report, max_rows: int = 30) -> str:
         f" -> {report.output.path}",
     ]
     if p.allocation_search:
-        s = p.allocation_search
-        losses = ", ".join(f"{a} {loss:.4g}" for a, loss in zip(s["candidates"], s["losses"]))
-        lines.append(f"  allocation auto: chose {s['chosen']} (loss on held-out calibration samples: {losses})")
+        losses = allocation_losses(p.allocation_search, ".4g")
+        lines.append(
+            f"  allocation auto: chose {p.allocation_search['chosen']} (loss on held-out calibration samples: {losses})"
+        )
     width = max([len("pruned tensor")] + [len(t.name) for t in p.tensors[:max_rows]]) + 2
     lines.append(f"  {'pruned tensor':<{width}}{'shape':>16}{'params':>12}{'sparsity':>10}")
     for t in p.tensors[:max_rows]:
