@@ -17,6 +17,7 @@ from onnxprune.config import DEVICES, FISHLEG_INITS, OBS_UPDATES, PROGRESS, Prun
 from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS
 from onnxprune.finetune import BATCHNORM_MODES, OPTIMIZERS
 from onnxprune.gradients import FISHER_KINDS
+from onnxprune.repair import STATISTICS_MODES
 from onnxprune.schedule import SCHEDULES
 from onnxprune.validate import METRICS
 
@@ -241,6 +242,36 @@ _SHARED = [
         show_default=True,
         help="frozen: keep BatchNorm running statistics; reestimate: recompute them on the calibration "
         "data after each pruning step and write them back.",
+    ),
+    click.option(
+        "--refine-masks/--no-refine-masks",
+        default=_default("refine_masks"),
+        show_default=True,
+        help="After each pruning step, swap pruned and kept weights within a row where that lowers the "
+        "layer's reconstruction error on calibration inputs (kept only if the held-out loss drops).",
+    ),
+    click.option(
+        "--solve-weights/--no-solve-weights",
+        default=_default("solve_weights"),
+        show_default=True,
+        help="After each pruning step, set each layer's surviving weights to the least-squares solution for "
+        "its mask on calibration inputs from the already-repaired layers (kept only if the held-out loss drops).",
+    ),
+    click.option(
+        "--correct-statistics",
+        type=click.Choice(STATISTICS_MODES),
+        default=_default("correct_statistics"),
+        show_default=True,
+        help="After each pruning step, match each layer's output mean (variance: and variance; auto: variance "
+        "where a normalisation reads it) to the dense model's, folded into its bias (kept only if the "
+        "held-out loss drops).",
+    ),
+    click.option(
+        "--repair-samples",
+        type=click.IntRange(min=1),
+        default=_default("repair_samples"),
+        show_default=True,
+        help="Calibration samples the repairs are computed on.",
     ),
     click.option(
         "--fishleg-steps",

@@ -79,10 +79,24 @@ class Capture:
     read: Callable[[nn.Module, tuple], Tensor | None]  # → rows [groups, n, cols], None if not this weight
     activation: str  # the ONNX value the rows are made from (weights sharing it share a pass)
     order: int  # position of the consuming node in the graph (topological)
+    node: str = ""  # the module of the consuming node (its output is the layer's output)
 
 
 def plan_captures(model: TorchModel, targets: Sequence[PrunableTensor]) -> dict[str, list[Capture]]:
     """How to capture every target's inputs; targets that cannot be captured raise a UsageError."""
+    plans, refused = capture_plans(model, targets)
+    if refused:
+        raise UsageError(
+            "the layer-wise estimators read each weight's inputs from MatMul, Gemm or 1-D/2-D Conv nodes that "
+            f"use it directly; they cannot for {', '.join(sorted(set(refused)))}. Exclude those tensors with "
+            "--exclude, or use a gradient-based --method (woodfisher, fishleg, diagonal-fisher, magnitude)"
+        )
+    return plans
+
+
+def capture_plans(model: TorchModel, targets: Sequence[PrunableTensor]) -> tuple[dict[str, list[Capture]], list[str]]:
+    """How to capture the inputs of each target that allows it, and a description of each use
+    that does not (a target with any such use is left out of the plans)."""
     modules = dict(model.module.named_modules())
     order = {name: index for index, name in enumerate(model.node_inputs)}
     plans: dict[str, list[Capture]] = {}
@@ -92,7 +106,7 @@ def plan_captures(model: TorchModel, targets: Sequence[PrunableTensor]) -> dict[
             refused.append(f"{target.name!r} (reached through {', '.join(c.describe() for c in target.consumers)})")
             continue
         param = model.tensors[target.name]
-        captures = []
+        captures, ok = [], True
         for module_name, inputs in model.node_inputs.items():
             op_type = model.nodes[module_name][0]
             for index, value in enumerate(inputs):
@@ -101,19 +115,60 @@ def plan_captures(model: TorchModel, targets: Sequence[PrunableTensor]) -> dict[
                 found = _capture(op_type, index, modules, module_name, inputs, param, target)
                 if found is None:
                     refused.append(f"{target.name!r} ({op_type} input {index})")
+                    ok = False
                 else:
                     path, read, activation = found
-                    captures.append(Capture(target.name, path, read, activation, order[module_name]))
+                    captures.append(Capture(target.name, path, read, activation, order[module_name], module_name))
         if not captures:
             refused.append(f"{target.name!r} (no MatMul, Gemm or Conv uses it directly)")
-        plans[target.name] = captures
-    if refused:
-        raise UsageError(
-            "the layer-wise estimators read each weight's inputs from MatMul, Gemm or 1-D/2-D Conv nodes that "
-            f"use it directly; they cannot for {', '.join(sorted(set(refused)))}. Exclude those tensors with "
-            "--exclude, or use a gradient-based --method (woodfisher, fishleg, diagonal-fisher, magnitude)"
-        )
-    return plans
+        elif ok:
+            plans[target.name] = captures
+    return plans, refused
+
+
+def network_order(captures: dict[str, list[Capture]], names: Sequence[str]) -> list[list[str]]:
+    """`names` in network order, grouped by the activation they read (one pass per group)."""
+    groups: dict[str, list[str]] = {}
+    first: dict[str, int] = {}
+    for name in sorted(names, key=lambda n: min(c.order for c in captures[n])):
+        key = captures[name][0].activation
+        groups.setdefault(key, []).append(name)
+        first.setdefault(key, min(c.order for c in captures[name]))
+    return [groups[key] for key in sorted(groups, key=first.get)]
+
+
+def capture_batch(
+    model: TorchModel, feeds: dict[str, np.ndarray], captures: Sequence[Capture], real: float, device: torch.device
+) -> dict[str, list[Tensor]]:
+    """Run one batch and return, per weight name, the input rows [groups, n, cols] of each of its
+    `captures` (in order); the forward pass stops once all were seen. `real` is the share of the
+    batch that holds samples (a fixed-batch model's last batch is padded; its rows come last)."""
+    modules = dict(model.module.named_modules())
+    rows: dict[str, list[Tensor]] = {}
+    seen: set[int] = set()
+
+    def hook_for(capture: Capture, key: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            found = capture.read(module, args)
+            if found is None or key in seen:
+                return
+            rows.setdefault(capture.name, []).append(found[:, : int(round(found.shape[1] * real))].detach())
+            seen.add(key)
+            if len(seen) == len(captures):
+                raise _Done
+
+        return hook
+
+    handles = [modules[c.module].register_forward_pre_hook(hook_for(c, k)) for k, c in enumerate(captures)]
+    try:
+        with torch.no_grad():
+            model(*model.inputs(feeds, device))
+    except _Done:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows
 
 
 def _capture(op_type, index, modules, module_name, inputs, param, target):
@@ -210,52 +265,20 @@ class ActivationSource:
 
     def sequence(self, names: Sequence[str]) -> list[list[str]]:
         """`names` in network order, grouped by the activation they read (one pass per group)."""
-        groups: dict[str, list[str]] = {}
-        first: dict[str, int] = {}
-        for name in sorted(names, key=lambda n: min(c.order for c in self.captures[n])):
-            key = self.captures[name][0].activation
-            groups.setdefault(key, []).append(name)
-            first.setdefault(key, min(c.order for c in self.captures[name]))
-        return [groups[key] for key in sorted(groups, key=first.get)]
+        return network_order(self.captures, names)
 
     def collect(self, stats: dict[str, InputStatistics], progress: Callable[[int], None] | None = None) -> None:
         """Feed the input rows of every weight named in `stats` over the calibration samples."""
-        modules = dict(self.model.module.named_modules())
         wanted = [c for name in stats for c in self.captures[name]]
         for name, s in stats.items():
             s.kernel = self.kernels[name]
-        seen: set[int] = set()
-        real = [1.0]
-
-        def hook_for(capture: Capture, key: int):
-            def hook(module: nn.Module, args: tuple) -> None:
-                rows = capture.read(module, args)
-                if rows is None:
-                    return
-                # a fixed-batch model pads the last batch: its rows come last (batch-major)
-                keep = int(round(rows.shape[1] * real[0]))
-                stats[capture.name].update(rows[:, :keep])
-                seen.add(key)
-                if len(seen) == len(wanted):
-                    raise _Done
-
-            return hook
-
-        handles = [modules[c.module].register_forward_pre_hook(hook_for(c, k)) for k, c in enumerate(wanted)]
-        try:
-            with torch.no_grad():
-                for feeds, samples in iter_feeds(self.samples, self.specs, self.plan):
-                    seen.clear()
-                    real[0] = (samples.stop - samples.start) / self.plan.batch if self.plan.fixed else 1.0
-                    try:
-                        self.model(*self.model.inputs(feeds, self.device))
-                    except _Done:
-                        pass
-                    if progress is not None:
-                        progress(samples.stop - samples.start)
-        finally:
-            for handle in handles:
-                handle.remove()
+        for feeds, samples in iter_feeds(self.samples, self.specs, self.plan):
+            real = (samples.stop - samples.start) / self.plan.batch if self.plan.fixed else 1.0
+            for name, parts in capture_batch(self.model, feeds, wanted, real, self.device).items():
+                for part in parts:
+                    stats[name].update(part)
+            if progress is not None:
+                progress(samples.stop - samples.start)
         for name, s in stats.items():
             if s.count == 0:
                 log.warning("%r: its layer never ran on the calibration samples; pruned by magnitude", name)

@@ -8,7 +8,7 @@ import shutil
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -49,6 +49,7 @@ from .onnx_io import (
     tensor_bytes,
 )
 from .progress import Progress, progress_enabled
+from .repair import Repairer, RepairSettings, add_biases
 from .report import (
     Conversion,
     DataInfo,
@@ -187,6 +188,8 @@ class Pruned:
     checked: int  # evaluation samples in final_torch
     scope: str  # the allocation used (auto resolved)
     allocation_search: dict | None  # auto's candidates, held-out losses and choice
+    repair: dict | None = None  # the repair passes after each step (repair.py)
+    added_biases: list = field(default_factory=list)  # (node output, weight, values) for nodes given a bias
 
 
 def _as_config(config: PruneConfig | str | os.PathLike, output, settings: dict) -> PruneConfig:
@@ -491,11 +494,15 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
     fingerprint_ = fingerprint(config, config.input)
     tuning_seconds = 0.0
     with make_pruner(config, job, estimator, source, progress, config.output.parent, device) as pruner:
+        repairer = make_repairer(config, job, pruner, progress, device)
         done = 0
         if config.resume:
-            done = resume(config, fingerprint_, torch_model, pruner, estimator, trainer, batchnorm)
+            done = resume(config, fingerprint_, torch_model, pruner, estimator, trainer, batchnorm, repairer)
         for index, phase in enumerate(phases[done:], done):
+            before = list(pruner.keep)
             pruner.step(phase.sparsity, phase.label)
+            if repairer is not None:
+                repairer.after_step(phase.label, before)
             if config.batchnorm == "reestimate":
                 reestimate_batchnorm(torch_model, calibration, specs, config.eval_batch_size, device)
             if trainer is not None and phase.finetune_steps:
@@ -506,23 +513,37 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
             if len(phases) > 1:
                 save_checkpoint(
                     config.checkpoint_path,
-                    checkpoint_state(fingerprint_, index + 1, torch_model, pruner, estimator, trainer, batchnorm),
+                    checkpoint_state(
+                        fingerprint_, index + 1, torch_model, pruner, estimator, trainer, batchnorm, repairer
+                    ),
                 )
         outcome = OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
-    if config.batchnorm == "reestimate" and trainer is not None:
-        reestimate_batchnorm(torch_model, calibration, specs, config.eval_batch_size, device)
-    arrays = {
-        **outcome.arrays,
-        **({k: v.detach().cpu().numpy() for k, v in trainer.tensors.items()} if trainer else {}),
-        **({k: v.detach().cpu().numpy() for k, v in batchnorm.items()} if config.batchnorm == "reestimate" else {}),
-    }
-    # the weights changed beyond the pruned tensors: the written model is checked against the
-    # final torch model, not only against the dense reference
-    final_torch, checked = None, min(config.conversion_check_samples, len(job.evaluation))
-    if trainer is not None or config.batchnorm == "reestimate":
-        final_torch = run_batches(
-            torch_runner(torch_model, device), job.evaluation, specs, config.eval_batch_size, checked
-        )
+        try:
+            if config.batchnorm == "reestimate" and trainer is not None:
+                reestimate_batchnorm(torch_model, calibration, specs, config.eval_batch_size, device)
+            arrays = {
+                **outcome.arrays,
+                **({k: v.detach().cpu().numpy() for k, v in trainer.tensors.items()} if trainer else {}),
+                **(
+                    {k: v.detach().cpu().numpy() for k, v in batchnorm.items()}
+                    if config.batchnorm == "reestimate"
+                    else {}
+                ),
+            }
+            # the weights changed beyond the pruned tensors (or corrections are folded into them):
+            # the written model is checked against the final torch model, not only against the
+            # dense reference
+            corrected = repairer is not None and bool(repairer.corrections.values)
+            final_torch, checked = None, min(config.conversion_check_samples, len(job.evaluation))
+            if trainer is not None or config.batchnorm == "reestimate" or corrected:
+                final_torch = run_batches(
+                    torch_runner(torch_model, device), job.evaluation, specs, config.eval_batch_size, checked
+                )
+            added = repairer.fold(arrays) if repairer is not None else []
+            repair = repairer.report() if repairer is not None else None
+        finally:
+            if repairer is not None:
+                repairer.close()
     return Pruned(
         arrays,
         outcome,
@@ -537,7 +558,50 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
         checked,
         config.scope,
         allocation_search,
+        repair,
+        added,
     )
+
+
+def make_repairer(
+    config: PruneConfig, job: Job, pruner: Pruner, progress: Progress, device: torch.device
+) -> Repairer | None:
+    """The repair passes after each pruning step, or None when none is on or there is no real
+    calibration data: moments on up to `repair_samples` calibration samples, the held-out loss on
+    others (the split of the automatic searches)."""
+    settings = RepairSettings(
+        refine_masks=config.refine_masks,
+        solve_weights=config.solve_weights,
+        statistics=config.correct_statistics,
+        samples=config.repair_samples,
+        damp=config.repair_damp,
+    )
+    calibration = job.calibration
+    if not settings.passes or calibration is None or calibration.synthetic or len(calibration) < 4:
+        return None
+    samples, held = repair_data(config, calibration)
+    evaluate = loss_evaluator(config, replace(job, calibration=held), device)
+    return Repairer(
+        settings,
+        job.torch_model,
+        pruner,
+        samples,
+        job.specs,
+        evaluate,
+        device,
+        progress,
+        config.eval_batch_size,
+    )
+
+
+def repair_data(config: PruneConfig, calibration: Dataset) -> tuple[Dataset, Dataset]:
+    """(samples the repair's moments are taken on, held-out samples its passes are judged on):
+    the held-out part of the automatic searches, and up to `repair_samples` of the rest."""
+    held_count = min(config.sensitivity_samples, max(1, len(calibration) // 4))
+    fit, held = split(calibration, held_count / len(calibration), config.seed + 3)
+    count = min(config.repair_samples, len(fit))
+    chosen = np.sort(np.random.default_rng(config.seed + 4).permutation(len(fit))[:count])
+    return fit.take(chosen, "repair samples"), held
 
 
 def validate_written(config: PruneConfig, job: Job, path: Path) -> tuple[Validation, list[np.ndarray]]:
@@ -558,6 +622,7 @@ def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, flo
     with _timed(timings, "write"):
         log.info("writing %s", config.output)
         proto = write_back(job.model.proto, pruned.arrays)
+        add_biases(proto, pruned.added_biases)
         sparsity = measure_sparsity(proto, job.targets)
         external = job.model.uses_external_data or tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
         save_model(proto, config.output, external_data=external)
@@ -612,6 +677,7 @@ def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, flo
             sparsity=sum(t.zeros for t in sparsity) / max(1, sum(t.numel for t in sparsity)),
             excluded=tuple(t.name for t in job.candidates if t not in job.targets),
             allocation_search=pruned.allocation_search,
+            repair=pruned.repair,
         ),
         conversion=job.conversion,
         validation=validation,
@@ -832,6 +898,7 @@ def checkpoint_state(
     estimator: Estimator,
     trainer: Finetuner | None,
     batchnorm: dict[str, torch.Tensor],
+    repairer: Repairer | None = None,
 ) -> dict:
     """Everything a resumed run needs to continue exactly as this one would have: tensors,
     masks, optimiser and estimator state, the step records. Tensors and plain values only."""
@@ -845,6 +912,7 @@ def checkpoint_state(
         "records": [list(vars(r).values()) for r in pruner.records],
         "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else {},
         "finetune": trainer.state_dict() if trainer else {},
+        "repair": repairer.state_dict() if repairer else {},
     }
 
 
@@ -856,6 +924,7 @@ def resume(
     estimator: Estimator,
     trainer: Finetuner | None,
     batchnorm: dict[str, torch.Tensor],
+    repairer: Repairer | None = None,
 ) -> int:
     """Restore the state saved in the checkpoint; returns the number of phases it completed."""
     state = load_checkpoint(config.checkpoint_path, fingerprint_)
@@ -871,6 +940,8 @@ def resume(
         estimator.load_state_dict(state["estimator"], shapes)
     if trainer is not None and state["finetune"]:
         trainer.load_state_dict(state["finetune"])
+    if repairer is not None and state.get("repair"):
+        repairer.load_state_dict(state["repair"])
     log.info("resuming from %s after step %d", config.checkpoint_path, state["phases_done"])
     return int(state["phases_done"])
 

@@ -16,6 +16,7 @@ from .estimators import DEFAULT_METHOD, ESTIMATORS
 from .finetune import BATCHNORM_MODES, OPTIMIZERS
 from .gradients import FISHER_KINDS
 from .masks import parse_pattern
+from .repair import STATISTICS_MODES
 from .schedule import SCHEDULES
 from .validate import METRICS
 
@@ -105,6 +106,19 @@ class PruneConfig:
     fishleg_probes: int = 8
     fishleg_fvp_batch: int = 32
     fishleg_block: int = 256
+    # --- repair after every pruning step (repair.py), for any estimator ----------------------
+    # Each runs as one pass over the layers whose inputs can be captured, in network order, on the
+    # inputs of the already-repaired layers; a pass is kept only if it lowers the loss on held-out
+    # calibration samples. refine_masks: swaps of pruned and kept weights within a row that lower
+    # the layer's reconstruction error (DSnoT-style); solve_weights: the least-squares surviving
+    # weights for the fixed mask (damped by repair_damp · mean diag XᵀX towards the estimator's);
+    # correct_statistics: each layer's output mean (variance: and variance; auto: variance where
+    # a normalisation reads the output) matched to the dense model's, folded into the bias.
+    refine_masks: bool = True
+    solve_weights: bool = True
+    correct_statistics: str = "auto"
+    repair_samples: int = 256
+    repair_damp: float = 0.01
     # --- schedule and fine-tuning -----------------------------------------------------------
     # oneshot: `steps` recomputation steps, then all fine-tuning; gradual: `prune_steps` steps of
     # the cubic schedule from `initial_sparsity`, fine-tuning split evenly between them.
@@ -176,6 +190,7 @@ class PruneConfig:
             "fishleg_probes",
             "fishleg_fvp_batch",
             "fishleg_block",
+            "repair_samples",
         ):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -188,6 +203,12 @@ class PruneConfig:
                 raise UsageError(f"damp must be a positive number or 'auto', got {self.damp!r}") from None
         if (self.damp != "auto" and not self.damp > 0) or not self.fishleg_damp > 0:
             raise UsageError(f"damp must be positive, got {self.damp}")
+        if self.correct_statistics not in STATISTICS_MODES:
+            raise UsageError(
+                f"unknown statistics correction {self.correct_statistics!r}; valid: {', '.join(STATISTICS_MODES)}"
+            )
+        if not self.repair_damp >= 0:
+            raise UsageError(f"repair_damp must be >= 0, got {self.repair_damp}")
         if self.fishleg_init not in FISHLEG_INITS:
             raise UsageError(f"unknown FishLeg warm start {self.fishleg_init!r}; valid: {', '.join(FISHLEG_INITS)}")
         if self.fisher not in FISHER_KINDS:

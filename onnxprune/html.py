@@ -152,6 +152,18 @@ def _pruning(report: Report) -> str:
     html.append(f"<details open><summary>table</summary>{table}</details>")
     if p.excluded:
         html.append(f"<p>Left dense by --exclude: {escape(', '.join(p.excluded))}</p>")
+    if p.repair:
+        r = p.repair
+        html.append(f"<h2>Repair after pruning ({r['layers']} layers, {r['samples']} calibration samples)</h2>")
+        steps = [
+            [s["step"], s["addition"], f"{s['changed']:,}", f"{s['loss_before']:.4g}", f"{s['loss_after']:.4g}",
+             "kept" if s["kept"] else "undone", f"{s['seconds']:.1f}"]
+            for s in r["steps"]
+        ]  # fmt: skip
+        header = ["step", "pass", "changed", "held-out loss before", "after", "", "seconds"]
+        html.append(_table(header, steps, numeric={2, 3, 4, 6}))
+        if r["skipped"]:
+            html.append(f"<p>Not repaired: {escape(', '.join(r['skipped']))}</p>")
     return "\n".join(html)
 
 

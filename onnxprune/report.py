@@ -70,6 +70,7 @@ class Pruning:
     sparsity: float  # zeros / params over the pruned tensors
     excluded: tuple[str, ...]  # prunable tensors left dense by --exclude
     allocation_search: dict | None = None  # --allocation auto: candidates, held-out losses, choice
+    repair: dict | None = None  # the repair passes after each pruning step (repair.py)
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,22 @@ def allocation_losses(search: dict, spec: str) -> str:
     return ", ".join(f"{a} {loss:{spec}}" for a, loss in zip(search["candidates"], search["losses"]))
 
 
+def repair_lines(repair: dict) -> list[str]:
+    """One line per repair pass: what it did and the held-out loss before and after."""
+    what = {"masks": "swaps", "weights": "weights moved", "statistics": "output units corrected"}
+    lines = [
+        f"repair of {repair['layers']} layers on {repair['samples']} calibration samples"
+        + (f" ({len(repair['skipped'])} left as pruned)" if repair["skipped"] else "")
+    ]
+    for s in repair["steps"]:
+        verdict = "kept" if s["kept"] else "undone"
+        lines.append(
+            f"  {s['step']}, {s['addition']}: {s['changed']:,} {what[s['addition']]}; held-out loss "
+            f"{s['loss_before']:.4g} -> {s['loss_after']:.4g} ({verdict}, {s['seconds']:.1f} s)"
+        )
+    return lines
+
+
 def format_human(report: Report, max_rows: int = 30) -> str:
     """A short table for people: per-tensor sparsity, quality before/after, sizes, gate."""
     p, v = report.pruning, report.validation
@@ -329,6 +346,8 @@ def format_human(report: Report, max_rows: int = 30) -> str:
         lines.append(
             f"  allocation auto: chose {p.allocation_search['chosen']} (loss on held-out calibration samples: {losses})"
         )
+    if p.repair:
+        lines.extend(f"  {line}" for line in repair_lines(p.repair))
     width = max([len("pruned tensor")] + [len(t.name) for t in p.tensors[:max_rows]]) + 2
     lines.append(f"  {'pruned tensor':<{width}}{'shape':>16}{'params':>12}{'sparsity':>10}")
     for t in p.tensors[:max_rows]:

@@ -25,6 +25,7 @@ from .api import (
     Job,
     data_info,
     make_pruner,
+    make_repairer,
     measure_sparsity,
     prepare,
     resolve_automatic,
@@ -41,6 +42,7 @@ from .estimators import ESTIMATORS
 from .oneshot import Pruner
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, atomic_write_bytes, save_model, tensor_bytes
 from .progress import Progress, progress_enabled
+from .repair import add_biases
 from .report import SCHEMA_VERSION, DataInfo, JsonDocument, ModelInfo
 
 log = logging.getLogger("onnxprune")
@@ -171,17 +173,27 @@ def sweep(config: SweepConfig) -> SweepReport:
             estimator.damp_search = damp_search
             source = statistics_source(first, job, estimator, device)
             with make_pruner(first, job, estimator, source, progress, config.folder, device) as pruner:
+                repairer = make_repairer(first, job, pruner, progress, device)
                 tick = time.perf_counter()
                 scored = pruner.score(f"{method}, all sparsities")
                 shared = time.perf_counter() - tick
                 keep = list(pruner.keep)
                 values = {v.target.name: v.param.detach().clone() for v in pruner.views}
-                for index, sparsity in enumerate(config.sparsities):
-                    pruner.restore(values, keep, 0)
-                    tick = time.perf_counter()
-                    pruner.apply(scored, sparsity)
-                    seconds = time.perf_counter() - tick + (shared if index == 0 else 0.0)
-                    points.append(_evaluate(config, job, method, sparsity, pruner.arrays(), seconds, first.scope))
+                try:
+                    for index, sparsity in enumerate(config.sparsities):
+                        pruner.restore(values, keep, 0)
+                        tick = time.perf_counter()
+                        pruner.apply(scored, sparsity)
+                        arrays, added = pruner.arrays(), []
+                        if repairer is not None:
+                            repairer.reset()
+                            repairer.after_step("step 1/1", keep)
+                            added = repairer.fold(arrays)
+                        seconds = time.perf_counter() - tick + (shared if index == 0 else 0.0)
+                        points.append(_evaluate(config, job, method, sparsity, arrays, seconds, first.scope, added))
+                finally:
+                    if repairer is not None:
+                        repairer.close()
                 runs.append(MethodRun(method, True, round(scored.timer["gradients"], 3), _estimator_seconds(pruner)))
             module.load_state_dict(dense)
         else:
@@ -195,7 +207,9 @@ def sweep(config: SweepConfig) -> SweepReport:
                 seconds = time.perf_counter() - tick
                 gradient_seconds += sum(r.gradient_seconds for r in pruned.outcome.steps)
                 estimator_seconds += sum(r.estimator_seconds for r in pruned.outcome.steps)
-                points.append(_evaluate(config, job, method, sparsity, pruned.arrays, seconds, pruned.scope))
+                points.append(
+                    _evaluate(config, job, method, sparsity, pruned.arrays, seconds, pruned.scope, pruned.added_biases)
+                )
             module.load_state_dict(dense)
             runs.append(MethodRun(method, False, round(gradient_seconds, 3), round(estimator_seconds, 3)))
     quality = job.headline
@@ -246,10 +260,12 @@ def _evaluate(
     arrays: dict[str, np.ndarray],
     seconds: float,
     allocation: str,
+    added_biases: list,
 ) -> SweepPoint:
     """Write the point's model (kept, or in a temporary folder), run it in onnxruntime, measure."""
     point = config.point(method, sparsity)
     proto = write_back(job.model.proto, arrays)
+    add_biases(proto, added_biases)
     rows = measure_sparsity(proto, job.targets)
     external = job.model.uses_external_data or tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
     with tempfile.TemporaryDirectory(prefix=".onnxprune-sweep-", dir=config.folder) as scratch:

@@ -186,7 +186,8 @@ def test_exit_8_when_one_tensor_does_not_fit_with_a_suggestion(tmp_path):
 
 def test_woodfisher_beats_magnitude_on_the_shipped_mnist_cnn_at_90_percent(tmp_path):
     """The seed paper's claim on real digits, one-shot without fine-tuning (the full table with
-    the default budget is in docs/benchmarks.md)."""
+    the default budget is in docs/benchmarks.md): the estimators alone, without the repair passes
+    (which lift magnitude to WoodFisher's level here)."""
     accuracy = {}
     for method in ("magnitude", "woodfisher"):
         report = prune(
@@ -199,6 +200,9 @@ def test_woodfisher_beats_magnitude_on_the_shipped_mnist_cnn_at_90_percent(tmp_p
                 evaluation=MODELS / "mnist_eval.npz",
                 num_grads=128,
                 progress="off",
+                refine_masks=False,
+                solve_weights=False,
+                correct_statistics="off",
             )
         )
         accuracy[method] = report.validation.accuracy_after

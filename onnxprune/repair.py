@@ -1,0 +1,621 @@
+"""Repair after each pruning step, for any estimator: mask refinement, optimal weights for the
+fixed mask, and statistics correction (maths in reconstruct.py).
+
+Each addition is one pass over the layers whose inputs can be captured (MatMul, Gemm, 1-D/2-D
+Conv weights used directly), in network order, so every layer is repaired on the inputs of the
+already-repaired layers before it: for each layer the same calibration samples run through the
+dense model (the weights saved before pruning) and the current one, and the paired input rows give
+the layer's moments. A pass is kept only when it lowers the loss on held-out calibration samples
+(the dense model's outputs against the current ones, as for the automatic searches); otherwise the
+weights, masks and corrections are put back. Every pass is reported with both losses.
+
+Statistics correction is a per-output-unit scale and shift applied at the layer's output (torch
+forward hooks while the run goes on; folded into the written graph: the weight's rows scaled, the
+bias shifted — Conv and Gemm get a bias input where they had none, a MatMul's following Add its
+constant).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from torch import Tensor
+
+from .activations import Capture, capture_plans
+from .bridge.bindings import PrunableTensor
+from .bridge.convert import TorchModel
+from .data import Dataset, InputSpec, feed_plan, iter_feeds
+from .errors import NonFiniteError
+from .finetune import batchnorm_statistics
+from .oneshot import Pruner, TensorView
+from .progress import Progress
+from .reconstruct import Moments, affine_correction, output_moments, refine_masks, solve_masked
+
+log = logging.getLogger("onnxprune")
+
+# off: nothing; mean: each layer's output mean matched to the dense model's; variance: mean and
+# variance; auto: variance where a normalisation reads the layer's output (BatchNorm and friends
+# would otherwise see a shifted and shrunk input), the mean elsewhere.
+STATISTICS_MODES = ("auto", "off", "mean", "variance")
+NORMALISATIONS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    """Which additions run after each pruning step, on how many calibration samples."""
+
+    refine_masks: bool = True
+    solve_weights: bool = True
+    statistics: str = "auto"
+    samples: int = 256
+    # λ of the fixed-mask solve relative to mean(diag XᵀX): pulls the solution towards the
+    # estimator's weights where the calibration rows do not determine it
+    damp: float = 0.01
+    cycles: int = 100  # swap rounds of the mask refinement (each swaps at most once per row)
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        return tuple(
+            name
+            for name, on in (
+                ("masks", self.refine_masks),
+                ("weights", self.solve_weights),
+                ("statistics", self.statistics != "off"),
+            )
+            if on
+        )
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A pruned weight whose layer can be repaired: how its inputs are captured and where its
+    output's per-unit bias lives."""
+
+    view: int  # index of its TensorView in the Pruner
+    name: str
+    capture: Capture
+    node: str  # module of the consuming node
+    op_type: str
+    axis: int  # output units' axis of the node's output
+    alpha: float  # Gemm: output = alpha·(x Wᵀ) + beta·C
+    beta: float
+    bias: str | None  # tensor added per output unit: Conv/Gemm bias, or the constant of the Add after a MatMul
+    bias_in_node: bool  # the bias is an input of the node itself (Conv, Gemm) rather than a following Add
+    correctable: bool  # a shift can be written back (there is, or may be added, a bias)
+    normalised: bool  # a normalisation reads the output
+
+
+@dataclass
+class Correction:
+    scale: Tensor  # per output unit
+    shift: Tensor
+
+
+class Corrections:
+    """Per-unit scale and shift at layer outputs, applied with forward hooks."""
+
+    def __init__(self, model: TorchModel):
+        self.model = model
+        self.values: dict[str, Correction] = {}  # by node module
+        self.axes: dict[str, int] = {}
+        self.enabled = True
+        self._handles: dict[str, object] = {}
+
+    def set(self, node: str, axis: int, scale: Tensor, shift: Tensor) -> None:
+        self.values[node] = Correction(scale.float(), shift.float())
+        self.axes[node] = axis
+        if node not in self._handles:
+            module = self.model.module.get_submodule(node)
+            self._handles[node] = module.register_forward_hook(self._hook(node))
+
+    def _hook(self, node: str):
+        def hook(module, args, output):
+            if not self.enabled or node not in self.values:
+                return output
+            c = self.values[node]
+            shape = [1] * output.dim()
+            shape[self.axes[node]] = -1
+            scale = c.scale.to(output.device, output.dtype).reshape(shape)
+            return output * scale + c.shift.to(output.device, output.dtype).reshape(shape)
+
+        return hook
+
+    def copy(self) -> dict[str, Correction]:
+        return {k: Correction(v.scale.clone(), v.shift.clone()) for k, v in self.values.items()}
+
+    def restore(self, values: dict[str, Correction]) -> None:
+        for node in list(self.values):
+            if node not in values:
+                del self.values[node]
+        for node, c in values.items():
+            self.set(node, self.axes[node], c.scale, c.shift)
+
+    def remove(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+        self.values.clear()
+
+    def state_dict(self) -> dict:
+        return {
+            node: {"scale": c.scale.cpu(), "shift": c.shift.cpu(), "axis": self.axes[node]}
+            for node, c in self.values.items()
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for node, entry in state.items():
+            self.set(node, int(entry["axis"]), entry["scale"], entry["shift"])
+
+
+def find_layers(model: TorchModel, views: Sequence[TensorView]) -> tuple[list[Layer], list[str]]:
+    """The repairable layers among the pruned weights, and why the others are not."""
+    targets = [v.target for v in views]
+    plans, refused = capture_plans(model, targets)
+    index = {v.target.name: i for i, v in enumerate(views)}
+    users: dict[str, list[tuple[str, int]]] = {}
+    for module, inputs in model.node_inputs.items():
+        for position, value in enumerate(inputs):
+            users.setdefault(value, []).append((module, position))
+    layers = []
+    for target in targets:
+        captures = plans.get(target.name)
+        if captures is None:
+            continue
+        if len(captures) != 1 or len(users.get(target.name, ())) != 1:
+            refused.append(f"{target.name!r} (used by several nodes)")
+            continue
+        layer = _layer(model, target, captures[0], index[target.name], users)
+        if layer is None:
+            refused.append(f"{target.name!r} (its weight is the first operand)")
+        else:
+            layers.append(layer)
+    return layers, sorted(set(refused))
+
+
+def _layer(
+    model: TorchModel, target: PrunableTensor, capture: Capture, view: int, users: dict[str, list[tuple[str, int]]]
+) -> Layer | None:
+    node = capture.node
+    op_type = model.nodes[node][0]
+    inputs = model.node_inputs[node]
+    outputs = model.node_outputs.get(node, ())
+    rows = target.matrix_shape()[0]
+    if inputs.index(target.name) != 1:
+        return None  # W @ x and Gemm's A: output units are not on the last axis
+    module = model.module.get_submodule(node)
+    alpha = float(getattr(module, "alpha", 1.0)) if op_type == "Gemm" else 1.0
+    beta = float(getattr(module, "beta", 1.0)) if op_type == "Gemm" else 1.0
+    bias, in_node, reads = None, False, list(users.get(outputs[0], ())) if outputs else []
+    if op_type in ("Conv", "Gemm"):
+        in_node = True
+        bias = inputs[2] if len(inputs) > 2 and inputs[2] else None
+        correctable = beta != 0 and (bias is None or _per_unit(model, bias, rows, users))
+    else:  # MatMul: the bias is the constant of an Add reading the product
+        correctable = False
+        for module_name, _ in reads:
+            add_inputs = model.node_inputs[module_name]
+            if model.nodes[module_name][0] == "Add" and len(add_inputs) == 2:
+                other = add_inputs[1] if add_inputs[0] == outputs[0] else add_inputs[0]
+                if _per_unit(model, other, rows, users):
+                    bias, correctable = other, True
+                    reads = reads + list(users.get(model.node_outputs[module_name][0], ()))
+                break
+    normalised = any(model.nodes[m][0] in NORMALISATIONS for m, _ in reads)
+    axis = 1 if op_type == "Conv" else -1
+    return Layer(view, target.name, capture, node, op_type, axis, alpha, beta, bias, in_node, correctable, normalised)
+
+
+def _per_unit(model: TorchModel, name: str, rows: int, users: dict[str, list[tuple[str, int]]]) -> bool:
+    """Whether `name` is a float tensor of one value per output unit ([rows] or [1, ..., rows]),
+    used only here, so shifting it changes nothing else."""
+    tensor = model.tensors.get(name)
+    if tensor is None or not tensor.is_floating_point() or len(users.get(name, ())) != 1:
+        return False
+    shape = tuple(tensor.shape)
+    return bool(shape) and shape[-1] == rows and all(d == 1 for d in shape[:-1])
+
+
+@dataclass
+class PassRecord:
+    step: str
+    addition: str
+    loss_before: float
+    loss_after: float
+    kept: bool
+    layers: int
+    changed: int  # swaps (masks), weights moved (weights), units corrected (statistics)
+    seconds: float
+
+
+@dataclass
+class Repairer:
+    """Runs the configured passes after each pruning step of a Pruner (see the module doc)."""
+
+    settings: RepairSettings
+    model: TorchModel
+    pruner: Pruner
+    samples: Dataset  # calibration samples the moments are taken on
+    specs: Sequence[InputSpec]
+    evaluate: Callable[[], float]  # loss on held-out calibration samples against the dense model
+    device: torch.device
+    progress: Progress
+    batch: int = 32
+    layers: list[Layer] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    records: list[PassRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.layers, self.skipped = find_layers(self.model, self.pruner.views)
+        self.corrections = Corrections(self.model)
+        self.plan = feed_plan(self.specs, self.samples, self.batch)
+        # the dense values of everything a repair or fine-tuning may change, swapped in (by
+        # pointer, no copy) while the dense model's inputs are captured
+        tracked = {v.target.name: v.param for v in self.pruner.views}
+        tracked.update({layer.bias: self.model.tensors[layer.bias] for layer in self.layers if layer.bias})
+        tracked.update(batchnorm_statistics(self.model))
+        self._tracked = tracked
+        self._dense = {name: t.detach().clone() for name, t in tracked.items()}
+        self._ids = {id(t): name for name, t in tracked.items()}
+        self._dense_grams: dict[str, Tensor] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.layers and self.settings.passes)
+
+    def dense_weight(self, layer: Layer) -> Tensor:
+        view = self.pruner.views[layer.view]
+        return view.to_canonical(self._dense[layer.name].reshape(-1).float())
+
+    def after_step(self, label: str, before: Sequence[Tensor]) -> None:
+        """Run the passes after a pruning step; `before` are the keep-masks from before it (the
+        refinement revives only what this step pruned)."""
+        if not self.active:
+            return
+        loss = self.evaluate()
+        for addition in self.settings.passes:
+            loss = self._pass(label, addition, before, loss)
+
+    # ---------------------------------------------------------------- one pass
+
+    def _pass(self, label: str, addition: str, before: Sequence[Tensor], loss_before: float) -> float:
+        started = time.perf_counter()
+        views, pruner = self.pruner.views, self.pruner
+        saved_values = {layer.name: views[layer.view].param.detach().clone() for layer in self.layers}
+        saved_keep = list(pruner.keep)
+        saved_corrections = self.corrections.copy()
+        by_node = {layer.node: layer for layer in self.layers}
+        changed = 0
+        with self.progress.task(f"{addition} repair, {label} (layers)", len(self.layers)) as task:
+
+            def repair(node: str, moments: Moments | None) -> None:
+                nonlocal changed
+                layer = by_node[node]
+                changed += self._repair(addition, layer, moments, before[layer.view])
+                task.advance()
+
+            self._lockstep(by_node, repair)
+        loss_after = self.evaluate()
+        kept = loss_after <= loss_before
+        if not kept:
+            for layer in self.layers:
+                views[layer.view].param.data.copy_(saved_values[layer.name])
+            pruner.keep = saved_keep
+            self.corrections.restore(saved_corrections)
+        record = PassRecord(
+            label, addition, loss_before, loss_after, kept, len(self.layers), changed, time.perf_counter() - started
+        )
+        self.records.append(record)
+        log.info(
+            "%s: %s repair of %d layers: held-out loss %.4g -> %.4g (%s)",
+            label,
+            addition,
+            len(self.layers),
+            loss_before,
+            loss_after,
+            "kept" if kept else "undone",
+        )
+        return loss_after if kept else loss_before
+
+    def _lockstep(self, layers: dict[str, Layer], repair: Callable[[str, Moments | None], None]) -> None:
+        """Run the dense and the current model node by node over all repair samples at once; at
+        each repairable layer, take the moments of its paired inputs, let `repair` change it, and
+        only then compute its output in the current model. Each pass so costs about two forward
+        runs, however many layers there are (values are dropped after their last use)."""
+        graph = self.model.module.graph
+        nodes = list(graph.nodes)
+        last_use = {}
+        for position, node in enumerate(nodes):
+            for used in node.all_input_nodes:
+                last_use[used] = position
+        batches = list(iter_feeds(self.samples, self.specs, self.plan))
+        reals = [(s.stop - s.start) / self.plan.batch if self.plan.fixed else 1.0 for _, s in batches]
+        inputs = [self.model.inputs(feeds, self.device) for feeds, _ in batches]
+        dense_env: list[dict] = [{} for _ in batches]
+        current_env: list[dict] = [{} for _ in batches]
+        root = self.model.module
+        with torch.no_grad():
+            for position, node in enumerate(nodes):
+                if node.op == "output":
+                    break
+                layer = layers.get(node.target) if node.op == "call_module" else None
+                with self._dense_values():
+                    for b in range(len(batches)):
+                        dense_env[b][node] = self._run(node, dense_env[b], inputs[b], root)
+                    if layer is not None:
+                        dense_rows = [
+                            self._rows(layer, node, dense_env[b], inputs[b], root, reals[b])
+                            for b in range(len(batches))
+                        ]
+                if layer is not None:
+                    moments = None
+                    cached = self._dense_grams.get(layer.name)
+                    for b in range(len(batches)):
+                        rows = self._rows(layer, node, current_env[b], inputs[b], root, reals[b])
+                        if rows is None or dense_rows[b] is None:
+                            continue
+                        if moments is None:
+                            moments = Moments.empty(rows.shape[0], rows.shape[2], rows.device)
+                        moments.add(rows, dense_rows[b], dense_gram=cached is None)
+                    if moments is not None:
+                        # the dense model's inputs are the same at every pass: their Gram once
+                        if cached is None:
+                            self._dense_grams[layer.name] = cached = moments.dd
+                        moments.dd = cached
+                    repair(node.target, moments)
+                for b in range(len(batches)):
+                    current_env[b][node] = self._run(node, current_env[b], inputs[b], root)
+                for used in node.all_input_nodes:
+                    if last_use.get(used) == position:
+                        for env in (*dense_env, *current_env):
+                            env.pop(used, None)
+
+    def _run(self, node, env: dict, inputs: list[Tensor], root):
+        """One fx node's value (under `_dense_values` that of the dense model)."""
+        if node.op == "placeholder":
+            return inputs[_placeholder(node)]
+        if node.op == "get_attr":
+            value = root
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            return value
+        args = fx_map(node.args, env)
+        kwargs = fx_map(node.kwargs, env)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return root.get_submodule(node.target)(*args, **kwargs)
+
+    def _rows(self, layer: Layer, node, env: dict, inputs, root, real: float) -> Tensor | None:
+        """The layer's input rows [groups, n, cols] from its node's arguments in `env`, read by a
+        pre-hook of its capture module while the node runs up to that point."""
+        found: list[Tensor] = []
+        module = root.get_submodule(layer.capture.module)
+
+        def hook(mod, args):
+            rows = layer.capture.read(mod, args)
+            if rows is not None:
+                found.append(rows[:, : int(round(rows.shape[1] * real))])
+            raise _Stop
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            self._run(node, env, inputs, root)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return found[0] if found else None
+
+    @contextmanager
+    def _dense_values(self):
+        """The tracked tensors hold their dense values (the same tensor objects, so captures still
+        recognise them) and the corrections are off."""
+        self._swap()
+        self.corrections.enabled = False
+        try:
+            yield
+        finally:
+            self._swap()
+            self.corrections.enabled = True
+
+    def _swap(self) -> None:
+        """Exchange the tracked tensors' current and dense values (by pointer, no copy)."""
+        for name, tensor in self._tracked.items():
+            tensor.data, self._dense[name] = self._dense[name], tensor.data
+
+    def _repair(self, addition: str, layer: Layer, moments: Moments | None, before: Tensor) -> int:
+        """Apply one addition to one layer; returns how much it changed."""
+        if moments is None or moments.count == 0:
+            return 0
+        view = self.pruner.views[layer.view]
+        groups = moments.pp.shape[0]
+        shape = (groups, -1, moments.pp.shape[1])
+        w = view.read().to(moments.pp.device).reshape(shape)
+        w0 = self.dense_weight(layer).to(moments.pp.device).reshape(shape)
+        keep = self.pruner.keep[layer.view].to(moments.pp.device).reshape(shape)
+        if addition == "masks":
+            if self.pruner.pattern is not None:
+                return 0  # swaps inside a row would break the N:M groups
+            revivable = before.to(keep.device).reshape(shape) & ~keep
+            new, new_keep, swaps = refine_masks(w, w0, keep, revivable, moments, self.settings.cycles)
+            self._write(layer, view, new, new_keep)
+            return swaps
+        if addition == "weights":
+            new = solve_masked(w, w0, keep, moments, self.settings.damp)
+            self._write(layer, view, new, keep)
+            return int(((new - w.double()).abs() > 0).sum())
+        return self._correct(layer, view, moments, w, w0)
+
+    def _write(self, layer: Layer, view: TensorView, new: Tensor, keep: Tensor) -> None:
+        if not bool(torch.isfinite(new).all()):
+            raise NonFiniteError(f"the repair of {layer.name!r} produced NaN or infinite values; nothing was written")
+        flat_keep = keep.reshape(-1).to(self.pruner.keep[layer.view].device)
+        self.pruner.keep[layer.view] = flat_keep
+        view.write(torch.where(flat_keep.to(new.device), new.reshape(-1), 0.0).float())
+
+    def _correct(self, layer: Layer, view: TensorView, moments: Moments, w: Tensor, w0: Tensor) -> int:
+        if not layer.correctable:
+            return 0
+        variance = self.settings.statistics == "variance" or (self.settings.statistics == "auto" and layer.normalised)
+        mean_p, var_p = output_moments(w, moments.sum_p, moments.pp, moments.count)
+        mean_d, var_d = output_moments(w0, moments.sum_d, moments.dd, moments.count)
+        mean_p, var_p, mean_d, var_d = (x.reshape(-1) for x in (mean_p, var_p, mean_d, var_d))
+        alpha2 = layer.alpha * layer.alpha
+        mean_p, mean_d, var_p, var_d = layer.alpha * mean_p, layer.alpha * mean_d, alpha2 * var_p, alpha2 * var_d
+        if layer.bias is not None and layer.bias_in_node:
+            # the node's output includes its bias: the current one (fine-tuning may move it) and the dense one
+            mean_p = mean_p + layer.beta * self.model.tensors[layer.bias].detach().double().reshape(-1).to(
+                mean_p.device
+            )
+            mean_d = mean_d + layer.beta * self._dense[layer.bias].double().reshape(-1).to(mean_d.device)
+        scale, shift = affine_correction(mean_d, var_d, mean_p, var_p, variance)
+        self.corrections.set(layer.node, layer.axis, scale, shift)
+        return int(scale.numel())
+
+    # ---------------------------------------------------------------- writing
+
+    def fold(self, arrays: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+        """Fold the corrections into `arrays` (ONNX values by name: the weights' rows scaled, the
+        biases shifted); returns the biases to add, as (node output, weight name, values)."""
+        added = []
+        by_node = {layer.node: layer for layer in self.layers}
+        for node, c in self.corrections.values.items():
+            layer = by_node[node]
+            view = self.pruner.views[layer.view]
+            scale, shift = c.scale.double().cpu().numpy(), c.shift.double().cpu().numpy()
+            weight = arrays.get(layer.name)
+            weight = view.param.detach().cpu().numpy() if weight is None else weight
+            axis = 1 if view.swapped else 0
+            shape = [1] * weight.ndim
+            shape[axis] = -1
+            arrays[layer.name] = (weight.astype(np.float64) * scale.reshape(shape)).astype(weight.dtype)
+            if layer.bias is None:
+                added.append((self.model.node_outputs[node][0], layer.name, (shift / layer.beta).astype(np.float32)))
+                continue
+            bias = arrays.get(layer.bias)
+            bias = self.model.tensors[layer.bias].detach().cpu().numpy() if bias is None else bias
+            flat = bias.astype(np.float64).reshape(-1)
+            new = flat * scale + shift / layer.beta if layer.bias_in_node else flat + shift
+            arrays[layer.bias] = new.reshape(bias.shape).astype(bias.dtype)
+        return added
+
+    def report(self) -> dict:
+        return {
+            "passes": list(self.settings.passes),
+            "statistics": self.settings.statistics,
+            "samples": len(self.samples),
+            "layers": len(self.layers),
+            "skipped": self.skipped,
+            "corrected_layers": len(self.corrections.values),
+            "steps": [
+                {
+                    "step": r.step,
+                    "addition": r.addition,
+                    "loss_before": round(r.loss_before, 6),
+                    "loss_after": round(r.loss_after, 6),
+                    "kept": r.kept,
+                    "changed": r.changed,
+                    "seconds": round(r.seconds, 3),
+                }
+                for r in self.records
+            ],
+        }
+
+    def reset(self) -> None:
+        """Forget the corrections and records (the weights were put back to before the step)."""
+        self.corrections.restore({})
+        self.records = []
+
+    def state_dict(self) -> dict:
+        """Corrections and pass records, for a checkpoint (tensors and plain values only)."""
+        return {"corrections": self.corrections.state_dict(), "records": [list(vars(r).values()) for r in self.records]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.corrections.load_state_dict(state["corrections"])
+        self.records = [PassRecord(*values) for values in state["records"]]
+
+    def close(self) -> None:
+        self.corrections.remove()
+
+
+class _Stop(Exception):
+    """Raised in a capture pre-hook once the rows were read: the node's output is not needed."""
+
+
+def _placeholder(node) -> int:
+    """The position of a placeholder among the graph's inputs (they are named x0, x1, ...)."""
+    return int(str(node.target)[1:])
+
+
+def fx_map(value, env: dict):
+    """fx arguments with their nodes replaced by the values in `env`."""
+    from torch import fx
+
+    return fx.node.map_arg(value, lambda n: env[n])
+
+
+def add_biases(model: ModelProto, added: Sequence[tuple[str, str, np.ndarray]]) -> None:
+    """Give each node (found by its output) the new bias input, in the style of its weight: an
+    initializer, or a Constant node where the weight is one (PaddlePaddle); IR < 4 graphs list
+    initializers as inputs too."""
+    for output, weight, values in added:
+        graph, node = _find_node(model.graph, output)
+        name = _fresh_name(model, f"{weight}_onnxprune_bias")
+        tensor = numpy_helper.from_array(values.astype(np.float32), name)
+        if any(n.op_type == "Constant" and weight in n.output for n in graph.node):
+            constant = helper.make_node(
+                "Constant", [], [name], name=_fresh_name(model, name + "_constant"), value=tensor
+            )
+            position = list(graph.node).index(node)
+            graph.node.insert(position, constant)
+        else:
+            graph.initializer.append(tensor)
+            if model.ir_version < 4:
+                graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(values.shape)))
+        while len(node.input) < 2:
+            node.input.append("")
+        if len(node.input) == 2:
+            node.input.append(name)
+        else:
+            node.input[2] = name
+
+
+def _find_node(graph: GraphProto, output: str) -> tuple[GraphProto, NodeProto]:
+    for node in graph.node:
+        if output in node.output:
+            return graph, node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                try:
+                    return _find_node(sub, output)
+                except KeyError:
+                    pass
+    raise KeyError(f"no node produces {output!r}")
+
+
+def _fresh_name(model: ModelProto, wanted: str) -> str:
+    used = set()
+
+    def walk(graph: GraphProto) -> None:
+        used.update(t.name for t in graph.initializer)
+        used.update(i.name for i in graph.input)
+        for node in graph.node:
+            used.update(node.output)
+            used.add(node.name)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(sub)
+
+    walk(model.graph)
+    name, k = wanted, 1
+    while name in used:
+        name, k = f"{wanted}_{k}", k + 1
+    return name
