@@ -14,7 +14,7 @@ import click
 
 from onnxprune.allocation import ALLOCATIONS
 from onnxprune.config import DEVICES, FISHLEG_INITS, OBS_UPDATES, PROGRESS, PruneConfig
-from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS
+from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO
 from onnxprune.finetune import BATCHNORM_MODES, OPTIMIZERS
 from onnxprune.gradients import FISHER_KINDS
 from onnxprune.repair import STATISTICS_MODES
@@ -401,10 +401,17 @@ def main() -> None:
 )
 @click.option(
     "--method",
-    type=click.Choice(ESTIMATORS.names()),
+    type=click.Choice((*ESTIMATORS.names(), METHOD_AUTO)),
     default=DEFAULT_METHOD,
     show_default=True,
-    help="Estimator deciding which weights to drop.",
+    help="Estimator deciding which weights to drop; auto: each one that fits prunes on three quarters of the "
+    "calibration samples and the one with the smallest loss on the rest is used.",
+)
+@click.option(
+    "--auto-methods",
+    default="",
+    callback=lambda ctx, param, value: tuple(m for m in value.split(",") if m),
+    help="With --method auto: comma-separated estimators to choose from (default: all that fit).",
 )
 @click.option(
     "--report",

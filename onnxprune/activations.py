@@ -25,6 +25,7 @@ from .bridge.bindings import PrunableTensor
 from .bridge.convert import TorchModel
 from .data import Dataset, InputSpec, feed_plan, iter_feeds
 from .errors import UsageError
+from .gradients import FisherLoss, per_sample_loss
 from .layerwise import conv_patches, gram
 
 log = logging.getLogger("onnxprune")
@@ -258,6 +259,8 @@ class ActivationSource:
         self.samples = data.take(np.sort(order), "calibration samples")
         self.plan = feed_plan(specs, self.samples, preferred=batch)
         self.kernels = {t.name: t.kernel for t in targets}
+        self.seed = seed
+        self.loss: FisherLoss | None = None  # set for estimators that need output gradients
 
     @property
     def samples_used(self) -> int:
@@ -266,6 +269,58 @@ class ActivationSource:
     def sequence(self, names: Sequence[str]) -> list[list[str]]:
         """`names` in network order, grouped by the activation they read (one pass per group)."""
         return network_order(self.captures, names)
+
+    def output_sensitivity(self, names: Sequence[str], loss: FisherLoss) -> dict[str, Tensor]:
+        """Per output unit of each weight's layer, s_i = (1/N) Σ_n Σ_pos (∂ℓ_n/∂y_{n,i,pos})²: the
+        task loss's Fisher of that unit's output (K-FAC: the Fisher of its weights is about
+        s_i · XᵀX/rows). One backward pass per batch of the summed per-sample losses (samples do
+        not interact, so each sample's output gradient is its own); sampled targets come from a
+        generator seeded per batch."""
+        modules = dict(self.model.module.named_modules())
+        sums: dict[str, Tensor] = {}
+        axes = {}
+        for name in names:
+            capture = self.captures[name][0]
+            axes[name] = 1 if self.model.nodes[capture.node][0] == "Conv" else -1
+
+        def hook_for(name: str):
+            def hook(module, args, output):
+                def grad_hook(grad: Tensor) -> None:
+                    g = grad.detach().double()
+                    axis = axes[name] % g.dim()
+                    squares = (g * g).transpose(axis, -1).reshape(-1, g.shape[axis]).sum(0)
+                    sums[name] = squares if name not in sums else sums[name] + squares
+
+                if output.requires_grad:
+                    output.register_hook(grad_hook)
+
+            return hook
+
+        handles = [
+            modules[self.captures[n][0].node].register_forward_hook(hook_for(n)) for n in names if self.captures.get(n)
+        ]
+        params = [self.model.tensors[n] for n in names]
+        previous = [p.requires_grad for p in params]
+        try:
+            for p in params:
+                p.requires_grad_(True)  # so that the layers' outputs carry gradients
+            for k, (feeds, samples) in enumerate(iter_feeds(self.samples, self.specs, self.plan)):
+                count = samples.stop - samples.start
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+                output = self.model(*self.model.inputs(feeds, self.device))[loss.output]
+                output = output.unsqueeze(0) if self.plan.per_sample else output[:count]
+                targets = None
+                if loss.targets == "given":
+                    labels = np.asarray(self.samples.labels[samples])
+                    targets = torch.from_numpy(labels).to(self.device)
+                per_sample_loss(output.float(), loss, targets, generator).sum().backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in zip(params, previous):
+                p.requires_grad_(flag)
+                p.grad = None
+        return {name: sums.get(name, torch.zeros(1, dtype=torch.float64)) / max(1, self.count) for name in names}
 
     def collect(self, stats: dict[str, InputStatistics], progress: Callable[[int], None] | None = None) -> None:
         """Feed the input rows of every weight named in `stats` over the calibration samples."""

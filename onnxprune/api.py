@@ -17,7 +17,7 @@ import torch
 from onnx import ModelProto
 
 from . import __version__
-from .activations import ActivationSource
+from .activations import ActivationSource, capture_plans
 from .allocation import ALLOCATION_CANDIDATES, output_loss
 from .bridge.bindings import PrunableTensor, read_tensor, release_payloads, select, write_back
 from .bridge.convert import TorchModel, convert
@@ -26,8 +26,9 @@ from .config import PruneConfig
 from .data import Dataset, InputSpec, input_specs, load_dataset, run_batches, split, synthesize
 from .environment import environment
 from .errors import MemoryBudgetError, NonFiniteError, UsageError
-from .estimators import ESTIMATORS, Estimator
+from .estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO, Estimator
 from .estimators.base import DAMP_GRID, DEFAULT_DAMP
+from .estimators.layerwise import DEFAULT_MIX, MIX_GRID
 from .finetune import (
     Finetuner,
     batchnorm_statistics,
@@ -35,7 +36,7 @@ from .finetune import (
     reestimate_batchnorm,
     trainable_tensors,
 )
-from .gradients import GradientSource, choose_loss
+from .gradients import FisherLoss, GradientSource, choose_loss
 from .masks import parse_pattern, prune_count
 from .memory import GIB, available_bytes, peak_bytes
 from .oneshot import OneShotResult, Pruner, StepRecord, TensorView, plan_statistics
@@ -118,7 +119,7 @@ def plan(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | No
     targets = select_targets(torch_model, config.exclude)
     phases = schedule_phases(config)
     memory = None
-    if estimator.needs_gradients:
+    if estimator.needs_gradients and config.method != METHOD_AUTO:
         views = [TensorView(t, torch_model.tensors[t.name]) for t in targets]
         budget = memory_budget(config)
         disk_free = shutil.disk_usage(config.output.parent if str(config.output.parent) else ".").free
@@ -190,6 +191,8 @@ class Pruned:
     allocation_search: dict | None  # auto's candidates, held-out losses and choice
     repair: dict | None = None  # the repair passes after each step (repair.py)
     added_biases: list = field(default_factory=list)  # (node output, weight, values) for nodes given a bias
+    method: str = ""  # the estimator used (--method auto resolved)
+    method_search: dict | None = None  # --method auto: candidates, held-out losses, seconds, choice
 
 
 def _as_config(config: PruneConfig | str | os.PathLike, output, settings: dict) -> PruneConfig:
@@ -206,9 +209,11 @@ def load_inputs(config: PruneConfig) -> tuple[LoadedModel, list[InputSpec], Esti
     model = load_model(config.input)
     _check_no_clobber(model, config)
     specs = list(input_specs(model.proto))
-    estimator = ESTIMATORS.get(config.method)(config)
+    # --method auto compares methods on calibration data; the default method stands in until then
+    estimator = ESTIMATORS.get(DEFAULT_METHOD if config.method == METHOD_AUTO else config.method)(config)
     needs_calibration = (
-        estimator.needs_gradients
+        config.method == METHOD_AUTO
+        or estimator.needs_gradients
         or estimator.needs_activations
         or config.finetune_steps > 0
         or config.batchnorm == "reestimate"
@@ -294,7 +299,7 @@ def statistics_source(
     inputs, or nothing (data-free estimators)."""
     if estimator.needs_activations:
         log.info("statistics: the inputs of each pruned layer on %d calibration samples", config.num_grads)
-        return ActivationSource(
+        source = ActivationSource(
             job.torch_model,
             job.calibration,
             job.specs,
@@ -304,14 +309,23 @@ def statistics_source(
             config.seed,
             device,
         )
+        if estimator.needs_output_gradients:
+            source.loss = fisher_loss(config, job, estimator)
+            log.info("output gradients: %s", source.loss.describe())
+        return source
     if not estimator.needs_gradients:
         return None
-    fisher = config.fisher if config.fisher != "auto" else getattr(estimator, "default_fisher", "auto")
-    loss = choose_loss(job.headline, job.reference, job.torch_model.output_names, job.calibration, fisher)
+    loss = fisher_loss(config, job, estimator)
     log.info("gradients: %s", loss.describe())
     return GradientSource(
         job.torch_model, job.calibration, job.specs, loss, config.num_grads, config.fisher_batch, config.seed, device
     )
+
+
+def fisher_loss(config: PruneConfig, job: Job, estimator: Estimator) -> FisherLoss:
+    """The loss whose gradients give the estimator's Fisher (--fisher, or the estimator's default)."""
+    fisher = config.fisher if config.fisher != "auto" else getattr(estimator, "default_fisher", "auto")
+    return choose_loss(job.headline, job.reference, job.torch_model.output_names, job.calibration, fisher)
 
 
 AUTO_DAMP_MAX_PARAMS = 5_000_000
@@ -371,10 +385,74 @@ def trial_losses(
     return losses
 
 
-def resolve_damping(config: PruneConfig, job: Job, device: torch.device) -> tuple[PruneConfig, dict | None]:
+def resolve_method(config: PruneConfig, job: Job, device: torch.device) -> tuple[PruneConfig, dict | None]:
+    """For --method auto: among the methods that fit the model and the memory budget (and
+    `auto_methods`), the one whose one-shot pruning at the target leaves the smallest loss on
+    held-out calibration samples (statistics from the other samples), each at its default damping
+    and, with --allocation auto, with global and per-layer allocation (the pair is chosen
+    together). Returns the config with the method (and allocation) and the search: candidates,
+    losses, seconds per trial, the methods left out and why, the choice."""
+    if config.method != METHOD_AUTO:
+        return config, None
+    allocations = list(ALLOCATION_CANDIDATES) if config.scope == "auto" and config.pattern is None else [None]
+    candidates, skipped = [], {}
+    for method in config.auto_methods or ESTIMATORS.names():
+        why = _does_not_fit(replace(config, method=method), job)
+        if why:
+            skipped[method] = why
+            continue
+        for allocation in allocations:
+            candidates.append((method, allocation))
+    labels, losses, seconds = [], [], []
+    for method, allocation in candidates:
+        scope = allocation or (config.scope if config.scope != "auto" else "global")
+        trial = replace(config, method=method, scope=scope, steps=1)
+        label = f"{method} ({scope})" if allocation else method
+        started = time.perf_counter()
+        losses.append(trial_losses(config, job, device, [(label, trial)])[0])
+        seconds.append(round(time.perf_counter() - started, 3))
+        labels.append(label)
+    best = int(np.argmin(losses))
+    method, allocation = candidates[best]
+    log.info(
+        "method: chose %s (loss on held-out calibration samples: %s)",
+        labels[best],
+        ", ".join(f"{label}: {loss:.4g}" for label, loss in zip(labels, losses)),
+    )
+    search = {
+        "candidates": labels,
+        "losses": [round(x, 6) for x in losses],
+        "seconds": seconds,
+        "chosen": labels[best],
+        "skipped": skipped,
+    }
+    return replace(config, method=method, scope=allocation or config.scope), search
+
+
+def _does_not_fit(config: PruneConfig, job: Job) -> str | None:
+    """Why `config.method` cannot prune the job's targets (None when it can)."""
+    estimator = ESTIMATORS.get(config.method)(config)
+    if estimator.needs_activations:
+        _, refused = capture_plans(job.torch_model, job.targets)
+        if refused:
+            return f"cannot read the inputs of {len(refused)} weight(s)"
+    if estimator.needs_gradients:
+        views = [TensorView(t, job.torch_model.tensors[t.name]) for t in job.targets]
+        try:
+            plan_statistics(views, estimator, config.num_grads, memory_budget(config), 0)
+        except MemoryBudgetError:
+            return "its statistics do not fit --max-memory"
+    return None
+
+
+def resolve_damping(
+    config: PruneConfig, job: Job, device: torch.device, known: dict[float, float] | None = None
+) -> tuple[PruneConfig, dict | None]:
     """The config with `damp` a number: as given, or for "auto" the grid value whose one-shot
     pruning at the target sparsity leaves the smallest loss on held-out calibration samples
-    (statistics from the other samples). Returns the search (grid, losses, choice) too."""
+    (statistics from the other samples), under the config's allocation (global for sensitivity).
+    `known` holds losses already measured for some grid values. Returns the search (grid,
+    losses, choice) too."""
     estimator = ESTIMATORS.get(config.method)
     if config.damp != "auto" or not estimator.uses_damping:
         return config, None
@@ -389,8 +467,11 @@ def resolve_damping(config: PruneConfig, job: Job, device: torch.device) -> tupl
         )
         return replace(config, damp=DEFAULT_DAMP), {"grid": [], "losses": [], "chosen": DEFAULT_DAMP, "searched": False}
     scope = _search_scope(config)
-    trials = [(f"damping {d:g}", replace(config, damp=d, steps=1, scope=scope)) for d in DAMP_GRID]
-    losses = trial_losses(config, job, device, trials)
+    known = dict(known or {})
+    todo = [d for d in DAMP_GRID if d not in known]
+    trials = [(f"damping {d:g}", replace(config, damp=d, steps=1, scope=scope)) for d in todo]
+    known.update(zip(todo, trial_losses(config, job, device, trials)))
+    losses = [known[d] for d in DAMP_GRID]
     chosen = DAMP_GRID[int(np.argmin(losses))]
     log.info(
         "damping: chose %g (loss on held-out calibration samples: %s)",
@@ -408,28 +489,24 @@ def resolve_damping(config: PruneConfig, job: Job, device: torch.device) -> tupl
 
 
 def resolve_allocation(
-    config: PruneConfig, job: Job, device: torch.device, damp_search: dict | None
-) -> tuple[PruneConfig, dict | None]:
+    config: PruneConfig, job: Job, device: torch.device
+) -> tuple[PruneConfig, dict | None, dict[str, float]]:
     """The config with a concrete allocation: as given, or for "auto" the candidate (global or
     per layer) whose one-shot pruning at the target sparsity leaves the smaller loss on held-out
-    calibration samples. Neither wins everywhere: on the MNIST CNN global keeps SparseGPT at 0.95
-    where per layer drops it to 0.57 (90%); on MiniLM it is the other way round (0.40 vs 0.76 at
-    70%). Returns the search (candidates, losses, choice) too."""
+    calibration samples (at the given damping, DEFAULT_DAMP while it is "auto"). Neither wins
+    everywhere: on the MNIST CNN global keeps SparseGPT at 0.95 where per layer drops it to 0.57
+    (90%); on MiniLM it is the other way round (0.40 vs 0.76 at 70%). Returns the search
+    (candidates, losses, choice) for the report and the losses unrounded."""
     if config.scope != "auto":
-        return config, None
+        return config, None, {}
     if config.pattern is not None or job.calibration is None or len(job.calibration) < 2:
         # an N:M pattern fixes every tensor's sparsity; without data there is nothing to choose by
         why = "the N:M pattern fixes each tensor's sparsity" if config.pattern else "no calibration data to compare on"
         log.info("allocation: global (%s)", why)
-        return replace(config, scope="global"), None
+        return replace(config, scope="global"), None, {}
     candidates = list(ALLOCATION_CANDIDATES)
-    losses: dict[str, float] = {}
-    if damp_search and damp_search.get("searched") and damp_search.get("allocation") in candidates:
-        # the damping search already pruned with this allocation at the chosen damping
-        losses[damp_search["allocation"]] = min(damp_search["losses"])
-    todo = [a for a in candidates if a not in losses]
-    trials = [(f"allocation {a}", replace(config, steps=1, scope=a)) for a in todo]
-    losses.update(zip(todo, trial_losses(config, job, device, trials)))
+    trials = [(f"allocation {a}", replace(config, steps=1, scope=a)) for a in candidates]
+    losses = dict(zip(candidates, trial_losses(config, job, device, trials)))
     chosen = min(candidates, key=lambda a: losses[a])
     log.info(
         "allocation: chose %s (loss on held-out calibration samples: %s)",
@@ -437,17 +514,50 @@ def resolve_allocation(
         ", ".join(f"{a}: {losses[a]:.4g}" for a in candidates),
     )
     search = {"candidates": candidates, "losses": [round(losses[a], 6) for a in candidates], "chosen": chosen}
-    return replace(config, scope=chosen), search
+    return replace(config, scope=chosen), search, losses
 
 
 def resolve_automatic(
     config: PruneConfig, job: Job, device: torch.device
-) -> tuple[PruneConfig, dict | None, dict | None]:
-    """The config with `--damp auto` and `--allocation auto` resolved (damping first: the
-    allocation search reuses its best trial), and the two searches for the report."""
-    config, damp_search = resolve_damping(config, job, device)
-    config, allocation_search = resolve_allocation(config, job, device, damp_search)
-    return config, damp_search, allocation_search
+) -> tuple[PruneConfig, dict[str, dict | None]]:
+    """The config with `--allocation auto`, `--mix auto` and `--damp auto` resolved, and the
+    searches for the report (by "damp", "allocation", "mix"). The allocation is chosen first (at
+    the default damping and mix while they are automatic), then the mix, then the damping under
+    those (each reuses the trial the previous search ran at its default): the damping that suits
+    one allocation can be far from the other's best (SparseGPT at 90% on the magika file-type
+    model, a TensorFlow export: 1e-4 under global allocation, 1 per layer)."""
+    damp_was_auto, mix_was_auto = config.damp == "auto", config.mix == "auto"
+    config, allocation_search, losses = resolve_allocation(config, job, device)
+    at_defaults = losses[config.scope] if losses and damp_was_auto and mix_was_auto else None
+    config, mix_search, mix_losses = resolve_mix(config, job, device, at_defaults)
+    known = None
+    if damp_was_auto and (mix_losses or losses):
+        known = {DEFAULT_DAMP: mix_losses[config.mix] if mix_losses else losses[config.scope]}
+    config, damp_search = resolve_damping(config, job, device, known)
+    return config, {"damp": damp_search, "allocation": allocation_search, "mix": mix_search}
+
+
+def resolve_mix(
+    config: PruneConfig, job: Job, device: torch.device, at_default: float | None
+) -> tuple[PruneConfig, dict | None, dict[float, float]]:
+    """For the combined estimator with `mix` "auto": the weight of the task-loss term from
+    MIX_GRID whose one-shot pruning leaves the smallest held-out loss (at DEFAULT_DAMP while the
+    damping is automatic; `at_default` is the loss already measured at DEFAULT_MIX)."""
+    if config.mix != "auto" or not ESTIMATORS.get(config.method).needs_output_gradients:
+        return config, None, {}
+    known = {DEFAULT_MIX: at_default} if at_default is not None else {}
+    todo = [a for a in MIX_GRID if a not in known]
+    trials = [(f"mix {a:g}", replace(config, mix=a, steps=1, scope=_search_scope(config))) for a in todo]
+    known.update(zip(todo, trial_losses(config, job, device, trials)))
+    losses = [known[a] for a in MIX_GRID]
+    chosen = MIX_GRID[int(np.argmin(losses))]
+    log.info(
+        "mix: chose %g (loss on held-out calibration samples: %s)",
+        chosen,
+        ", ".join(f"{a:g}: {loss:.4g}" for a, loss in zip(MIX_GRID, losses)),
+    )
+    search = {"grid": list(MIX_GRID), "losses": [round(x, 6) for x in losses], "chosen": chosen}
+    return replace(config, mix=chosen), search, known
 
 
 def loss_evaluator(config: PruneConfig, job: Job, device: torch.device) -> Callable[[], float]:
@@ -473,9 +583,13 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
     """Prune step by step along the schedule, with BatchNorm re-estimation, fine-tuning and a
     checkpoint after each step; returns the new values of every changed tensor."""
     torch_model, targets, calibration, specs = job.torch_model, job.targets, job.calibration, job.specs
-    config, damp_search, allocation_search = resolve_automatic(config, job, device)
+    config, method_search = resolve_method(config, job, device)
+    config, searches = resolve_automatic(config, job, device)
+    damp_search, allocation_search = searches["damp"], searches["allocation"]
     estimator = ESTIMATORS.get(config.method)(config)
     estimator.damp_search = damp_search
+    if searches["mix"] is not None:
+        estimator.mix_search = searches["mix"]
     source = statistics_source(config, job, estimator, device)
     phases = schedule_phases(config)
     trainer = make_finetuner(config, torch_model, targets, calibration, specs, job.headline, job.reference, device)
@@ -560,6 +674,8 @@ def run_schedule(config: PruneConfig, job: Job, device: torch.device) -> Pruned:
         allocation_search,
         repair,
         added,
+        config.method,
+        method_search,
     )
 
 
@@ -575,6 +691,7 @@ def make_repairer(
         statistics=config.correct_statistics,
         samples=config.repair_samples,
         damp=config.repair_damp,
+        rounds=config.repair_rounds,
     )
     calibration = job.calibration
     if not settings.passes or calibration is None or calibration.synthetic or len(calibration) < 4:
@@ -668,7 +785,7 @@ def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, flo
         ),
         finetune=finetune_info(pruned.trainer, config, pruned.tuning_seconds, pruned.batchnorm),
         pruning=Pruning(
-            method=config.method,
+            method=pruned.method or config.method,
             scope=pruned.scope,
             target_sparsity=config.sparsity,
             tensors=tuple(sparsity),
@@ -678,6 +795,7 @@ def finish(config: PruneConfig, job: Job, pruned: Pruned, timings: dict[str, flo
             excluded=tuple(t.name for t in job.candidates if t not in job.targets),
             allocation_search=pruned.allocation_search,
             repair=pruned.repair,
+            method_search=pruned.method_search,
         ),
         conversion=job.conversion,
         validation=validation,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .allocation import ALLOCATIONS
 from .errors import UsageError
-from .estimators import DEFAULT_METHOD, ESTIMATORS
+from .estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO
 from .finetune import BATCHNORM_MODES, OPTIMIZERS
 from .gradients import FISHER_KINDS
 from .masks import parse_pattern
@@ -34,6 +34,8 @@ class PruneConfig:
     output: Path
     sparsity: float
     method: str = DEFAULT_METHOD
+    # --method auto: the estimators it may choose from (empty: every registered one that fits)
+    auto_methods: tuple[str, ...] = ()
     # How the sparsity is split across tensors (--allocation, alias --scope). global: one threshold
     # over all weights on the estimator's scale, so layers that matter less lose more; layer
     # (uniform): every tensor to the same sparsity; sensitivity: per-tensor sparsities minimising
@@ -89,6 +91,9 @@ class PruneConfig:
     # AUTO_DAMP_MAX_PARAMS prunable weights; larger ones use DEFAULT_DAMP (estimators/base.py).
     damp: float | str = "auto"
     obs_update: str = "joint"  # joint (exact, per block), summed (original WoodFisher), none
+    # The combined estimator's weight of the task-loss Fisher against each layer's reconstruction
+    # error, in [0, 1] (0: SparseGPT); "auto": chosen from MIX_GRID on held-out calibration samples.
+    mix: float | str = "auto"
     # FishLeg Surgeon: auxiliary Adam steps at the first pruning step and at each later one (the
     # online updates), its learning rate, Gaussian probes per step, gradient rows per
     # Fisher-vector product, and the largest Kronecker block (bigger layers get block-diagonal
@@ -119,6 +124,7 @@ class PruneConfig:
     correct_statistics: str = "auto"
     repair_samples: int = 256
     repair_damp: float = 0.01
+    repair_rounds: int = 1  # masks and weights passes alternate this many times
     # --- schedule and fine-tuning -----------------------------------------------------------
     # oneshot: `steps` recomputation steps, then all fine-tuning; gradual: `prune_steps` steps of
     # the cubic schedule from `initial_sparsity`, fine-tuning split evenly between them.
@@ -148,7 +154,11 @@ class PruneConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise UsageError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        ESTIMATORS.get(self.method)  # raises with the valid names
+        if self.method != METHOD_AUTO:
+            ESTIMATORS.get(self.method)  # raises with the valid names
+        object.__setattr__(self, "auto_methods", tuple(self.auto_methods))
+        for name in self.auto_methods:
+            ESTIMATORS.get(name)
         if self.pattern:
             try:
                 n, m = parse_pattern(self.pattern)
@@ -191,6 +201,7 @@ class PruneConfig:
             "fishleg_fvp_batch",
             "fishleg_block",
             "repair_samples",
+            "repair_rounds",
         ):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -209,6 +220,13 @@ class PruneConfig:
             )
         if not self.repair_damp >= 0:
             raise UsageError(f"repair_damp must be >= 0, got {self.repair_damp}")
+        if self.mix != "auto":
+            try:
+                object.__setattr__(self, "mix", float(self.mix))
+            except (TypeError, ValueError):
+                raise UsageError(f"mix must be a number in [0, 1] or 'auto', got {self.mix!r}") from None
+            if not 0.0 <= self.mix <= 1.0:
+                raise UsageError(f"mix must be in [0, 1], got {self.mix}")
         if self.fishleg_init not in FISHLEG_INITS:
             raise UsageError(f"unknown FishLeg warm start {self.fishleg_init!r}; valid: {', '.join(FISHLEG_INITS)}")
         if self.fisher not in FISHER_KINDS:

@@ -88,11 +88,14 @@ def sparsegpt(
     forced: Tensor | None = None,
     block: int = 128,
     pattern: tuple[int, int] | None = None,
+    row_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prune `prune` entries of W [rows, cols] given the damped Hessian H [cols, cols], updating
     the survivors (SparseGPT). `forced` [rows, cols] marks entries that must be pruned (already
     zero from an earlier step). With `pattern` (n, m) every m consecutive columns of a row keep at
-    most n entries, and `prune` is ignored. Returns the new W (float64) and its keep-mask."""
+    most n entries, and `prune` is ignored. `row_weight` [rows] scales each row's Hessian (row i's
+    objective is r_i·ΔwᵢᵀHΔwᵢ): it moves the masks between rows, not any row's update. Returns
+    the new W (float64) and its keep-mask."""
     rows, cols = weight.shape
     w = weight.to(torch.float64).clone()
     u = inverse_cholesky(hessian.to(torch.float64))
@@ -100,6 +103,9 @@ def sparsegpt(
     if pattern is not None and block % pattern[1]:
         block = max(pattern[1], block - block % pattern[1])
     pruned = torch.zeros_like(w, dtype=torch.bool)
+    weight_of_row = torch.ones(rows, 1, dtype=w.dtype, device=w.device)
+    if row_weight is not None:
+        weight_of_row = row_weight.to(w.device, w.dtype).reshape(rows, 1)
     left = prune
     for start in range(0, cols, block):
         end = min(start + block, cols)
@@ -108,7 +114,7 @@ def sparsegpt(
         wb = w[:, start:end]  # a view: updates land in w
         if pattern is None:
             count = _block_count(left, forced, start, end, cols, rows)
-            chosen = _lowest(wb * wb / (diag * diag), forced[:, start:end], count)
+            chosen = _lowest(weight_of_row * wb * wb / (diag * diag), forced[:, start:end], count)
             pruned[:, start:end] = chosen
             left -= count
         errors = torch.zeros(rows, end - start, dtype=w.dtype, device=w.device)
@@ -116,7 +122,7 @@ def sparsegpt(
             if pattern is not None and j % pattern[1] == 0:
                 group = slice(j, min(j + pattern[1], end - start))
                 width = group.stop - group.start
-                saliency = wb[:, group] ** 2 / diag[group] ** 2
+                saliency = weight_of_row * wb[:, group] ** 2 / diag[group] ** 2
                 pruned[:, start + group.start : start + group.stop] = _lowest_per_row(
                     saliency, forced[:, start + group.start : start + group.stop], max(0, width - pattern[0])
                 )

@@ -166,6 +166,11 @@ class Pruner:
         number of `apply` calls from these same weights (a sweep over sparsities)."""
         number = len(self.records) + 1
         scored = Scored(number, label, self.sources(number) if self.sources is not None else None, list(self.keep))
+        if self.estimator.needs_output_gradients:
+            started = time.perf_counter()
+            names = [v.target.name for v in self.views]
+            self.estimator.set_sensitivity(scored.source.output_sensitivity(names, scored.source.loss))
+            scored.timer["gradients"] += time.perf_counter() - started
         # sequential estimators collect their statistics again, layer by layer, for the update
         keep_for_update = not self.estimator.sequential or self.scope == "sensitivity"
         for g, group in enumerate(self.groups, 1):

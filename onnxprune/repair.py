@@ -59,18 +59,14 @@ class RepairSettings:
     # estimator's weights where the calibration rows do not determine it
     damp: float = 0.01
     cycles: int = 100  # swap rounds of the mask refinement (each swaps at most once per row)
+    # masks and weights alternate this many times (refining the masks of re-solved weights finds
+    # more swaps)
+    rounds: int = 1
 
     @property
     def passes(self) -> tuple[str, ...]:
-        return tuple(
-            name
-            for name, on in (
-                ("masks", self.refine_masks),
-                ("weights", self.solve_weights),
-                ("statistics", self.statistics != "off"),
-            )
-            if on
-        )
+        alternating = [name for name, on in (("masks", self.refine_masks), ("weights", self.solve_weights)) if on]
+        return tuple(alternating * self.rounds) + (("statistics",) if self.statistics != "off" else ())
 
 
 @dataclass(frozen=True)

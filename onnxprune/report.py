@@ -71,6 +71,7 @@ class Pruning:
     excluded: tuple[str, ...]  # prunable tensors left dense by --exclude
     allocation_search: dict | None = None  # --allocation auto: candidates, held-out losses, choice
     repair: dict | None = None  # the repair passes after each pruning step (repair.py)
+    method_search: dict | None = None  # --method auto: candidates, held-out losses, seconds, choice
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,13 @@ def format_human(report: Report, max_rows: int = 30) -> str:
         losses = allocation_losses(p.allocation_search, ".4g")
         lines.append(
             f"  allocation auto: chose {p.allocation_search['chosen']} (loss on held-out calibration samples: {losses})"
+        )
+    if p.method_search:
+        tried = ", ".join(
+            f"{c} {loss:.4g}" for c, loss in zip(p.method_search["candidates"], p.method_search["losses"])
+        )
+        lines.append(
+            f"  method auto: chose {p.method_search['chosen']} (loss on held-out calibration samples: {tried})"
         )
     if p.repair:
         lines.extend(f"  {line}" for line in repair_lines(p.repair))

@@ -167,10 +167,12 @@ def sweep(config: SweepConfig) -> SweepReport:
         if reusable:
             # one damping for every sparsity (the scores are shared): chosen at the highest,
             # where it matters most, so that point equals a separate run at that sparsity
-            highest, damp_search, _ = resolve_automatic(replace(first, sparsity=max(config.sparsities)), job, device)
-            first = replace(first, damp=highest.damp, scope=highest.scope)
+            highest, searches = resolve_automatic(replace(first, sparsity=max(config.sparsities)), job, device)
+            first = replace(first, damp=highest.damp, scope=highest.scope, mix=highest.mix)
             estimator = ESTIMATORS.get(method)(first)
-            estimator.damp_search = damp_search
+            estimator.damp_search = searches["damp"]
+            if searches["mix"] is not None:
+                estimator.mix_search = searches["mix"]
             source = statistics_source(first, job, estimator, device)
             with make_pruner(first, job, estimator, source, progress, config.folder, device) as pruner:
                 repairer = make_repairer(first, job, pruner, progress, device)

@@ -168,12 +168,14 @@ def test_auto_allocation_without_calibration_data_is_global(tmp_path):
     assert report.pruning.scope == "global" and report.pruning.allocation_search is None
 
 
-def test_auto_allocation_keeps_sparsegpt_global_on_the_cnn_and_reuses_the_damping_search(tmp_path):
+def test_auto_allocation_keeps_sparsegpt_global_on_the_cnn_and_the_damping_search_reuses_it(tmp_path):
     # measured: at 90% SparseGPT keeps 0.953 with global allocation and 0.574 per layer on this CNN
     report = prune(cnn_config(tmp_path, "sgpt", method="sparsegpt"))
     search, damping = report.pruning.allocation_search, report.fisher.estimator["damp_search"]
     assert search["chosen"] == "global" == report.pruning.scope
     assert search["losses"][1] > 2 * search["losses"][0]
-    # the damping search pruned with global allocation: its best loss is global's at the chosen damping
-    assert damping["allocation"] == "global" and search["losses"][0] == round(min(damping["losses"]), 6)
+    # the damping search ran under the chosen allocation, and its trial at the default damping
+    # (where the allocation was chosen) is the allocation search's
+    assert damping["allocation"] == "global"
+    assert damping["losses"][damping["grid"].index(1e-3)] == search["losses"][0]
     assert report.validation.accuracy_after > 0.9

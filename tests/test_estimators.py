@@ -18,6 +18,8 @@ SHAPES = {"conv": (4, 27), "fc": (10, 12)}
 GRADS = {name: torch.randn(40, w.numel(), generator=GEN) for name, w in WEIGHTS.items()}
 # calibration input rows of each layer, for the layer-wise estimators (Wanda, SparseGPT)
 INPUTS = {name: torch.randn(40, SHAPES[name][1], generator=GEN) for name in WEIGHTS}
+# the task loss's Fisher of each output unit of each layer, for the combined estimator
+SENSITIVITY = {name: torch.rand(SHAPES[name][0], generator=GEN, dtype=torch.float64) + 0.1 for name in WEIGHTS}
 
 
 def make(name: str, **options):
@@ -31,7 +33,10 @@ def make(name: str, **options):
         fishleg_damp=0.1,
         **options,
     )
-    return ESTIMATORS.get(name)(config)
+    estimator = ESTIMATORS.get(name)(config)
+    if estimator.needs_output_gradients:
+        estimator.set_sensitivity(SENSITIVITY)
+    return estimator
 
 
 def statistics(estimator, name: str, splits=(40,)):
@@ -46,10 +51,14 @@ def statistics(estimator, name: str, splits=(40,)):
     return stats
 
 
-def hand_scores(method: str, w: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def hand_scores(method: str, w: torch.Tensor, g: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     """Each estimator's saliency from the mean statistics, computed directly (float64); `g` are
     gradient rows, `x` input rows of the layer."""
     w, g, x = w.double(), g.double(), x.double()
+    if method == "combined":  # SparseGPT's, row i weighted by (1 − α) + α s_i / mean s (α = 0.5)
+        mean = torch.cat(list(SENSITIVITY.values())).mean()
+        rows = 0.5 + 0.5 * SENSITIVITY[name] / mean
+        return (hand_scores("sparsegpt", w, g, x, name).reshape(len(rows), -1) * rows[:, None]).reshape(-1)
     if method == "wanda":  # |W_ij| · ‖X_j‖
         return (w.reshape(-1, x.shape[1]).abs() * x.norm(dim=0)).reshape(-1)
     if method == "sparsegpt":  # w² / (2 [H⁻¹]_jj), H = mean xxᵀ + λI, λ = damp · mean diag
@@ -85,7 +94,7 @@ def test_accumulation_over_several_batches_equals_the_hand_computed_mean(method)
     # Q is checked against its dense formula in test_fishleg.py)
     options = {"fishleg_steps": 0, "fishleg_init": "diagonal"}
     for name, w in WEIGHTS.items():
-        reference = hand_scores(method, w, GRADS[name], INPUTS[name])
+        reference = hand_scores(method, w, GRADS[name], INPUTS[name], name)
         one = make(method, **options).scores(w.clone(), statistics(make(method, **options), name))
         np.testing.assert_allclose(one.double().numpy(), reference.numpy(), rtol=1e-5, atol=1e-12)
         if make(method).online:

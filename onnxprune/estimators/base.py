@@ -65,6 +65,9 @@ class Estimator(ABC):
     streams_gradients: ClassVar[bool] = False
     # Whether the estimator reads `damp` (then chosen automatically when it is "auto").
     uses_damping: ClassVar[bool] = False
+    # Whether it also needs each pruned layer's output-gradient Fisher (`set_sensitivity`, given
+    # once per step before the statistics) from the task loss.
+    needs_output_gradients: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig | None = None):
         self.config = config
@@ -106,6 +109,10 @@ class Estimator(ABC):
     def describe(self) -> dict:
         """The settings that shaped the result, for the report."""
         return {}
+
+    def set_sensitivity(self, sensitivity: dict[str, Tensor]) -> None:
+        """Per pruned tensor, the Fisher of each output unit of its layer (estimators that
+        declare `needs_output_gradients`)."""
 
 
 # The damping used when `damp` is "auto" but no search ran (large models, or an estimator built

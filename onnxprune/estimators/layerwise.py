@@ -62,6 +62,10 @@ class SparseGPT(Estimator):
     def describe(self) -> dict:
         return {"damp": self.damp, "column_block": self.block_size, "hessian": "mean XᵀX of the layer inputs"}
 
+    def _row_weight(self, stats: InputStatistics, rows: int, group: int, groups: int) -> Tensor | None:
+        """Each row's weight in the objective (None: all equal, SparseGPT)."""
+        return None
+
     def scores(self, weight: Tensor, stats: InputStatistics) -> Tensor:
         w, _ = _per_group(weight, stats)
         hessian = stats.hessian().to(w.device)
@@ -85,10 +89,82 @@ class SparseGPT(Estimator):
         for g in range(stats.groups):
             h = damped(hessian[g], self.damp)[0][order][:, order]
             new, kept = sparsegpt(
-                w[g][:, order], h, int((~keep_g[g]).sum()), forced_g[g][:, order], self.block_size, pattern
+                w[g][:, order],
+                h,
+                int((~keep_g[g]).sum()),
+                forced_g[g][:, order],
+                self.block_size,
+                pattern,
+                self._row_weight(stats, weight.numel() // cols, g, stats.groups),
             )
             restored_new, restored_keep = torch.empty_like(new), torch.empty_like(kept)
             restored_new[:, order], restored_keep[:, order] = new, kept
             new_parts.append(restored_new)
             keep_parts.append(restored_keep)
         return torch.stack(new_parts).reshape(-1).to(weight.dtype), torch.stack(keep_parts).reshape(-1)
+
+
+# The weight of the task-loss term in the combined objective's automatic search (0: SparseGPT's
+# reconstruction alone; 1: the Fisher term alone, on the loss scale).
+MIX_GRID = (0.0, 0.5, 1.0)
+DEFAULT_MIX = 0.5
+
+
+@register
+class Combined(SparseGPT):
+    """Layer-wise OBS on a weighted sum of each layer's reconstruction Hessian and the task loss's
+    Fisher. For a layer y = W x the Fisher of row i's weights is, in K-FAC form, s_i · H with
+    H = mean x xᵀ over the layer's input rows and s_i = (1/N) Σ_n Σ_pos (∂ℓ_n/∂y_i)² the Fisher of
+    that output unit; the objective of row i is r_i · Δwᵢᵀ H Δwᵢ with r_i = (1 − α) + α · s_i / s̄
+    (s̄ the mean over every output unit of every pruned layer). α = 0 is SparseGPT (each layer's
+    own output error); α = 1 weighs every row by how much the loss depends on it, so scores are
+    loss increases comparable across layers. The survivors of a row get SparseGPT's OBS update
+    (r_i scales the row's Hessian, so it moves masks between rows, not a row's update)."""
+
+    name = "combined"
+    summary = (
+        "layer-wise OBS on (1−α)·XᵀX + α·(task-loss Fisher of each output unit)·XᵀX, α chosen on held-out "
+        "samples; SparseGPT's update"
+    )
+    needs_output_gradients = True
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        value = getattr(config, "mix", "auto")
+        self.mix = DEFAULT_MIX if value == "auto" else float(value)
+        self.sensitivity: dict[str, Tensor] = {}
+        self.mix_search: dict | None = None
+
+    def describe(self) -> dict:
+        details = {**super().describe(), "mix": self.mix, "fisher": "K-FAC: E[δᵢ²] per output unit × XᵀX"}
+        if self.mix_search is not None:
+            details["mix_search"] = self.mix_search
+        return details
+
+    def set_sensitivity(self, sensitivity: dict[str, Tensor]) -> None:
+        """Each pruned layer's s_i, from the source at the weights of this step."""
+        units = torch.cat([s.reshape(-1) for s in sensitivity.values()]) if sensitivity else torch.ones(1)
+        mean = float(units.mean()) if units.numel() else 1.0
+        scale = 1.0 / mean if mean > 0 else 0.0
+        self.sensitivity = {name: s.double() * scale for name, s in sensitivity.items()}
+
+    def statistics(self, name: str, shape: tuple[int, int]) -> InputStatistics:
+        stats = InputStatistics(shape[1], full=True)
+        stats.name = name
+        return stats
+
+    def row_weights(self, stats: InputStatistics, rows: int) -> Tensor:
+        """r_i for the rows of the weight whose statistics these are ([rows])."""
+        s = self.sensitivity.get(getattr(stats, "name", ""), None)
+        if s is None or s.numel() != rows:
+            return torch.ones(rows, dtype=torch.float64)
+        return (1.0 - self.mix) + self.mix * s
+
+    def scores(self, weight: Tensor, stats: InputStatistics) -> Tensor:
+        rows = weight.numel() // stats.cols
+        plain = super().scores(weight, stats).reshape(rows, -1)
+        return (plain * self.row_weights(stats, rows).to(plain.device).unsqueeze(1)).reshape(-1)
+
+    def _row_weight(self, stats: InputStatistics, rows: int, group: int, groups: int) -> Tensor | None:
+        per_group = rows // groups
+        return self.row_weights(stats, rows)[group * per_group : (group + 1) * per_group]
