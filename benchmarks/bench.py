@@ -178,7 +178,8 @@ report = prune(PruneConfig(input={str(model)!r}, output={str(out)!r}, force=True
     method={run.method!r}, steps={run.steps}, num_grads={run.num_grads}, fisher_batch={run.fisher_batch},
     block_size={run.block_size}, damp={run.damp!r}, schedule={run.schedule!r}, prune_steps={run.prune_steps},
     finetune_steps={run.finetune_steps}, lr={run.lr or 1e-4}, seed={run.seed}, calibration={str(calib)!r},
-    evaluation={str(evaluation)!r}, progress="off", max_memory={run.max_memory!r}, scope={run.allocation!r}))
+    evaluation={str(evaluation)!r}, progress="off", max_memory={run.max_memory!r}, scope={run.allocation!r},
+    refine_masks=False, solve_weights=False, correct_statistics="off"))
 q, f = report.validation.quality, report.fisher
 curve = (f.estimator.get("auxiliary_loss") or []) if f else []
 print(json.dumps({{
@@ -227,7 +228,9 @@ def render(results: dict[str, dict]) -> str:
         "defaults (Kronecker warm start from the gradients, 200 auxiliary steps, relative damping 0.01, 20 "
         "online steps per later step). On "
         f"{platform.machine()} CPU with {os.cpu_count()} cores (onnxprune {__version__}, torch {torch.__version__}, "
-        f"onnxruntime {onnxruntime.__version__}). Each row is a separate process.",
+        f"onnxruntime {onnxruntime.__version__}). Each row is a separate process. These tables measure the "
+        "estimators alone: the repair after pruning (on by default since) is switched off; docs/quality.md "
+        "measures it.",
         "",
         "Columns: the headline metric of the written model in onnxruntime on the evaluation set; wall time "
         "of the whole run (load, conversion check, pruning, writing, validation); peak resident memory of "

@@ -58,10 +58,10 @@ def load_digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {name: (images[idx], labels[idx].astype(np.int64)) for name, idx in parts.items()}
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int) -> None:
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = SEED) -> None:
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(xs), generator=generator)
@@ -86,13 +86,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument(
+        "--seed", type=int, default=SEED, help="training seed (initialisation, batch order); the data split stays"
+    )
     args = parser.parse_args()
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     torch.set_num_threads(1)
     data = load_digits_split()
     model = SmallCNN()
-    train(model, *data["train"], epochs=args.epochs)
+    train(model, *data["train"], epochs=args.epochs, seed=args.seed)
     print(f"accuracy: calib {accuracy(model, *data['calib']):.4f}, eval {accuracy(model, *data['eval']):.4f}")
 
     args.out.mkdir(parents=True, exist_ok=True)
