@@ -73,6 +73,22 @@ class _Damping(click.ParamType):
 
 _DAMP = _Damping()
 
+
+class _Mix(click.ParamType):
+    name = "ALPHA|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+        if not 0.0 <= number <= 1.0:
+            self.fail(f"{value} is not in [0, 1]", param, ctx)
+        return number
+
+
 _SHARED = [
     click.option(
         "--allocation",
@@ -82,10 +98,12 @@ _SHARED = [
         default="auto",
         show_default=True,
         help="How the sparsity is split across tensors. global: one threshold over all weights on the "
-        "estimator's scale; layer (or uniform): every tensor to the same sparsity; sensitivity: per-tensor "
-        "sparsities that minimise the measured loss increase (each tensor pruned alone at several "
-        "sparsities, the model run on calibration samples); auto: global or layer, whichever leaves the "
-        "smaller loss on held-out calibration samples (global without calibration data).",
+        "estimator's scale; layer (or uniform): every tensor to the same sparsity; magnitude: each tensor to "
+        "the sparsity global magnitude pruning gives it, the entries chosen by the estimator; sensitivity: "
+        "per-tensor sparsities that minimise the measured loss increase (each tensor pruned alone at several "
+        "sparsities, the model run on calibration samples); auto: global, layer or magnitude, whichever "
+        "leaves the smallest loss on held-out calibration samples (global without calibration data, with "
+        "--pattern and with --schedule gradual).",
     ),
     click.option(
         "--pattern",
@@ -168,8 +186,16 @@ _SHARED = [
         default=_default("damp"),
         show_default=True,
         help="Relative damping: lambda = DAMP x mean(diag F) (or of diag H for sparsegpt), per tensor; "
-        "auto: chosen per model from 1e-4..1 on held-out calibration samples (models up to 5M prunable "
+        "auto: chosen per model from 1e-4..10 on held-out calibration samples (models up to 5M prunable "
         "weights; larger ones use 1e-3).",
+    ),
+    click.option(
+        "--mix",
+        type=_Mix(),
+        default=_default("mix"),
+        show_default=True,
+        help="combined: weight of the task-loss Fisher against each layer's reconstruction error, in [0, 1] "
+        "(0: SparseGPT); auto: chosen from 0, 0.5, 1 on held-out calibration samples.",
     ),
     click.option(
         "--obs-update",
@@ -272,6 +298,20 @@ _SHARED = [
         default=_default("repair_samples"),
         show_default=True,
         help="Calibration samples the repairs are computed on.",
+    ),
+    click.option(
+        "--relevant-rows/--all-rows",
+        default=_default("relevant_rows"),
+        show_default=True,
+        help="Layer-wise statistics and repairs leave out the input rows the outputs never read (padding "
+        "tokens behind an attention mask, found from exact zeros of an output gradient); --all-rows keeps them.",
+    ),
+    click.option(
+        "--repair-rounds",
+        type=click.IntRange(min=1),
+        default=_default("repair_rounds"),
+        show_default=True,
+        help="How many times the mask refinement and the weights solve alternate after each step.",
     ),
     click.option(
         "--fishleg-steps",

@@ -83,9 +83,11 @@ def choose_sparsities(
     return list(reversed(picks))
 
 
-ALLOCATIONS = ("auto", "global", "layer", "sensitivity")
+# magnitude: each tensor to the sparsity global magnitude pruning would give it (a profile that
+# does not depend on the estimator's scale), the entries within it chosen by the estimator.
+ALLOCATIONS = ("auto", "global", "layer", "magnitude", "sensitivity")
 # What `auto` chooses between (on held-out calibration samples, see api.resolve_allocation).
-ALLOCATION_CANDIDATES = ("global", "layer")
+ALLOCATION_CANDIDATES = ("global", "layer", "magnitude")
 
 
 def output_loss(dense: Tensor, current: Tensor, kind: str) -> float:

@@ -40,8 +40,11 @@ class PruneConfig:
     # over all weights on the estimator's scale, so layers that matter less lose more; layer
     # (uniform): every tensor to the same sparsity; sensitivity: per-tensor sparsities minimising
     # the measured loss increase (each tensor pruned alone at several sparsities, the model run on
-    # `sensitivity_samples` held-out calibration samples); auto: global or layer, whichever leaves
-    # the smaller loss on held-out calibration samples (global when there is no calibration data).
+    # `sensitivity_samples` held-out calibration samples); magnitude: each tensor to the sparsity
+    # global magnitude pruning gives it, the entries within it chosen by the estimator (a split
+    # that does not depend on the estimator's scale); auto: global, layer or magnitude, whichever
+    # leaves the smallest loss on held-out calibration samples (global without calibration data,
+    # with an N:M pattern, and for the gradual schedule, which one-shot trials do not predict).
     scope: str = "auto"
     sensitivity_samples: int = 128
     exclude: tuple[str, ...] = ()
@@ -111,6 +114,12 @@ class PruneConfig:
     fishleg_probes: int = 8
     fishleg_fvp_batch: int = 32
     fishleg_block: int = 256
+    # The layer-wise statistics (sparsegpt, wanda, combined) and the repair leave out the input
+    # rows the model's outputs never read: positions inside a sample (tokens) whose gradient of the
+    # outputs is exactly zero, such as padding behind an attention mask (activations.relevant_rows).
+    # On all-MiniLM-L6-v2's calibration sentences two thirds of the rows are padding; leaving them
+    # out took SparseGPT per layer with the repair at 80% from cosine 0.784 to 0.818.
+    relevant_rows: bool = True
     # --- repair after every pruning step (repair.py), for any estimator ----------------------
     # Each runs as one pass over the layers whose inputs can be captured, in network order, on the
     # inputs of the already-repaired layers; a pass is kept only if it lowers the loss on held-out
@@ -122,9 +131,13 @@ class PruneConfig:
     refine_masks: bool = True
     solve_weights: bool = True
     correct_statistics: str = "auto"
-    repair_samples: int = 256
+    # 512: measured on MiniLM at 80% (SparseGPT per layer + repair), 256 samples 0.750, 384: 0.769
+    repair_samples: int = 512
     repair_damp: float = 0.01
-    repair_rounds: int = 1  # masks and weights passes alternate this many times
+    repair_cycles: int = 100  # swap rounds of the mask refinement (each swaps at most once per row)
+    # masks and weights passes alternate this many times: refining the masks of re-solved weights
+    # finds more swaps (MiniLM at 80%, SparseGPT per layer: 1 round 0.768, 2 rounds 0.784)
+    repair_rounds: int = 2
     # --- schedule and fine-tuning -----------------------------------------------------------
     # oneshot: `steps` recomputation steps, then all fine-tuning; gradual: `prune_steps` steps of
     # the cubic schedule from `initial_sparsity`, fine-tuning split evenly between them.
@@ -202,6 +215,7 @@ class PruneConfig:
             "fishleg_block",
             "repair_samples",
             "repair_rounds",
+            "repair_cycles",
         ):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -60,6 +60,13 @@ def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Ten
     return masks
 
 
+def profile_masks(scores: Mapping[str, Tensor], sparsity: float, profile: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Each tensor pruned to the count one global threshold over `profile` (e.g. the weights'
+    magnitudes) would give it, the entries chosen within it by `scores`."""
+    counts = {name: int((~keep).sum()) for name, keep in global_masks(profile, sparsity).items()}
+    return {name: keep_lowest_pruned(s, counts[name]) for name, s in scores.items()}
+
+
 SCOPES = {"global": global_masks, "layer": layer_masks}
 
 

@@ -27,7 +27,7 @@ from .bridge.convert import TorchModel
 from .errors import MemoryBudgetError, NonFiniteError
 from .estimators.base import Estimator, Statistics
 from .gradients import GradientSource
-from .masks import SCOPES, keep_lowest_pruned, pattern_masks, prune_count
+from .masks import SCOPES, keep_lowest_pruned, pattern_masks, profile_masks, prune_count
 from .memory import DoesNotFit, MemoryPlan, human, plan_memory
 from .progress import Progress
 from .schedule import oneshot_targets
@@ -214,9 +214,15 @@ class Pruner:
             else:
                 top = max(float(s.max()) for s in scored.scores.values()) + 1.0
                 restricted = {i: torch.where(allowed[i], torch.full_like(s, top), s) for i, s in scored.scores.items()}
-                chosen = SCOPES["layer" if self.scope == "sensitivity" else self.scope](restricted, sparsity)
+                # N:M is uniform: sensitivity and the magnitude profile fall back to per layer
+                chosen = SCOPES["global" if self.scope == "global" else "layer"](restricted, sparsity)
         elif self.scope == "sensitivity":
             chosen = self._sensitivity_masks(scored, sparsity, timer)
+        elif self.scope == "magnitude":
+            # the per-tensor counts of global magnitude pruning (pruned entries first: their
+            # magnitude is 0), the entries within each tensor by the estimator's scores
+            profile = {i: torch.where(scored.keep[i], self.views[i].read().abs(), -1.0) for i in scored.scores}
+            chosen = profile_masks(scored.scores, sparsity, profile)
         else:
             chosen = SCOPES[self.scope](scored.scores, sparsity)
         previous = scored.keep  # the masks the statistics were collected with

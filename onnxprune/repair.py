@@ -28,7 +28,7 @@ import torch
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from torch import Tensor
 
-from .activations import Capture, capture_plans
+from .activations import Capture, capture_plans, relevant_rows
 from .bridge.bindings import PrunableTensor
 from .bridge.convert import TorchModel
 from .data import Dataset, InputSpec, feed_plan, iter_feeds
@@ -54,14 +54,16 @@ class RepairSettings:
     refine_masks: bool = True
     solve_weights: bool = True
     statistics: str = "auto"
-    samples: int = 256
+    samples: int = 512
     # λ of the fixed-mask solve relative to mean(diag XᵀX): pulls the solution towards the
     # estimator's weights where the calibration rows do not determine it
     damp: float = 0.01
     cycles: int = 100  # swap rounds of the mask refinement (each swaps at most once per row)
     # masks and weights alternate this many times (refining the masks of re-solved weights finds
     # more swaps)
-    rounds: int = 1
+    rounds: int = 2
+    # leave out the input rows the model's outputs never read (padding tokens; activations.relevant_rows)
+    relevant_rows: bool = True
 
     @property
     def passes(self) -> tuple[str, ...]:
@@ -260,6 +262,7 @@ class Repairer:
         self._dense = {name: t.detach().clone() for name, t in tracked.items()}
         self._ids = {id(t): name for name, t in tracked.items()}
         self._dense_grams: dict[str, Tensor] = {}
+        self._relevant: list[dict[str, Tensor]] | None = None  # per batch, per layer: the rows the outputs read
 
     @property
     def active(self) -> bool:
@@ -333,6 +336,7 @@ class Repairer:
         batches = list(iter_feeds(self.samples, self.specs, self.plan))
         reals = [(s.stop - s.start) / self.plan.batch if self.plan.fixed else 1.0 for _, s in batches]
         inputs = [self.model.inputs(feeds, self.device) for feeds, _ in batches]
+        relevant = self._relevant_rows(batches, reals, inputs)
         dense_env: list[dict] = [{} for _ in batches]
         current_env: list[dict] = [{} for _ in batches]
         root = self.model.module
@@ -346,14 +350,16 @@ class Repairer:
                         dense_env[b][node] = self._run(node, dense_env[b], inputs[b], root)
                     if layer is not None:
                         dense_rows = [
-                            self._rows(layer, node, dense_env[b], inputs[b], root, reals[b])
+                            _only(self._rows(layer, node, dense_env[b], inputs[b], root, reals[b]), relevant[b], layer)
                             for b in range(len(batches))
                         ]
                 if layer is not None:
                     moments = None
                     cached = self._dense_grams.get(layer.name)
                     for b in range(len(batches)):
-                        rows = self._rows(layer, node, current_env[b], inputs[b], root, reals[b])
+                        rows = _only(
+                            self._rows(layer, node, current_env[b], inputs[b], root, reals[b]), relevant[b], layer
+                        )
                         if rows is None or dense_rows[b] is None:
                             continue
                         if moments is None:
@@ -371,6 +377,31 @@ class Repairer:
                     if last_use.get(used) == position:
                         for env in (*dense_env, *current_env):
                             env.pop(used, None)
+
+    def _relevant_rows(self, batches: list, reals: list[float], inputs: list[list[Tensor]]) -> list[dict[str, Tensor]]:
+        """Per batch, per layer, the input rows the dense model's outputs read (see
+        activations.relevant_rows); computed at the first pass and kept (it does not depend on
+        the weights)."""
+        if self._relevant is None and not self.settings.relevant_rows:
+            self._relevant = [{} for _ in batches]
+        if self._relevant is None:
+            captures = [layer.capture for layer in self.layers]
+            self._relevant = []
+            with self._dense_values():
+                for b, (_, samples) in enumerate(batches):
+                    per_batch = (
+                        1
+                        if self.plan.per_sample
+                        else self.plan.batch
+                        if self.plan.fixed
+                        else samples.stop - samples.start
+                    )
+                    masks = relevant_rows(self.model, inputs[b], captures, per_batch, reals[b], 7_919 + b)
+                    if masks is None:  # no layer has several rows per sample
+                        self._relevant = [{} for _ in batches]
+                        break
+                    self._relevant.append({self.layers[k].name: mask for k, mask in masks.items()})
+        return self._relevant
 
     def _run(self, node, env: dict, inputs: list[Tensor], root):
         """One fx node's value (under `_dense_values` that of the dense model)."""
@@ -511,6 +542,8 @@ class Repairer:
             "layers": len(self.layers),
             "skipped": self.skipped,
             "corrected_layers": len(self.corrections.values),
+            # share of the layers' input rows left out because the outputs never read them (padding)
+            "rows_left_out": self.rows_left_out(),
             "steps": [
                 {
                     "step": r.step,
@@ -524,6 +557,11 @@ class Repairer:
                 for r in self.records
             ],
         }
+
+    def rows_left_out(self) -> float:
+        checked = sum(mask.numel() for batch in self._relevant or [] for mask in batch.values())
+        dropped = sum(int((~mask).sum()) for batch in self._relevant or [] for mask in batch.values())
+        return round(dropped / checked, 4) if checked else 0.0
 
     def reset(self) -> None:
         """Forget the corrections and records (the weights were put back to before the step)."""
@@ -540,6 +578,12 @@ class Repairer:
 
     def close(self) -> None:
         self.corrections.remove()
+
+
+def _only(rows: Tensor | None, relevant: dict[str, Tensor], layer: Layer) -> Tensor | None:
+    """The rows of `layer` its model's outputs read (all when nothing was found to drop)."""
+    keep = relevant.get(layer.name)
+    return rows if rows is None or keep is None else rows[:, keep.to(rows.device)]
 
 
 class _Stop(Exception):

@@ -325,6 +325,11 @@ def repair_lines(repair: dict) -> list[str]:
     lines = [
         f"repair of {repair['layers']} layers on {repair['samples']} calibration samples"
         + (f" ({len(repair['skipped'])} left as pruned)" if repair["skipped"] else "")
+        + (
+            f"; {repair['rows_left_out']:.0%} of the token rows left out (the outputs never read them)"
+            if repair.get("rows_left_out")
+            else ""
+        )
     ]
     for s in repair["steps"]:
         verdict = "kept" if s["kept"] else "undone"

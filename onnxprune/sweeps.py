@@ -31,6 +31,8 @@ from .api import (
     resolve_automatic,
     resolve_device,
     run_schedule,
+    searched,
+    statistics_job,
     statistics_source,
     validate_written,
 )
@@ -173,7 +175,9 @@ def sweep(config: SweepConfig) -> SweepReport:
             estimator.damp_search = searches["damp"]
             if searches["mix"] is not None:
                 estimator.mix_search = searches["mix"]
-            source = statistics_source(first, job, estimator, device)
+            source = statistics_source(
+                first, statistics_job(first, job, searched(*searches.values())), estimator, device
+            )
             with make_pruner(first, job, estimator, source, progress, config.folder, device) as pruner:
                 repairer = make_repairer(first, job, pruner, progress, device)
                 tick = time.perf_counter()

@@ -60,6 +60,8 @@ def test_knapsack_choice_equals_brute_force():
 
 
 def test_sensitivity_allocation_on_the_shipped_cnn_prunes_exactly_and_beats_uniform(tmp_path):
+    # the allocations alone: the repair after pruning recovers much of what a poor split loses
+    # (per layer 0.934 with it), which is not what this test is about
     accuracy = {}
     for scope in ("layer", "sensitivity"):
         report = prune(
@@ -67,6 +69,7 @@ def test_sensitivity_allocation_on_the_shipped_cnn_prunes_exactly_and_beats_unif
                 input=MODELS / "mnist_cnn.onnx", output=tmp_path / f"{scope}.onnx", sparsity=0.9,
                 method="magnitude", scope=scope, calibration=MODELS / "mnist_calib.npz",
                 evaluation=MODELS / "mnist_eval.npz", progress="off",
+                refine_masks=False, solve_weights=False, correct_statistics="off",
             )
         )  # fmt: skip
         accuracy[scope] = report.validation.accuracy_after
@@ -168,14 +171,17 @@ def test_auto_allocation_without_calibration_data_is_global(tmp_path):
     assert report.pruning.scope == "global" and report.pruning.allocation_search is None
 
 
-def test_auto_allocation_keeps_sparsegpt_global_on_the_cnn_and_the_damping_search_reuses_it(tmp_path):
-    # measured: at 90% SparseGPT keeps 0.953 with global allocation and 0.574 per layer on this CNN
+def test_auto_allocation_never_picks_per_layer_for_sparsegpt_on_the_cnn_and_the_damping_search_reuses_it(tmp_path):
+    # measured without the repair: at 90% SparseGPT keeps 0.953 with global allocation and 0.574
+    # per layer on this CNN (per layer empties most of the first convolution's 9-weight filters)
     report = prune(cnn_config(tmp_path, "sgpt", method="sparsegpt"))
     search, damping = report.pruning.allocation_search, report.fisher.estimator["damp_search"]
-    assert search["chosen"] == "global" == report.pruning.scope
-    assert search["losses"][1] > 2 * search["losses"][0]
+    assert search["candidates"] == ["global", "layer", "magnitude"]
+    chosen = search["candidates"][int(np.argmin(search["losses"]))]
+    assert search["chosen"] == chosen == report.pruning.scope != "layer"
+    assert search["losses"][1] > 2 * min(search["losses"])
     # the damping search ran under the chosen allocation, and its trial at the default damping
     # (where the allocation was chosen) is the allocation search's
-    assert damping["allocation"] == "global"
-    assert damping["losses"][damping["grid"].index(1e-3)] == search["losses"][0]
+    assert damping["allocation"] == chosen
+    assert damping["losses"][damping["grid"].index(1e-3)] == min(search["losses"])
     assert report.validation.accuracy_after > 0.9

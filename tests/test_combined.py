@@ -9,8 +9,9 @@ from onnx import helper
 
 from onnxprune import PruneConfig, prune
 from onnxprune.activations import ActivationSource
+from onnxprune.api import search_split
 from onnxprune.bridge.convert import convert
-from onnxprune.data import Dataset, input_specs
+from onnxprune.data import Dataset, input_specs, load_dataset, split
 from onnxprune.estimators import ESTIMATORS
 from onnxprune.gradients import FisherLoss
 
@@ -96,7 +97,8 @@ def test_combined_prunes_the_shipped_cnn_and_reports_its_mix_search(tmp_path):
 def test_method_auto_picks_the_known_best_of_a_constructed_example(tmp_path):
     """Inputs on very different scales: the weights of the large inputs are small, so magnitude
     pruning removes what matters and Wanda (|W|·‖X‖) keeps it. auto must pick Wanda, and write
-    what --method wanda writes."""
+    what --method wanda writes from the samples auto's trials used (its three quarters of the
+    calibration samples left after the evaluation quarter)."""
     rng = np.random.default_rng(0)
     scales = np.where(np.arange(12) % 2 == 0, 30.0, 0.3).astype(np.float32)
     w1 = (rng.standard_normal((16, 12)) / scales).astype(np.float32)
@@ -124,8 +126,16 @@ def test_method_auto_picks_the_known_best_of_a_constructed_example(tmp_path):
     search = auto.pruning.method_search
     assert search["candidates"] == ["magnitude", "wanda"] and search["chosen"] == "wanda" == auto.pruning.method
     assert search["losses"][1] < 0.5 * search["losses"][0] and len(search["seconds"]) == 2
+    config = PruneConfig(output=tmp_path / "auto.onnx", method="auto", **settings)
+    calibration, evaluation = split(load_dataset(calib, input_specs(m)), config.eval_fraction, config.seed)
+    fit, _ = search_split(config, calibration)
+    assert len(fit) == 113  # 200 − 50 for evaluation − 37 held out by the search
+    np.savez(tmp_path / "fit.npz", **fit.arrays)
+    np.savez(tmp_path / "eval.npz", **evaluation.arrays)
+    on_fit = {**settings, "calibration": tmp_path / "fit.npz", "evaluation": tmp_path / "eval.npz"}
+    prune(PruneConfig(output=tmp_path / "wanda_fit.onnx", method="wanda", **on_fit))
+    assert (tmp_path / "auto.onnx").read_bytes() == (tmp_path / "wanda_fit.onnx").read_bytes()
     wanda = prune(PruneConfig(output=tmp_path / "wanda.onnx", method="wanda", **settings))
-    assert (tmp_path / "auto.onnx").read_bytes() == (tmp_path / "wanda.onnx").read_bytes()
     magnitude = prune(PruneConfig(output=tmp_path / "magnitude.onnx", method="magnitude", **settings))
     assert wanda.validation.top1_agreement > magnitude.validation.top1_agreement
 

@@ -68,8 +68,9 @@ def hand_scores(method: str, w: torch.Tensor, g: torch.Tensor, x: torch.Tensor, 
         return (w.reshape(-1, x.shape[1]) ** 2 / (2 * inverse)).reshape(-1)
     if method == "magnitude":
         return w.abs()
-    if method == "diagonal-fisher":
-        return w * w * (g * g).mean(0) / 2
+    if method == "diagonal-fisher":  # damped: diag F + damp · mean(diag F)
+        diagonal = (g * g).mean(0)
+        return w * w * (diagonal + 0.1 * diagonal.mean()) / 2
     if method == "fishleg":  # the warm start: Q = diag(1 / (mean g² + γ)), γ = damp · mean(g²)
         diagonal = (g * g).mean(0)
         return w * w * (diagonal + 0.1 * diagonal.mean()) / 2
@@ -152,8 +153,8 @@ def test_diagonal_fisher_by_hand():
     est = make("diagonal-fisher")
     stats = est.statistics("w", (1, 2))
     stats.update(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
-    # diag F = mean g² = [5, 2]; ρ = w² F / 2
-    assert est.scores(torch.tensor([2.0, 1.0]), stats).tolist() == [10.0, 1.0]
+    # diag F = mean g² = [5, 2], damped by 0.1 · mean = 0.35: [5.35, 2.35]; ρ = w² (F + λ) / 2
+    assert est.scores(torch.tensor([2.0, 1.0]), stats).tolist() == pytest.approx([10.7, 1.175])
 
 
 def test_woodfisher_joint_update_differs_from_summed_when_pruned_weights_interact():

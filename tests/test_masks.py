@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxprune.masks import global_masks, keep_lowest_pruned, layer_masks, prune_count
+from onnxprune.masks import global_masks, keep_lowest_pruned, layer_masks, profile_masks, prune_count
 
 
 def test_prune_count_rounds_to_nearest_element():
@@ -89,3 +89,13 @@ def test_counts_are_exact_global_and_per_layer(sizes, sparsity, seed, integer_sc
     dropped = torch.cat([scores[n][~glob[n]] for n in scores])
     if kept.numel() and dropped.numel():
         assert kept.min() >= dropped.max()
+
+
+def test_profile_masks_take_counts_from_the_profile_and_entries_from_the_scores_by_hand():
+    # global magnitude at 50% over a = [4, 3, 2, 1] and b = [0.5, 5]: prunes 0.5, 1, 2 → a loses 2, b 1
+    profile = {"a": torch.tensor([4.0, 3.0, 2.0, 1.0]), "b": torch.tensor([0.5, 5.0])}
+    # the estimator ranks a's entries the other way round and b's too
+    scores = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0]), "b": torch.tensor([9.0, 1.0])}
+    masks = profile_masks(scores, 0.5, profile)
+    assert masks["a"].tolist() == [False, False, True, True]  # a's two lowest scores go
+    assert masks["b"].tolist() == [True, False]  # b's one lowest score goes, whatever its magnitude

@@ -326,7 +326,7 @@ def test_a_pass_that_does_not_lower_the_held_out_loss_is_undone():
         pruner.step(0.5, "step")
         values = {t.name: torch_model.tensors[t.name].detach().clone() for t in targets}
         keep = [k.clone() for k in pruner.keep]
-        losses = iter([1.0, 2.0, 3.0, 4.0])  # every pass makes it worse
+        losses = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # every pass makes it worse
         repairer = Repairer(
             RepairSettings(),
             torch_model,
@@ -339,6 +339,8 @@ def test_a_pass_that_does_not_lower_the_held_out_loss_is_undone():
         )
         repairer.after_step("step", before)
         assert [(r.addition, r.kept) for r in repairer.records] == [
+            ("masks", False),
+            ("weights", False),
             ("masks", False),
             ("weights", False),
             ("statistics", False),
@@ -358,8 +360,9 @@ def test_repair_is_reported_and_off_switches_work(tmp_path):
     assert off.pruning.repair is None
     on = prune(PruneConfig(output=tmp_path / "on.onnx", **base))
     repair = on.pruning.repair
-    assert repair["passes"] == ["masks", "weights", "statistics"] and repair["layers"] == 2
-    assert len(repair["steps"]) == 3 and all(
+    # masks and weights alternate twice (--repair-rounds 2), then the statistics
+    assert repair["passes"] == ["masks", "weights", "masks", "weights", "statistics"] and repair["layers"] == 2
+    assert len(repair["steps"]) == 5 and all(
         s["loss_after"] <= s["loss_before"] or not s["kept"] for s in repair["steps"]
     )
     # the repair never loses on the held-out samples it is judged on; on this model it wins on the evaluation data too

@@ -1,7 +1,11 @@
 """Diagonal Fisher (Optimal Brain Damage): F replaced by its diagonal, no weight update.
 
-Saliency ρ_q = w_q² · F_qq / 2 with F_qq the mean squared gradient: the loss increase of removing
-w_q if weights did not interact.
+Saliency ρ_q = w_q² · (F_qq + λ) / 2 with F_qq the mean squared gradient and λ = damp · mean(diag F)
+per tensor: the loss increase of removing w_q if weights did not interact, with the diagonal
+damped like WoodFisher's. A model that fits its calibration data has near-zero gradients except
+on the few samples it gets wrong, which then decide F_qq alone; the damping (chosen on held-out
+samples with --damp auto) pulls the scores towards magnitude where that diagonal is noise (on a
+digits MLP at 90% the undamped scores ended at 0.66 accuracy where magnitude kept 0.97).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Estimator, MemoryNeed, register
+from .base import Estimator, MemoryNeed, damping, register
 
 
 class SquaredGradients:
@@ -36,6 +40,14 @@ class DiagonalFisher(Estimator):
     summary = "OBD: w² · diag(F) / 2 with the empirical or true Fisher diagonal; no compensation"
     needs_gradients = True
     streams_gradients = True
+    uses_damping = True
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.damp = damping(config)
+
+    def describe(self) -> dict:
+        return {"damp": self.damp}
 
     def statistics(self, name: str, shape: tuple[int, int]) -> SquaredGradients:
         return SquaredGradients(shape[0] * shape[1])
@@ -47,4 +59,6 @@ class DiagonalFisher(Estimator):
 
     def scores(self, weight: Tensor, stats: SquaredGradients) -> Tensor:
         w = weight.to(torch.float64)
-        return w * w * stats.diagonal.to(w.device) / 2.0
+        diagonal = stats.diagonal.to(w.device)
+        mean = float(diagonal.mean()) if diagonal.numel() else 0.0
+        return w * w * (diagonal + self.damp * mean) / 2.0
