@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -e '.[dev,models,bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/quality.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare_layers.py
 
 clean:
 	rm -rf build .pytest_cache
