@@ -187,7 +187,7 @@ _SHARED = [
         show_default=True,
         help="Relative damping: lambda = DAMP x mean(diag F) (or of diag H for sparsegpt), per tensor; "
         "auto: chosen per model from 1e-4..10 on held-out calibration samples (models up to 5M prunable "
-        "weights; larger ones use 1e-3).",
+        "weights; larger ones, and gradual schedules, use 1e-3).",
     ),
     click.option(
         "--mix",
