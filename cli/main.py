@@ -56,8 +56,11 @@ def _max_drop(ctx: click.Context, param: click.Parameter, value: float | None) -
     return value
 
 
-class _Damping(click.ParamType):
-    name = "DAMP|auto"
+class _NumberOrAuto(click.ParamType):
+    """A float that passes `valid` (else the message names `requirement`), or the word 'auto'."""
+
+    def __init__(self, name: str, valid, requirement: str):
+        self.name, self.valid, self.requirement = name, valid, requirement
 
     def convert(self, value, param, ctx):
         if value == "auto":
@@ -66,27 +69,13 @@ class _Damping(click.ParamType):
             number = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
-        if not number > 0:
-            self.fail(f"{value} is not positive", param, ctx)
+        if not self.valid(number):
+            self.fail(f"{value} is {self.requirement}", param, ctx)
         return number
 
 
-_DAMP = _Damping()
-
-
-class _Mix(click.ParamType):
-    name = "ALPHA|auto"
-
-    def convert(self, value, param, ctx):
-        if value == "auto":
-            return value
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
-        if not 0.0 <= number <= 1.0:
-            self.fail(f"{value} is not in [0, 1]", param, ctx)
-        return number
+_DAMP = _NumberOrAuto("DAMP|auto", lambda x: x > 0, "not positive")
+_MIX = _NumberOrAuto("ALPHA|auto", lambda x: 0.0 <= x <= 1.0, "not in [0, 1]")
 
 
 _SHARED = [
@@ -191,7 +180,7 @@ _SHARED = [
     ),
     click.option(
         "--mix",
-        type=_Mix(),
+        type=_MIX,
         default=_default("mix"),
         show_default=True,
         help="combined: weight of the task-loss Fisher against each layer's reconstruction error, in [0, 1] "

@@ -23,7 +23,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from .bridge.bindings import PrunableTensor
 from .bridge.convert import TorchModel
-from .data import Dataset, InputSpec, feed_plan, iter_feeds
+from .data import Dataset, FeedPlan, InputSpec, feed_plan, iter_feeds
 from .errors import UsageError
 from .gradients import FisherLoss, per_sample_loss
 from .layerwise import conv_patches, gram
@@ -136,6 +136,12 @@ def network_order(captures: dict[str, list[Capture]], names: Sequence[str]) -> l
         groups.setdefault(key, []).append(name)
         first.setdefault(key, min(c.order for c in captures[name]))
     return [groups[key] for key in sorted(groups, key=first.get)]
+
+
+def samples_per_batch(plan: FeedPlan, samples: slice) -> int:
+    """How many samples one batch of `plan` holds along the rows' first axis (a fixed-batch model's
+    batch is padded to its size; a per-sample plan runs one at a time)."""
+    return 1 if plan.per_sample else plan.batch if plan.fixed else samples.stop - samples.start
 
 
 def relevant_rows(
@@ -362,9 +368,7 @@ class ActivationSource:
         if batch not in self._relevant:
             every = [c for name in self.captures for c in self.captures[name]]
             inputs = self.model.inputs(feeds, self.device)
-            per_batch = (
-                1 if self.plan.per_sample else self.plan.batch if self.plan.fixed else samples.stop - samples.start
-            )
+            per_batch = samples_per_batch(self.plan, samples)
             masks = relevant_rows(self.model, inputs, every, per_batch, real, self.seed * 1_000_003 + batch)
             if masks is None:  # no layer has several rows per sample: nothing to drop, ever
                 self._relevant = None

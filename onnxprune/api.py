@@ -362,6 +362,13 @@ def make_pruner(
     )
 
 
+def trials_predict_the_run(config: PruneConfig) -> bool:
+    """Whether one-shot trials at the target can choose for this run (method, allocation,
+    damping): not for a gradual schedule, whose fine-tuning between steps recovers from what one
+    shot cannot, so a trial's winner can lose the run."""
+    return config.schedule != "gradual"
+
+
 def search_split(config: PruneConfig, calibration: Dataset) -> tuple[Dataset, Dataset]:
     """(fit, held): the calibration samples the automatic searches prune with, and the held-out
     ones (a quarter, at most `sensitivity_samples`) their losses are measured on."""
@@ -436,7 +443,7 @@ def resolve_method(config: PruneConfig, job: Job, device: torch.device) -> tuple
     losses, seconds per trial, the methods left out and why, the choice."""
     if config.method != METHOD_AUTO:
         return config, None
-    automatic = config.scope == "auto" and config.pattern is None and config.schedule != "gradual"
+    automatic = config.scope == "auto" and config.pattern is None and trials_predict_the_run(config)
     candidates, skipped = [], {}
     for method in config.auto_methods or ESTIMATORS.names():
         why = _does_not_fit(replace(config, method=method), job)
@@ -508,9 +515,8 @@ def resolve_damping(
             DEFAULT_DAMP,
         )
         return replace(config, damp=DEFAULT_DAMP), {"grid": [], "losses": [], "chosen": DEFAULT_DAMP, "searched": False}
-    if config.schedule == "gradual":
-        # as for the allocation: a one-shot trial at the target says nothing of a gradual run (the
-        # trials chose 1e-4 on a digits MLP, whose gradual run then kept 0.87 against 0.95 at 1e-3)
+    if not trials_predict_the_run(config):
+        # the trials chose 1e-4 on a digits MLP, whose gradual run then kept 0.87 against 0.95 at 1e-3
         log.info(
             "damping: gradual schedule, one-shot trials do not predict it; using %g (pass --damp to choose)",
             DEFAULT_DAMP,
@@ -556,7 +562,7 @@ def resolve_allocation(
         return config, None, {}
     if (
         config.pattern is not None
-        or config.schedule == "gradual"
+        or not trials_predict_the_run(config)
         or job.calibration is None
         or len(job.calibration) < 2
     ):
@@ -567,7 +573,7 @@ def resolve_allocation(
         # 0.914 / 0.801 / 0.856, yet one shot per layer looked better)
         if config.pattern:
             why = "the N:M pattern fixes each tensor's sparsity"
-        elif config.schedule == "gradual":
+        elif not trials_predict_the_run(config):
             why = "gradual schedule: one-shot trials do not predict it"
         else:
             why = "no calibration data to compare on"

@@ -28,7 +28,7 @@ import torch
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from torch import Tensor
 
-from .activations import Capture, capture_plans, relevant_rows
+from .activations import Capture, capture_plans, relevant_rows, samples_per_batch
 from .bridge.bindings import PrunableTensor
 from .bridge.convert import TorchModel
 from .data import Dataset, InputSpec, feed_plan, iter_feeds
@@ -389,13 +389,7 @@ class Repairer:
             self._relevant = []
             with self._dense_values():
                 for b, (_, samples) in enumerate(batches):
-                    per_batch = (
-                        1
-                        if self.plan.per_sample
-                        else self.plan.batch
-                        if self.plan.fixed
-                        else samples.stop - samples.start
-                    )
+                    per_batch = samples_per_batch(self.plan, samples)
                     masks = relevant_rows(self.model, inputs[b], captures, per_batch, reals[b], 7_919 + b)
                     if masks is None:  # no layer has several rows per sample
                         self._relevant = [{} for _ in batches]
