@@ -409,17 +409,19 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only rewrite docs/quality.md from the results")
     parser.add_argument("--redo", metavar="METHOD", help="measure this method's runs again")
     parser.add_argument("--models", help="comma-separated models to measure (default: all)")
+    parser.add_argument("--methods", help="comma-separated methods to measure (default: all)")
     args = parser.parse_args()
     results = load()
     if not args.render:
         build_unseen()
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         wanted = set(args.models.split(",")) if args.models else None
+        methods = set(args.methods.split(",")) if args.methods else None
         for name, table in tables().items():
             if args.only and name != args.only:
                 continue
             for case in table.cases:
-                if wanted and case.model not in wanted:
+                if (wanted and case.model not in wanted) or (methods and case.method not in methods):
                     continue
                 if case.key in results and "error" not in results[case.key] and case.method != args.redo:
                     continue
