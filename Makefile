@@ -61,3 +61,4 @@ clean:
 lint: $(STAMP)
 	$(BIN)/ruff check onnxprune cli tests models benchmarks
 	$(BIN)/ruff format --check onnxprune cli tests models benchmarks
+	$(BIN)/mypy

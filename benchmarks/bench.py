@@ -191,7 +191,7 @@ print(json.dumps({{
     "groups": f.groups if f else 1, "statistics_storage": f.statistics_storage if f else "none",
     "finetune_seconds": report.timings.get("finetune", 0.0),
     "auxiliary_loss": curve[:: max(1, len(curve) // 4)],
-    "allocation": report.pruning.scope, "allocation_search": getattr(report.pruning, "allocation_search", None),
+    "allocation": report.pruning.allocation, "allocation_search": getattr(report.pruning, "allocation_search", None),
 }}))
 """
 

@@ -46,7 +46,7 @@ from onnxprune import PruneConfig, prune
 logging.getLogger("onnxprune").setLevel(logging.ERROR)
 r = prune(PruneConfig(input={model!r}, output={out!r}, force=True, sparsity={sparsity}, method="sparsegpt",
     calibration={calib!r}, evaluation={evaluation!r}, progress="off", **{settings!r}))
-print("chosen", r.pruning.scope, (r.fisher.estimator.get("damp") if r.fisher else None))
+print("chosen", r.pruning.allocation, (r.fisher.estimator.get("damp") if r.fisher else None))
 """
 
 

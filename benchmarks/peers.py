@@ -42,7 +42,7 @@ peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 from pathlib import Path
 from onnx import numpy_helper
-from onnxprune.api import compare_outputs
+from onnxprune.compare import compare_outputs
 from onnxprune.bridge.bindings import find_prunable, read_tensor
 from onnxprune.bridge.preprocess import constants_to_initializers
 from onnxprune.data import input_specs, load_dataset

@@ -292,7 +292,7 @@ repair = p.repair or {{}}
 print(json.dumps({{
     "metric": q.metric, "before": q.before, "after": q.after, "wall_seconds": time.perf_counter() - started,
     "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "sparsity": p.sparsity,
-    "method": p.method, "allocation": p.scope,
+    "method": p.method, "allocation": p.allocation,
     "damp": (report.fisher.estimator.get("damp") if report.fisher else None),
     "kept": [s["addition"] for s in repair.get("steps", []) if s["kept"]],
     "repair_seconds": round(sum(s["seconds"] for s in repair.get("steps", [])), 1),

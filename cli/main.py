@@ -12,7 +12,7 @@ from typing import Iterator
 
 import click
 
-from onnxprune.allocation import ALLOCATIONS
+from onnxprune.allocators import CHOICES as ALLOCATIONS
 from onnxprune.config import DEVICES, FISHLEG_INITS, OBS_UPDATES, PROGRESS, PruneConfig
 from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO
 from onnxprune.finetune import BATCHNORM_MODES, OPTIMIZERS
@@ -82,7 +82,7 @@ _SHARED = [
     click.option(
         "--allocation",
         "--scope",
-        "scope",
+        "allocation",
         type=click.Choice([*ALLOCATIONS, "uniform"]),
         default="auto",
         show_default=True,

@@ -6,7 +6,6 @@ Public API: `prune(...) -> Report` (a PruneConfig, or the command line's argumen
 
 __version__ = "0.1.0"
 
-from .api import plan, prune  # noqa: E402
 from .config import PruneConfig  # noqa: E402
 from .errors import (  # noqa: E402
     CalibrationDataError,
@@ -18,6 +17,7 @@ from .errors import (  # noqa: E402
     WriteError,
 )
 from .estimators import ESTIMATORS, Estimator  # noqa: E402
+from .pipeline import plan, prune  # noqa: E402
 from .report import Report  # noqa: E402
 from .sweeps import SweepConfig, sweep  # noqa: E402
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from .bridge.convert import TorchModel
 from .data import Dataset, FeedPlan, InputSpec, feed_plan, iter_feeds
 from .errors import UsageError
 from .gradients import FisherLoss, per_sample_loss
-from .layerwise import conv_patches, gram
+from .layerwise_maths import conv_patches, gram
 
 log = logging.getLogger("onnxprune")
 
@@ -43,6 +43,7 @@ class InputStatistics:
         self.count = 0  # input rows seen (per group)
         self.groups = 1
         self.kernel = 1
+        self.name = ""  # the weight's, for estimators that weigh each weight's rows (combined)
 
     def update(self, rows: Tensor) -> None:
         """Add input rows [groups, n, cols]."""
@@ -135,7 +136,7 @@ def network_order(captures: dict[str, list[Capture]], names: Sequence[str]) -> l
         key = captures[name][0].activation
         groups.setdefault(key, []).append(name)
         first.setdefault(key, min(c.order for c in captures[name]))
-    return [groups[key] for key in sorted(groups, key=first.get)]
+    return [groups[key] for key in sorted(groups, key=lambda k: first[k])]
 
 
 def samples_per_batch(plan: FeedPlan, samples: slice) -> int:
@@ -146,7 +147,7 @@ def samples_per_batch(plan: FeedPlan, samples: slice) -> int:
 
 def relevant_rows(
     model: TorchModel, inputs: Sequence[Tensor], captures: Sequence[Capture], samples: int, real: float, seed: int
-) -> dict[int, Tensor]:
+) -> dict[int, Tensor] | None:
     """Which input rows of each capture can change the model's outputs, for captures whose rows
     are positions inside samples (a MatMul or Gemm operand with several rows per sample: tokens).
     A row counts when the gradient of a fixed random projection of the float outputs with respect
@@ -191,8 +192,9 @@ def relevant_rows(
             if not outputs or not found:
                 return {}
             generator = torch.Generator().manual_seed(seed)
-            projection = sum(
-                (o * torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device)).sum() for o in outputs
+            projection = cast(
+                Tensor,
+                sum((o * torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device)).sum() for o in outputs),
             )
             keys = list(found)
             grads = torch.autograd.grad(projection, [found[k][3] for k in keys], allow_unused=True)
@@ -201,12 +203,25 @@ def relevant_rows(
             handle.remove()
         for t in tensors:
             t.requires_grad_(False)
+    return _nonzero_rows(captures, found, dict(zip(keys, grads)), real)
+
+
+def _nonzero_rows(
+    captures: Sequence[Capture],
+    found: dict[int, tuple[nn.Module, tuple, int, Tensor]],
+    grads: dict[int, Tensor | None],
+    real: float,
+) -> dict[int, Tensor]:
+    """Per capture, the rows (of the first `real` part) whose gradient is not exactly zero, for
+    the captures where some are."""
     masks = {}
-    for key, grad in zip(keys, grads):
+    for key, grad in grads.items():
         if grad is None:
             continue
         module, args, position, _ = found[key]
         rows = captures[key].read(module, tuple(grad if i == position else a for i, a in enumerate(args)))
+        if rows is None:
+            continue
         keep = (rows[0] != 0).any(-1)
         keep = keep[: int(round(keep.shape[0] * real))]
         if not bool(keep.all()):
@@ -313,7 +328,9 @@ def _conv_reader(param: Tensor):
     def read(module: nn.Module, args: tuple) -> Tensor | None:
         if module.weight is not param or not args:
             return None
-        return conv_patches(args[0], module.kernel_size, module.stride, module.padding, module.dilation, module.groups)
+        conv = cast(_ConvNd, module)  # the module holding a convolution's weight
+        padding = cast(tuple[int, ...], conv.padding)  # the converter gives numbers, never "same"
+        return conv_patches(args[0], conv.kernel_size, conv.stride, padding, conv.dilation, conv.groups)
 
     return read
 
@@ -421,7 +438,7 @@ class ActivationSource:
                 output = self.model(*self.model.inputs(feeds, self.device))[loss.output]
                 output = output.unsqueeze(0) if self.plan.per_sample else output[:count]
                 targets = None
-                if loss.targets == "given":
+                if loss.targets == "given" and self.samples.labels is not None:
                     labels = np.asarray(self.samples.labels[samples])
                     targets = torch.from_numpy(labels).to(self.device)
                 per_sample_loss(output.float(), loss, targets, generator).sum().backward()

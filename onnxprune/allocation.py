@@ -83,13 +83,6 @@ def choose_sparsities(
     return list(reversed(picks))
 
 
-# magnitude: each tensor to the sparsity global magnitude pruning would give it (a profile that
-# does not depend on the estimator's scale), the entries within it chosen by the estimator.
-ALLOCATIONS = ("auto", "global", "layer", "magnitude", "sensitivity")
-# What `auto` chooses between (on held-out calibration samples, see api.resolve_allocation).
-ALLOCATION_CANDIDATES = ("global", "layer", "magnitude")
-
-
 def output_loss(dense: Tensor, current: Tensor, kind: str) -> float:
     """How far the current model's headline output is from the dense model's on the same
     samples: KL(dense ‖ current) for class scores, else the squared error relative to the dense

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from pathlib import Path
 
-from .allocation import ALLOCATIONS
+from .allocators import ALLOCATORS
+from .allocators import AUTO as ALLOCATION_AUTO
 from .errors import UsageError
 from .estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO
 from .finetune import BATCHNORM_MODES, OPTIMIZERS
@@ -26,6 +27,27 @@ PROGRESS = ("auto", "on", "off")
 FISHLEG_INITS = ("kfac", "diagonal")
 
 
+# settings that count something (at least 1)
+_AT_LEAST_ONE = (
+    "eval_batch_size",
+    "batch_size",
+    "prune_steps",
+    "synthetic_samples",
+    "conversion_check_samples",
+    "sensitivity_samples",
+    "steps",
+    "num_grads",
+    "fisher_batch",
+    "block_size",
+    "fishleg_probes",
+    "fishleg_fvp_batch",
+    "fishleg_block",
+    "repair_samples",
+    "repair_rounds",
+    "repair_cycles",
+)
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything one `prune()` run needs. Paths may be str or Path; they are stored as Path."""
@@ -36,7 +58,8 @@ class PruneConfig:
     method: str = DEFAULT_METHOD
     # --method auto: the estimators it may choose from (empty: every registered one that fits)
     auto_methods: tuple[str, ...] = ()
-    # How the sparsity is split across tensors (--allocation, alias --scope). global: one threshold
+    # How the sparsity is split across tensors (--allocation; `scope`, its former name, is still
+    # accepted as a keyword and reported beside it; allocators/ holds each). global: one threshold
     # over all weights on the estimator's scale, so layers that matter less lose more; layer
     # (uniform): every tensor to the same sparsity; sensitivity: per-tensor sparsities minimising
     # the measured loss increase (each tensor pruned alone at several sparsities, the model run on
@@ -45,7 +68,7 @@ class PruneConfig:
     # that does not depend on the estimator's scale); auto: global, layer or magnitude, whichever
     # leaves the smallest loss on held-out calibration samples (global without calibration data,
     # with an N:M pattern, and for the gradual schedule, which one-shot trials do not predict).
-    scope: str = "auto"
+    allocation: str = ALLOCATION_AUTO
     sensitivity_samples: int = 128
     exclude: tuple[str, ...] = ()
     # N:M sparsity ("2:4"): at most N non-zeros in every M consecutive inputs of an output unit
@@ -158,109 +181,120 @@ class PruneConfig:
     resume: bool = False
     max_memory: float | None = None  # GiB for the statistics; default: 80% of what is available now
     progress: str = "auto"  # auto (a terminal, not under CI), on, off
+    scope: InitVar[str | None] = None  # the former name of `allocation`
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, scope: str | None) -> None:
         for name in ("input", "output", "calibration", "evaluation", "report", "html", "checkpoint"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(os.fspath(value)))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "auto_methods", tuple(self.auto_methods))
+        self._check_target(scope)
+        self._check_names()
+        self._check_numbers()
+        self._check_numbers_or_auto()
+        self._check_paths()
+
+    def _set(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)  # frozen: only while the config is checked
+
+    def _check_target(self, scope: str | None) -> None:
+        """Sparsity, pattern, method and allocation."""
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise UsageError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.method != METHOD_AUTO:
             ESTIMATORS.get(self.method)  # raises with the valid names
-        object.__setattr__(self, "auto_methods", tuple(self.auto_methods))
         for name in self.auto_methods:
             ESTIMATORS.get(name)
-        if self.pattern:
-            try:
-                n, m = parse_pattern(self.pattern)
-            except ValueError as exc:
-                raise UsageError(f"--pattern: {exc}") from None
+        try:
+            parsed = parse_pattern(self.pattern)
+        except ValueError as exc:
+            raise UsageError(f"--pattern: {exc}") from None
+        if parsed is not None:
+            n, m = parsed
             if abs(self.sparsity - (1 - n / m)) > 1e-9:
                 raise UsageError(
                     f"--pattern {self.pattern} prunes exactly {1 - n / m:g} of the weights; "
                     f"pass --sparsity {1 - n / m:g} (got {self.sparsity:g})"
                 )
-        if self.scope == "uniform":  # the name the allocation literature uses for "layer"
-            object.__setattr__(self, "scope", "layer")
-        if self.scope not in ALLOCATIONS:
-            raise UsageError(f"unknown allocation {self.scope!r}; valid: {', '.join(ALLOCATIONS)} (uniform = layer)")
-        if self.metric not in METRICS:
-            raise UsageError(f"unknown metric {self.metric!r}; valid: {', '.join(METRICS)}")
-        if self.device not in DEVICES:
-            raise UsageError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
+        if scope is not None:
+            if self.allocation not in (ALLOCATION_AUTO, scope):
+                raise UsageError(f"scope={scope!r} and allocation={self.allocation!r}: scope is allocation's old name")
+            self._set("allocation", scope)
+        if self.allocation == "uniform":  # the name the allocation literature uses for "layer"
+            self._set("allocation", "layer")
+        if self.allocation != ALLOCATION_AUTO and self.allocation not in ALLOCATORS:
+            valid = ", ".join((ALLOCATION_AUTO, *ALLOCATORS.names()))
+            raise UsageError(f"unknown allocation {self.allocation!r}; valid: {valid} (uniform = layer)")
+
+    def _check_names(self) -> None:
+        """Every setting chosen from a list of names."""
+        for value, valid, what in (
+            (self.metric, METRICS, "metric"),
+            (self.device, DEVICES, "device"),
+            (self.correct_statistics, STATISTICS_MODES, "statistics correction"),
+            (self.fishleg_init, FISHLEG_INITS, "FishLeg warm start"),
+            (self.fisher, FISHER_KINDS, "Fisher kind"),
+            (self.obs_update, OBS_UPDATES, "OBS update"),
+            (self.batchnorm, BATCHNORM_MODES, "BatchNorm mode"),
+            (self.progress, PROGRESS, "progress mode"),
+        ):
+            if value not in valid:
+                raise UsageError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+        SCHEDULES.get(self.schedule)
+        OPTIMIZERS.get(self.optimizer)
         for pattern in self.exclude:
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise UsageError(f"--exclude {pattern!r} is not a valid regular expression: {exc}") from None
+
+    def _check_numbers(self) -> None:
+        """Counts at least 1, fractions in range, rates and budgets positive."""
+        for name in _AT_LEAST_ONE:
+            if int(getattr(self, name)) < 1:
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_drop is not None and not 0.0 <= self.max_drop <= 1.0:
             raise UsageError(f"max_drop must be in [0, 1], got {self.max_drop}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise UsageError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        for name in (
-            "eval_batch_size",
-            "batch_size",
-            "prune_steps",
-            "synthetic_samples",
-            "conversion_check_samples",
-            "sensitivity_samples",
-            "steps",
-            "num_grads",
-            "fisher_batch",
-            "block_size",
-            "fishleg_probes",
-            "fishleg_fvp_batch",
-            "fishleg_block",
-            "repair_samples",
-            "repair_rounds",
-            "repair_cycles",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.fishleg_steps < 0 or self.fishleg_online_steps < 0 or not self.fishleg_lr > 0:
             raise UsageError("fishleg steps must be >= 0 and its learning rate positive")
-        if self.damp != "auto":
-            try:
-                object.__setattr__(self, "damp", float(self.damp))
-            except (TypeError, ValueError):
-                raise UsageError(f"damp must be a positive number or 'auto', got {self.damp!r}") from None
-        if (self.damp != "auto" and not self.damp > 0) or not self.fishleg_damp > 0:
-            raise UsageError(f"damp must be positive, got {self.damp}")
-        if self.correct_statistics not in STATISTICS_MODES:
-            raise UsageError(
-                f"unknown statistics correction {self.correct_statistics!r}; valid: {', '.join(STATISTICS_MODES)}"
-            )
+        if not self.fishleg_damp > 0:
+            raise UsageError(f"fishleg_damp must be positive, got {self.fishleg_damp}")
         if not self.repair_damp >= 0:
             raise UsageError(f"repair_damp must be >= 0, got {self.repair_damp}")
-        if self.mix != "auto":
-            try:
-                object.__setattr__(self, "mix", float(self.mix))
-            except (TypeError, ValueError):
-                raise UsageError(f"mix must be a number in [0, 1] or 'auto', got {self.mix!r}") from None
-            if not 0.0 <= self.mix <= 1.0:
-                raise UsageError(f"mix must be in [0, 1], got {self.mix}")
-        if self.fishleg_init not in FISHLEG_INITS:
-            raise UsageError(f"unknown FishLeg warm start {self.fishleg_init!r}; valid: {', '.join(FISHLEG_INITS)}")
-        if self.fisher not in FISHER_KINDS:
-            raise UsageError(f"unknown Fisher kind {self.fisher!r}; valid: {', '.join(FISHER_KINDS)}")
-        if self.obs_update not in OBS_UPDATES:
-            raise UsageError(f"unknown OBS update {self.obs_update!r}; valid: {', '.join(OBS_UPDATES)}")
         if self.max_memory is not None and not self.max_memory > 0:
             raise UsageError(f"max_memory must be positive (GiB), got {self.max_memory}")
-        SCHEDULES.get(self.schedule)
-        OPTIMIZERS.get(self.optimizer)
-        if self.batchnorm not in BATCHNORM_MODES:
-            raise UsageError(f"unknown BatchNorm mode {self.batchnorm!r}; valid: {', '.join(BATCHNORM_MODES)}")
         if not 0.0 <= self.initial_sparsity <= self.sparsity:
             raise UsageError(f"initial sparsity must be in [0, sparsity={self.sparsity}], got {self.initial_sparsity}")
         if self.finetune_steps < 0:
             raise UsageError(f"finetune steps must be >= 0, got {self.finetune_steps}")
         if not self.lr > 0 or not self.temperature > 0:
             raise UsageError("the learning rate and the temperature must be positive")
-        if self.progress not in PROGRESS:
-            raise UsageError(f"unknown progress mode {self.progress!r}; valid: {', '.join(PROGRESS)}")
+
+    def _check_numbers_or_auto(self) -> None:
+        """`damp` and `mix`: "auto" or a number in range, stored as float."""
+        if self.damp != "auto":
+            try:
+                damp = float(self.damp)
+            except (TypeError, ValueError):
+                raise UsageError(f"damp must be a positive number or 'auto', got {self.damp!r}") from None
+            if not damp > 0:
+                raise UsageError(f"damp must be positive, got {damp}")
+            self._set("damp", damp)
+        if self.mix != "auto":
+            try:
+                mix = float(self.mix)
+            except (TypeError, ValueError):
+                raise UsageError(f"mix must be a number in [0, 1] or 'auto', got {self.mix!r}") from None
+            if not 0.0 <= mix <= 1.0:
+                raise UsageError(f"mix must be in [0, 1], got {mix}")
+            self._set("mix", mix)
+
+    def _check_paths(self) -> None:
+        """No output path may be the input or another output."""
         if _same_file(self.input, self.output):
             raise UsageError(f"the output path {self.output} is the input model; choose another output path")
         report = self.report_path
@@ -291,6 +325,7 @@ class PruneConfig:
         out["report"] = str(self.report_path)
         out["html"] = str(self.html) if self.html is not None else None
         out["checkpoint"] = str(self.checkpoint_path)
+        out["scope"] = self.allocation  # its former name, for readers of earlier reports
         return out
 
 

@@ -15,12 +15,15 @@ import logging
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 from onnx import ModelProto, helper
 
 from .errors import CalibrationDataError
+
+if TYPE_CHECKING:
+    from .config import PruneConfig
 
 log = logging.getLogger("onnxprune")
 
@@ -256,7 +259,7 @@ def synthesize(specs: Sequence[InputSpec], samples: int, seed: int, source: str)
         unknown = [d for d in rest if not isinstance(d, int) or d <= 0]
         if unknown:
             raise _cannot_synthesize(spec, f"dimension(s) {unknown} are unknown")
-        shape = (samples, *rest) if spec.dims else (samples,)
+        shape = (samples, *(d for d in rest if isinstance(d, int))) if spec.dims else (samples,)
         if spec.dtype.kind == "f":
             arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
@@ -347,3 +350,26 @@ def run_batches(
                 output[None] if plan.per_sample or output.ndim == 0 else output[: samples.stop - samples.start]
             )
     return [np.concatenate(bucket) for bucket in collected]
+
+
+def load_data(
+    config: PruneConfig, specs: Sequence[InputSpec], needs_calibration: bool
+) -> tuple[Dataset | None, Dataset]:
+    """(calibration, evaluation): given files, a held-out part of --calib, or synthetic feeds."""
+    calibration = load_dataset(config.calibration, specs) if config.calibration else None
+    if config.evaluation:
+        evaluation = load_dataset(config.evaluation, specs)
+    elif calibration is not None:
+        calibration, evaluation = split(calibration, config.eval_fraction, config.seed)
+        log.info("no --eval: holding out %d of the calibration samples for evaluation", len(evaluation))
+    else:
+        evaluation = synthesize(specs, config.synthetic_samples, config.seed + 1, "synthetic (no --eval)")
+        log.warning(
+            "no --eval or --calib data: validating on %d synthetic samples drawn from the input shapes", len(evaluation)
+        )
+    if calibration is None and needs_calibration:
+        calibration = synthesize(specs, config.synthetic_samples, config.seed, "synthetic (no --calib)")
+        log.warning(
+            "no --calib data: calibrating on %d synthetic samples drawn from the input shapes", len(calibration)
+        )
+    return calibration, evaluation

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 from importlib import metadata
+from typing import Any
 
 
 def _version(distribution: str) -> str | None:
@@ -48,7 +49,7 @@ def environment() -> dict[str, object]:
     }
 
 
-def format_versions(env: dict[str, object]) -> str:
+def format_versions(env: dict[str, Any]) -> str:
     """`onnxprune --version`: one line per component."""
     cuda = env["torch_cuda_build"]
     device = f"CUDA device: {env['cuda_device']}" if env["cuda_available"] else "no usable CUDA device"

@@ -19,9 +19,10 @@ draws the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +34,13 @@ from .data import Dataset, InputSpec, feed_plan, iter_feeds
 from .errors import NonFiniteError
 from .gradients import batch_outputs
 from .registry import Registry
-from .validate import Headline, class_labels_fit, output_kind
+from .validate import Headline, OrtModel, class_labels_fit, output_kind
+
+if TYPE_CHECKING:
+    from .bridge.bindings import PrunableTensor
+    from .config import PruneConfig
+
+log = logging.getLogger("onnxprune")
 
 Optimizer = Callable[[list[Tensor], float], torch.optim.Optimizer]
 OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
@@ -141,8 +148,9 @@ def batchnorm_statistics(model: TorchModel) -> dict[str, Tensor]:
         module = model.module.get_submodule(module_name)
         inputs = model.node_inputs.get(module_name, ())
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and len(inputs) >= 5:
-            out[inputs[3]] = module.running_mean
-            out[inputs[4]] = module.running_var
+            mean, var = module.running_mean, module.running_var
+            if mean is not None and var is not None:  # None only without track_running_stats
+                out[inputs[3]], out[inputs[4]] = mean, var
     return out
 
 
@@ -179,7 +187,7 @@ def batch_indices(samples: int, batch: int, step: int, seed: int) -> np.ndarray:
     per epoch, so the batch depends only on (seed, step)."""
     batch = min(batch, samples)
     start = step * batch
-    out = []
+    out: list[int] = []
     while len(out) < batch:
         epoch, offset = divmod(start + len(out), samples)
         order = np.random.default_rng([seed, epoch]).permutation(samples)
@@ -253,16 +261,17 @@ class Finetuner:
 
     def _loss(self, indices: np.ndarray) -> Tensor:
         batch = self.data.take(indices, "fine-tuning batch")
-        total = None
+        targets = self.data.labels if self.loss.kind == "cross-entropy" else self.teacher
+        if targets is None:
+            raise ValueError(f"the {self.loss.kind} fine-tuning loss has no targets")
+        total = torch.zeros((), device=self.device)
         for output, samples in batch_outputs(self.model, batch, self.specs, self.plan, self.loss.output, self.device):
             chosen = indices[samples]
+            target = torch.from_numpy(np.asarray(targets[chosen]))
             if self.loss.kind == "cross-entropy":
-                target = torch.from_numpy(np.asarray(self.data.labels[chosen]).reshape(-1))
-            else:
-                target = torch.from_numpy(np.asarray(self.teacher[chosen]))
+                target = target.reshape(-1)
             target = target.to(self.device)
-            part = self.loss.per_sample(output.float(), target.float()).sum()
-            total = part if total is None else total + part
+            total = total + self.loss.per_sample(output.float(), target.float()).sum()
         return total / len(indices)
 
     def state_dict(self) -> dict:
@@ -271,3 +280,40 @@ class Finetuner:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count, self.curve = int(state["step"]), list(state["curve"])
+
+
+def make_finetuner(
+    config: PruneConfig,
+    torch_model: TorchModel,
+    targets: Sequence[PrunableTensor],
+    calibration: Dataset | None,
+    specs: Sequence[InputSpec],
+    headline: Headline,
+    reference: list[np.ndarray],
+    device: torch.device,
+) -> Finetuner | None:
+    """The fine-tuner for --finetune-steps > 0: labels when they fit, else distillation from the
+    dense model's outputs on the calibration data (computed here in onnxruntime)."""
+    if config.finetune_steps <= 0 or calibration is None:
+        return None
+    loss = choose_finetune_loss(headline, reference, torch_model.output_names, calibration, config.temperature)
+    teacher = None
+    if loss.kind != "cross-entropy":
+        # a session of its own: keeping the reference's alive through pruning would hold a
+        # second copy of the weights the whole time
+        teacher = OrtModel(config.input).run(calibration, specs, config.eval_batch_size)[loss.output]
+    tensors = trainable_tensors(torch_model, [t.name for t in targets])
+    log.info("fine-tuning: %s", loss.describe())
+    return Finetuner(
+        torch_model,
+        tensors,
+        calibration,
+        specs,
+        loss,
+        teacher,
+        config.optimizer,
+        config.lr,
+        config.batch_size,
+        config.seed,
+        device,
+    )

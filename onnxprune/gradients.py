@@ -181,13 +181,12 @@ class GradientSource:
         """Mean per-sample loss over micro-batch k (fixed-batch padding excluded)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
         batch = self.data.take(self.indices[k], "micro-batch")
-        total = None
+        total = torch.zeros((), device=self.device)
         for output, samples in batch_outputs(self.model, batch, self.specs, self.plan, self.loss.output, self.device):
             targets = None
-            if self.loss.targets == "given":
+            if self.loss.targets == "given" and batch.labels is not None:
                 targets = torch.from_numpy(np.asarray(batch.labels[samples])).to(self.device)
-            part = per_sample_loss(output.float(), self.loss, targets, generator).sum()
-            total = part if total is None else total + part
+            total = total + per_sample_loss(output.float(), self.loss, targets, generator).sum()
         return total / self.micro_batch
 
 

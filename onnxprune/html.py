@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 from html import escape
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 from .plots import METRIC_NAMES, curve_figure, figure_png, histogram_figure, sparsity_figure
 from .report import Report, _size, allocation_losses
@@ -55,11 +55,11 @@ def render_html(report: Report) -> str:
 def _summary(report: Report) -> str:
     q, p = report.validation.quality, report.pruning
     metric = METRIC_NAMES.get(q.metric, q.metric)
-    scope = f"{p.scope} scope"
+    split = f"{p.allocation} allocation"
     if p.allocation_search:  # auto: which split, and by how much
-        scope += f" (auto; held-out loss {allocation_losses(p.allocation_search, '.3g')})"
+        split += f" (auto; held-out loss {allocation_losses(p.allocation_search, '.3g')})"
     cards = [
-        ("sparsity", f"{p.sparsity:.4f}", f"target {p.target_sparsity:.2f}, {p.method}, {scope}"),
+        ("sparsity", f"{p.sparsity:.4f}", f"target {p.target_sparsity:.2f}, {p.method}, {split}"),
         (metric, f"{q.before:.4f} → {q.after:.4f}", f"drop {q.drop:+.4f} on {report.validation.samples} samples"),
         ("size", f"{_size(report.input.size_bytes)} → {_size(report.output.size_bytes)}", _compressed(report)),
         ("time", f"{report.timings.get('total', 0):.1f} s", f"peak memory {_size(report.peak_memory_bytes)}"),
@@ -269,7 +269,7 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: set[int] = frozenset()) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Collection[int] = frozenset()) -> str:
     head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
     body = "".join(
         "<tr>"

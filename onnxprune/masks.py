@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Mapping
+from typing import Hashable, Mapping, TypeVar
 
 import torch
 from torch import Tensor
@@ -39,12 +39,15 @@ def keep_lowest_pruned(scores: Tensor, n_prune: int) -> Tensor:
     return (~pruned).reshape(scores.shape)
 
 
-def layer_masks(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+K = TypeVar("K", bound=Hashable)  # tensors by name or by index
+
+
+def layer_masks(scores: Mapping[K, Tensor], sparsity: float) -> dict[K, Tensor]:
     """Each tensor pruned to `sparsity` on its own."""
     return {name: keep_lowest_pruned(s, prune_count(s.numel(), sparsity)) for name, s in scores.items()}
 
 
-def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+def global_masks(scores: Mapping[K, Tensor], sparsity: float) -> dict[K, Tensor]:
     """One threshold over all tensors: `sparsity` of all entries together, split by score."""
     if not scores:
         return {}
@@ -60,14 +63,11 @@ def global_masks(scores: Mapping[str, Tensor], sparsity: float) -> dict[str, Ten
     return masks
 
 
-def profile_masks(scores: Mapping[str, Tensor], sparsity: float, profile: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def profile_masks(scores: Mapping[K, Tensor], sparsity: float, profile: Mapping[K, Tensor]) -> dict[K, Tensor]:
     """Each tensor pruned to the count one global threshold over `profile` (e.g. the weights'
     magnitudes) would give it, the entries chosen within it by `scores`."""
     counts = {name: int((~keep).sum()) for name, keep in global_masks(profile, sparsity).items()}
     return {name: keep_lowest_pruned(s, counts[name]) for name, s in scores.items()}
-
-
-SCOPES = {"global": global_masks, "layer": layer_masks}
 
 
 # ------------------------------------------------------------------------------ N:M patterns

@@ -8,26 +8,25 @@ memory plan decides which tensors are processed together.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .allocation import GRID, choose_sparsities, exact_counts
+from .activations import ActivationSource, InputStatistics
+from .allocators import ALLOCATORS, PatternConstraint
 from .bridge.bindings import PrunableTensor
 from .bridge.convert import TorchModel
 from .errors import MemoryBudgetError, NonFiniteError
-from .estimators.base import Estimator, Statistics
+from .estimators.base import Estimator, SpillableStatistics, Statistics
 from .gradients import GradientSource
-from .masks import SCOPES, keep_lowest_pruned, pattern_masks, profile_masks, prune_count
 from .memory import DoesNotFit, MemoryPlan, human, plan_memory
 from .progress import Progress
 from .schedule import oneshot_targets
@@ -55,12 +54,29 @@ class Scored:
 
     number: int
     label: str
-    source: GradientSource | None
+    source: Source
     keep: list[Tensor]  # the masks the statistics were collected with
     scores: dict[int, Tensor] = field(default_factory=dict)
     stats: dict[int, Statistics | None] = field(default_factory=dict)
     timer: dict[str, float] = field(default_factory=lambda: {"gradients": 0.0, "estimator": 0.0})
     collections: int = 0
+
+
+Source = GradientSource | ActivationSource | None
+
+
+def activation_source(source: Source) -> ActivationSource:
+    """The source of an estimator that reads layer inputs (an internal error otherwise)."""
+    if not isinstance(source, ActivationSource):
+        raise TypeError(f"the estimator reads layer inputs; its source is a {type(source).__name__}")
+    return source
+
+
+def gradient_source(source: Source) -> GradientSource:
+    """The source of an estimator that reads gradients (an internal error otherwise)."""
+    if not isinstance(source, GradientSource):
+        raise TypeError(f"the estimator reads gradients; its source is a {type(source).__name__}")
+    return source
 
 
 class TensorView:
@@ -82,7 +98,7 @@ class TensorView:
         return self._swap(flat, self.onnx_shape) if self.swapped else flat
 
     def to_onnx(self, flat: Tensor) -> Tensor:
-        return self._swap(flat, self.canonical_shape) if self.swapped else flat
+        return self._swap(flat, self.canonical_shape) if self.canonical_shape is not None else flat
 
     @staticmethod
     def _swap(flat: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -107,20 +123,21 @@ class Pruner:
         model: TorchModel,
         targets: Sequence[PrunableTensor],
         estimator: Estimator,
-        scope: str,
-        sources: Callable[[int], GradientSource] | None,
+        allocation: str,
+        sources: Callable[[int], GradientSource | ActivationSource] | None,
         budget: int,
         progress: Progress,
         spill_folder: Path | None = None,
         pattern: tuple[int, int] | None = None,
         evaluate: Callable[[], float] | None = None,
     ):
-        self.estimator, self.scope, self.sources, self.progress = estimator, scope, sources, progress
-        self.pattern = pattern
+        self.estimator, self.sources, self.progress = estimator, sources, progress
+        self.allocator = ALLOCATORS.get(allocation)()
+        self.pattern = PatternConstraint(self.allocator, *pattern) if pattern is not None else None
         # the loss of the current model on held-out calibration samples (sensitivity allocation)
         self.evaluate = evaluate
-        if scope == "sensitivity" and evaluate is None:
-            raise ValueError("the sensitivity allocation needs an evaluation function")
+        if self.allocator.needs_evaluation and evaluate is None:
+            raise ValueError(f"the {allocation} allocation needs an evaluation function")
         self.views = [TensorView(t, model.tensors[t.name]) for t in targets]
         self.keep = [torch.ones(v.numel, dtype=torch.bool, device=v.param.device) for v in self.views]
         self.records: list[StepRecord] = []
@@ -129,7 +146,7 @@ class Pruner:
         self._spill: Path | None = None
         if (estimator.needs_gradients or estimator.needs_activations) and sources is None:
             raise ValueError(f"{estimator.name} needs calibration statistics")
-        if estimator.needs_gradients:
+        if estimator.needs_gradients and sources is not None:
             disk_free = shutil.disk_usage(spill_folder).free if spill_folder is not None else 0
             self.plan = plan_statistics(self.views, estimator, sources(0).count, budget, disk_free)
             if self.plan.storage == "disk":
@@ -157,9 +174,10 @@ class Pruner:
 
     # ---------------------------------------------------------------- one step
 
-    def step(self, sparsity: float, label: str) -> StepRecord:
-        """Prune to `sparsity` with fresh statistics at the current weights (one recomputation)."""
-        return self.apply(self.score(label), sparsity)
+    def step(self, sparsity: float, label: str, *, last: bool) -> StepRecord:
+        """Prune to `sparsity` with fresh statistics at the current weights (one recomputation);
+        `last`: the schedule's final step (where an N:M pattern is complete)."""
+        return self.apply(self.score(label), sparsity, last=last)
 
     def score(self, label: str) -> Scored:
         """Statistics and saliencies at the current weights and masks. One `Scored` serves any
@@ -169,10 +187,13 @@ class Pruner:
         if self.estimator.needs_output_gradients:
             started = time.perf_counter()
             names = [v.target.name for v in self.views]
-            self.estimator.set_sensitivity(scored.source.output_sensitivity(names, scored.source.loss))
+            source = activation_source(scored.source)
+            if source.loss is None:
+                raise TypeError(f"{self.estimator.name} needs output gradients; its source has no loss")
+            self.estimator.set_sensitivity(source.output_sensitivity(names, source.loss))
             scored.timer["gradients"] += time.perf_counter() - started
         # sequential estimators collect their statistics again, layer by layer, for the update
-        keep_for_update = not self.estimator.sequential or self.scope == "sensitivity"
+        keep_for_update = not self.estimator.sequential or self.allocator.reads_statistics
         for g, group in enumerate(self.groups, 1):
             stats = self._statistics(group, self.keep, scored.source, scored.timer, label, g)
             scored.collections += bool(self.estimator.needs_gradients or self.estimator.needs_activations)
@@ -190,41 +211,22 @@ class Pruner:
                 scored.scores[i] = torch.where(self.keep[i], s, -1.0)
                 if (self.plan is None or self.plan.keep_statistics) and keep_for_update:
                     scored.stats[i] = stats[i]
-                    if self._spill is not None and hasattr(stats[i], "spill"):
-                        stats[i].spill(self._spill)
+                    if self._spill is not None and self.estimator.spills:
+                        cast(SpillableStatistics, stats[i]).spill(self._spill)
             scored.timer["estimator"] += time.perf_counter() - started
             del stats
         return scored
 
-    def apply(self, scored: Scored, sparsity: float) -> StepRecord:
-        """Select the masks for `sparsity` from `scored` and compensate the survivors."""
+    def apply(self, scored: Scored, sparsity: float, *, last: bool) -> StepRecord:
+        """Select the masks for `sparsity` from `scored` and compensate the survivors; `last`:
+        the schedule's final step (where an N:M pattern is complete)."""
         timer = dict(scored.timer)
         collections = scored.collections
-        pattern = self.pattern if self.pattern and sparsity >= 1 - self.pattern[0] / self.pattern[1] - 1e-9 else None
+        pattern = (self.pattern.n, self.pattern.m) if self.pattern is not None and last else None
         if self.pattern is not None:
-            # N:M: the final step prunes the m−n lowest of every group; an earlier step (lower
-            # sparsity) prunes, by the allocation, only among those, so every group can still end
-            # with exactly n (the pattern overrides a sensitivity allocation: N:M is uniform)
-            allowed = {
-                i: pattern_masks(s, self.views[i].shape[0], *self.pattern, kernel=self.views[i].kernel)
-                for i, s in scored.scores.items()
-            }
-            if pattern is not None:
-                chosen = allowed
-            else:
-                top = max(float(s.max()) for s in scored.scores.values()) + 1.0
-                restricted = {i: torch.where(allowed[i], torch.full_like(s, top), s) for i, s in scored.scores.items()}
-                # N:M is uniform: sensitivity and the magnitude profile fall back to per layer
-                chosen = SCOPES["global" if self.scope == "global" else "layer"](restricted, sparsity)
-        elif self.scope == "sensitivity":
-            chosen = self._sensitivity_masks(scored, sparsity, timer)
-        elif self.scope == "magnitude":
-            # the per-tensor counts of global magnitude pruning (pruned entries first: their
-            # magnitude is 0), the entries within each tensor by the estimator's scores
-            profile = {i: torch.where(scored.keep[i], self.views[i].read().abs(), -1.0) for i in scored.scores}
-            chosen = profile_masks(scored.scores, sparsity, profile)
+            chosen = self.pattern.masks(self, scored, sparsity, timer, last)
         else:
-            chosen = SCOPES[self.scope](scored.scores, sparsity)
+            chosen = self.allocator.masks(self, scored, sparsity, timer)
         previous = scored.keep  # the masks the statistics were collected with
         self.keep = [chosen[i].to(previous[i].device) & previous[i] for i in range(len(self.views))]
 
@@ -281,39 +283,6 @@ class Pruner:
         self.keep[i] = keep.to(previous.device) & previous
         return torch.where(self.keep[i], new.float(), 0.0)
 
-    def _sensitivity_masks(self, scored: Scored, sparsity: float, timer: dict[str, float]) -> dict[int, Tensor]:
-        """Masks with per-tensor counts from measured loss curves (see allocation.py): each tensor
-        alone is pruned at the grid's sparsities by the estimator (with its update when the
-        statistics are at hand) and the model run on held-out calibration samples."""
-        started = time.perf_counter()
-        base = self.evaluate()
-        numels = [view.numel for view in self.views]
-        already = [int((~keep).sum()) for keep in scored.keep]
-        curves = []
-        with self.progress.task(f"sensitivity, {scored.label} (tensors)", len(self.views)) as task:
-            for i, view in enumerate(self.views):
-                original = view.read().clone()
-                stats = scored.stats.get(i)
-                curve = []
-                for fraction in GRID:
-                    count = prune_count(view.numel, fraction)
-                    if count <= already[i]:
-                        curve.append(0.0 if count == already[i] else math.inf)
-                        continue
-                    keep = keep_lowest_pruned(scored.scores[i], count) & scored.keep[i]
-                    new = original
-                    if stats is not None or not self.estimator.compensates:
-                        new, keep = self.estimator.prune(original, keep, stats, ~scored.keep[i])
-                    view.write(torch.where(keep.to(new.device), new.float(), 0.0))
-                    curve.append(self.evaluate() - base)
-                view.write(original)
-                curves.append(curve)
-                task.advance()
-        fractions = choose_sparsities(curves, numels, sparsity)
-        counts = exact_counts(numels, fractions, prune_count(sum(numels), sparsity), lower=already)
-        timer["estimator"] += time.perf_counter() - started
-        return {i: keep_lowest_pruned(scored.scores[i], counts[i]) for i in range(len(self.views))}
-
     def _apply_in_network_order(
         self,
         scored: Scored,
@@ -325,7 +294,7 @@ class Pruner:
         before it was pruned and updated (the estimator may pick its own mask at the selected
         counts); returns the number of collections."""
         index = {view.target.name: i for i, view in enumerate(self.views)}
-        passes = scored.source.sequence(list(index))
+        passes = activation_source(scored.source).sequence(list(index))
         for number, names in enumerate(passes, 1):
             group = [index[name] for name in names]
             label = f"{scored.label}, layer by layer"
@@ -355,7 +324,7 @@ class Pruner:
         self,
         group: Sequence[int],
         keep: Sequence[Tensor],
-        source: GradientSource | None,
+        source: Source,
         timer: dict[str, float],
         label: str,
         number: int,
@@ -368,13 +337,28 @@ class Pruner:
         total = len(self.groups) if total is None else total
         suffix = f", group {number}/{total}" if total > 1 else ""
         if estimator.needs_activations:
+            inputs = activation_source(source)
             started = time.perf_counter()
-            with self.progress.task(f"layer inputs, {label}{suffix} (samples)", source.count) as task:
-                source.collect({views[i].target.name: stats[i] for i in group}, progress=task.advance)
+            with self.progress.task(f"layer inputs, {label}{suffix} (samples)", inputs.count) as task:
+                chosen = cast(dict[str, InputStatistics], {views[i].target.name: stats[i] for i in group})
+                inputs.collect(chosen, progress=task.advance)
             timer["gradients"] += time.perf_counter() - started
-            return stats
-        if not estimator.needs_gradients:
-            return stats
+        elif estimator.needs_gradients:
+            self._gradients(group, keep, stats, gradient_source(source), timer, f"gradients, {label}{suffix}")
+        return stats
+
+    def _gradients(
+        self,
+        group: Sequence[int],
+        keep: Sequence[Tensor],
+        stats: dict[int, Statistics | None],
+        source: GradientSource,
+        timer: dict[str, float],
+        label: str,
+    ) -> None:
+        """Feed the group's statistics with masked gradient rows (streamed one by one, or all
+        collected first); the time the statistics take is the estimator's, not the gradients'."""
+        views, estimator = self.views, self.estimator
         index = {views[i].target.name: i for i in group}
         masks = {name: views[i].to_onnx(keep[i]) for name, i in index.items()}
 
@@ -385,11 +369,13 @@ class Pruner:
                 if not bool(torch.isfinite(row).all()):
                     raise NonFiniteError(f"gradients of {name!r} contain NaN or infinite values; nothing was written")
                 i = index[name]
-                stats[i].update(views[i].to_canonical(row), keep=keep[i])
+                target = stats[i]
+                if target is not None:
+                    target.update(views[i].to_canonical(row), keep=keep[i])
             timer["estimator"] += time.perf_counter() - begun
 
         started, before = time.perf_counter(), timer["estimator"]
-        with self.progress.task(f"gradients, {label}{suffix}", source.count) as task:
+        with self.progress.task(label, source.count) as task:
             if estimator.streams_gradients:
                 source.stream(
                     list(index), lambda k, grads: add({n: g[None] for n, g in grads.items()}), masks, task.advance
@@ -399,7 +385,6 @@ class Pruner:
         timer["gradients"] += time.perf_counter() - started - (timer["estimator"] - before)
         if not estimator.streams_gradients:
             add(rows)
-        return stats
 
 
 def prune_oneshot(
@@ -408,8 +393,8 @@ def prune_oneshot(
     estimator: Estimator,
     sparsity: float,
     steps: int,
-    scope: str,
-    source: GradientSource | Callable[[int], GradientSource] | None,
+    allocation: str,
+    source: GradientSource | Callable[[int], GradientSource | ActivationSource] | None,
     budget: int,
     progress: Progress,
     spill_folder: Path | None = None,
@@ -418,9 +403,9 @@ def prune_oneshot(
     spacing); returns the new values. `source` is one gradient source for every step, or a
     function of the step number giving one."""
     sources = source if callable(source) or source is None else (lambda step: source)
-    with Pruner(model, targets, estimator, scope, sources, budget, progress, spill_folder) as pruner:
+    with Pruner(model, targets, estimator, allocation, sources, budget, progress, spill_folder) as pruner:
         for step, step_sparsity in enumerate(oneshot_targets(sparsity, steps), 1):
-            pruner.step(step_sparsity, f"step {step}/{steps}")
+            pruner.step(step_sparsity, f"step {step}/{steps}", last=step == steps)
         return OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
 
 
@@ -440,14 +425,15 @@ def plan_statistics(
 
 
 def _suggestion(estimator: Estimator, shape: tuple[int, int], count: int, budget: int) -> str:
-    size = getattr(estimator, "block_size", None)
-    if size:
+    if "block_size" in estimator.reads:  # WoodFisher, SparseGPT: try smaller blocks
+        blocked: Any = estimator
+        size = blocked.block_size
         original = size
         while size > 8:
             size //= 2
-            estimator.block_size = size
+            blocked.block_size = size
             fits = estimator.memory(shape, count).peak <= budget
-            estimator.block_size = original
+            blocked.block_size = original
             if fits:
                 return f"try --block-size {size}"
     for fewer in (count // 2, count // 4, count // 8):

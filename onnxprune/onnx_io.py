@@ -190,7 +190,7 @@ def external_data_name(output: Path) -> str:
     return output.name + ".data"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Run `write(tmp_dir)`, which creates files named as their targets in `tmp_dir`, then move
     them into `path.parent`; the file named `path.name` moves last. Nothing is left on failure."""
     path = Path(path)
@@ -202,7 +202,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise WriteError(f"could not write {path}: {reason}; no partial file was left") from None
 
 
-def _atomic_write(path: Path, folder: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(path: Path, folder: Path, write: Callable[[Path], object]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     try:
         write(tmp)

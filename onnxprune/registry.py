@@ -31,6 +31,11 @@ class Registry(Generic[T]):
 
         return add
 
+    def unregister(self, name: str) -> None:
+        """Remove the entry called `name` (a plugin's, or one a test added)."""
+        self.get(name)
+        del self._entries[name]
+
     def get(self, name: str) -> T:
         """The entry called `name`; an unknown name raises UsageError listing the valid ones."""
         try:

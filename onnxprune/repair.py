@@ -20,16 +20,14 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
-from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from torch import Tensor
 
-from .activations import Capture, capture_plans, relevant_rows, samples_per_batch
-from .bridge.bindings import PrunableTensor
+from .activations import relevant_rows, samples_per_batch
 from .bridge.convert import TorchModel
 from .data import Dataset, InputSpec, feed_plan, iter_feeds
 from .errors import NonFiniteError
@@ -37,6 +35,11 @@ from .finetune import batchnorm_statistics
 from .oneshot import Pruner, TensorView
 from .progress import Progress
 from .reconstruct import Moments, affine_correction, output_moments, refine_masks, solve_masked
+from .repair_layers import Corrections, Layer, find_layers
+from .settings import settings_from
+
+if TYPE_CHECKING:
+    from .config import PruneConfig
 
 log = logging.getLogger("onnxprune")
 
@@ -44,180 +47,32 @@ log = logging.getLogger("onnxprune")
 # variance; auto: variance where a normalisation reads the layer's output (BatchNorm and friends
 # would otherwise see a shifted and shrunk input), the mean elsewhere.
 STATISTICS_MODES = ("auto", "off", "mean", "variance")
-NORMALISATIONS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
 
 
-@dataclass(frozen=True)
-class RepairSettings:
-    """Which additions run after each pruning step, on how many calibration samples."""
-
-    refine_masks: bool = True
-    solve_weights: bool = True
-    statistics: str = "auto"
-    samples: int = 512
-    # λ of the fixed-mask solve relative to mean(diag XᵀX): pulls the solution towards the
-    # estimator's weights where the calibration rows do not determine it
-    damp: float = 0.01
-    cycles: int = 100  # swap rounds of the mask refinement (each swaps at most once per row)
-    # masks and weights alternate this many times (refining the masks of re-solved weights finds
-    # more swaps)
-    rounds: int = 2
-    # leave out the input rows the model's outputs never read (padding tokens; activations.relevant_rows)
-    relevant_rows: bool = True
-
-    @property
-    def passes(self) -> tuple[str, ...]:
-        alternating = [name for name, on in (("masks", self.refine_masks), ("weights", self.solve_weights)) if on]
-        return tuple(alternating * self.rounds) + (("statistics",) if self.statistics != "off" else ())
+# The PruneConfig fields the repair reads (their defaults and meaning are documented there).
+REPAIR_READS = (
+    "refine_masks",
+    "solve_weights",
+    "correct_statistics",
+    "repair_samples",
+    "repair_damp",
+    "repair_cycles",
+    "repair_rounds",
+    "relevant_rows",
+)
 
 
-@dataclass(frozen=True)
-class Layer:
-    """A pruned weight whose layer can be repaired: how its inputs are captured and where its
-    output's per-unit bias lives."""
-
-    view: int  # index of its TensorView in the Pruner
-    name: str
-    capture: Capture
-    node: str  # module of the consuming node
-    op_type: str
-    axis: int  # output units' axis of the node's output
-    alpha: float  # Gemm: output = alpha·(x Wᵀ) + beta·C
-    beta: float
-    bias: str | None  # tensor added per output unit: Conv/Gemm bias, or the constant of the Add after a MatMul
-    bias_in_node: bool  # the bias is an input of the node itself (Conv, Gemm) rather than a following Add
-    correctable: bool  # a shift can be written back (there is, or may be added, a bias)
-    normalised: bool  # a normalisation reads the output
+def repair_settings(config: PruneConfig, **changes: object) -> Any:
+    """The repair's settings: the config's REPAIR_READS fields, with `changes`."""
+    return replace(settings_from(REPAIR_READS, config), **changes)
 
 
-@dataclass
-class Correction:
-    scale: Tensor  # per output unit
-    shift: Tensor
-
-
-class Corrections:
-    """Per-unit scale and shift at layer outputs, applied with forward hooks."""
-
-    def __init__(self, model: TorchModel):
-        self.model = model
-        self.values: dict[str, Correction] = {}  # by node module
-        self.axes: dict[str, int] = {}
-        self.enabled = True
-        self._handles: dict[str, object] = {}
-
-    def set(self, node: str, axis: int, scale: Tensor, shift: Tensor) -> None:
-        self.values[node] = Correction(scale.float(), shift.float())
-        self.axes[node] = axis
-        if node not in self._handles:
-            module = self.model.module.get_submodule(node)
-            self._handles[node] = module.register_forward_hook(self._hook(node))
-
-    def _hook(self, node: str):
-        def hook(module, args, output):
-            if not self.enabled or node not in self.values:
-                return output
-            c = self.values[node]
-            shape = [1] * output.dim()
-            shape[self.axes[node]] = -1
-            scale = c.scale.to(output.device, output.dtype).reshape(shape)
-            return output * scale + c.shift.to(output.device, output.dtype).reshape(shape)
-
-        return hook
-
-    def copy(self) -> dict[str, Correction]:
-        return {k: Correction(v.scale.clone(), v.shift.clone()) for k, v in self.values.items()}
-
-    def restore(self, values: dict[str, Correction]) -> None:
-        for node in list(self.values):
-            if node not in values:
-                del self.values[node]
-        for node, c in values.items():
-            self.set(node, self.axes[node], c.scale, c.shift)
-
-    def remove(self) -> None:
-        for handle in self._handles.values():
-            handle.remove()
-        self._handles.clear()
-        self.values.clear()
-
-    def state_dict(self) -> dict:
-        return {
-            node: {"scale": c.scale.cpu(), "shift": c.shift.cpu(), "axis": self.axes[node]}
-            for node, c in self.values.items()
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for node, entry in state.items():
-            self.set(node, int(entry["axis"]), entry["scale"], entry["shift"])
-
-
-def find_layers(model: TorchModel, views: Sequence[TensorView]) -> tuple[list[Layer], list[str]]:
-    """The repairable layers among the pruned weights, and why the others are not."""
-    targets = [v.target for v in views]
-    plans, refused = capture_plans(model, targets)
-    index = {v.target.name: i for i, v in enumerate(views)}
-    users: dict[str, list[tuple[str, int]]] = {}
-    for module, inputs in model.node_inputs.items():
-        for position, value in enumerate(inputs):
-            users.setdefault(value, []).append((module, position))
-    layers = []
-    for target in targets:
-        captures = plans.get(target.name)
-        if captures is None:
-            continue
-        if len(captures) != 1 or len(users.get(target.name, ())) != 1:
-            refused.append(f"{target.name!r} (used by several nodes)")
-            continue
-        layer = _layer(model, target, captures[0], index[target.name], users)
-        if layer is None:
-            refused.append(f"{target.name!r} (its weight is the first operand)")
-        else:
-            layers.append(layer)
-    return layers, sorted(set(refused))
-
-
-def _layer(
-    model: TorchModel, target: PrunableTensor, capture: Capture, view: int, users: dict[str, list[tuple[str, int]]]
-) -> Layer | None:
-    node = capture.node
-    op_type = model.nodes[node][0]
-    inputs = model.node_inputs[node]
-    outputs = model.node_outputs.get(node, ())
-    rows = target.matrix_shape()[0]
-    if inputs.index(target.name) != 1:
-        return None  # W @ x and Gemm's A: output units are not on the last axis
-    module = model.module.get_submodule(node)
-    alpha = float(getattr(module, "alpha", 1.0)) if op_type == "Gemm" else 1.0
-    beta = float(getattr(module, "beta", 1.0)) if op_type == "Gemm" else 1.0
-    bias, in_node, reads = None, False, list(users.get(outputs[0], ())) if outputs else []
-    if op_type in ("Conv", "Gemm"):
-        in_node = True
-        bias = inputs[2] if len(inputs) > 2 and inputs[2] else None
-        correctable = beta != 0 and (bias is None or _per_unit(model, bias, rows, users))
-    else:  # MatMul: the bias is the constant of an Add reading the product
-        correctable = False
-        for module_name, _ in reads:
-            add_inputs = model.node_inputs[module_name]
-            if model.nodes[module_name][0] == "Add" and len(add_inputs) == 2:
-                other = add_inputs[1] if add_inputs[0] == outputs[0] else add_inputs[0]
-                if _per_unit(model, other, rows, users):
-                    bias, correctable = other, True
-                    reads = reads + list(users.get(model.node_outputs[module_name][0], ()))
-                break
-    normalised = any(model.nodes[m][0] in NORMALISATIONS for m, _ in reads)
-    axis = 1 if op_type == "Conv" else -1
-    return Layer(view, target.name, capture, node, op_type, axis, alpha, beta, bias, in_node, correctable, normalised)
-
-
-def _per_unit(model: TorchModel, name: str, rows: int, users: dict[str, list[tuple[str, int]]]) -> bool:
-    """Whether `name` is a float tensor of one value per output unit ([rows] or [1, ..., rows]),
-    used only here, so shifting it changes nothing else."""
-    tensor = model.tensors.get(name)
-    if tensor is None or not tensor.is_floating_point() or len(users.get(name, ())) != 1:
-        return False
-    shape = tuple(tensor.shape)
-    return bool(shape) and shape[-1] == rows and all(d == 1 for d in shape[:-1])
+def repair_passes(settings: Any) -> tuple[str, ...]:
+    """The passes in the order they run: masks and weights alternating `repair_rounds` times,
+    then the statistics correction."""
+    alternating = [name for name, on in (("masks", settings.refine_masks), ("weights", settings.solve_weights)) if on]
+    statistics = ("statistics",) if settings.correct_statistics != "off" else ()
+    return tuple(alternating * settings.repair_rounds) + statistics
 
 
 @dataclass
@@ -236,7 +91,7 @@ class PassRecord:
 class Repairer:
     """Runs the configured passes after each pruning step of a Pruner (see the module doc)."""
 
-    settings: RepairSettings
+    settings: Any  # repair_settings()
     model: TorchModel
     pruner: Pruner
     samples: Dataset  # calibration samples the moments are taken on
@@ -266,7 +121,7 @@ class Repairer:
 
     @property
     def active(self) -> bool:
-        return bool(self.layers and self.settings.passes)
+        return bool(self.layers and repair_passes(self.settings))
 
     def dense_weight(self, layer: Layer) -> Tensor:
         view = self.pruner.views[layer.view]
@@ -278,7 +133,7 @@ class Repairer:
         if not self.active:
             return
         loss = self.evaluate()
-        for addition in self.settings.passes:
+        for addition in repair_passes(self.settings):
             loss = self._pass(label, addition, before, loss)
 
     # ---------------------------------------------------------------- one pass
@@ -360,11 +215,12 @@ class Repairer:
                         rows = _only(
                             self._rows(layer, node, current_env[b], inputs[b], root, reals[b]), relevant[b], layer
                         )
-                        if rows is None or dense_rows[b] is None:
+                        dense = dense_rows[b]
+                        if rows is None or dense is None:
                             continue
                         if moments is None:
                             moments = Moments.empty(rows.shape[0], rows.shape[2], rows.device)
-                        moments.add(rows, dense_rows[b], dense_gram=cached is None)
+                        moments.add(rows, dense, dense_gram=cached is None)
                     if moments is not None:
                         # the dense model's inputs are the same at every pass: their Gram once
                         if cached is None:
@@ -466,11 +322,11 @@ class Repairer:
             if self.pruner.pattern is not None:
                 return 0  # swaps inside a row would break the N:M groups
             revivable = before.to(keep.device).reshape(shape) & ~keep
-            new, new_keep, swaps = refine_masks(w, w0, keep, revivable, moments, self.settings.cycles)
+            new, new_keep, swaps = refine_masks(w, w0, keep, revivable, moments, self.settings.repair_cycles)
             self._write(layer, view, new, new_keep)
             return swaps
         if addition == "weights":
-            new = solve_masked(w, w0, keep, moments, self.settings.damp)
+            new = solve_masked(w, w0, keep, moments, self.settings.repair_damp)
             self._write(layer, view, new, keep)
             return int(((new - w.double()).abs() > 0).sum())
         return self._correct(layer, view, moments, w, w0)
@@ -485,7 +341,8 @@ class Repairer:
     def _correct(self, layer: Layer, view: TensorView, moments: Moments, w: Tensor, w0: Tensor) -> int:
         if not layer.correctable:
             return 0
-        variance = self.settings.statistics == "variance" or (self.settings.statistics == "auto" and layer.normalised)
+        mode = self.settings.correct_statistics
+        variance = mode == "variance" or (mode == "auto" and layer.normalised)
         mean_p, var_p = output_moments(w, moments.sum_p, moments.pp, moments.count)
         mean_d, var_d = output_moments(w0, moments.sum_d, moments.dd, moments.count)
         mean_p, var_p, mean_d, var_d = (x.reshape(-1) for x in (mean_p, var_p, mean_d, var_d))
@@ -530,8 +387,8 @@ class Repairer:
 
     def report(self) -> dict:
         return {
-            "passes": list(self.settings.passes),
-            "statistics": self.settings.statistics,
+            "passes": list(repair_passes(self.settings)),
+            "statistics": self.settings.correct_statistics,
             "samples": len(self.samples),
             "layers": len(self.layers),
             "skipped": self.skipped,
@@ -594,62 +451,3 @@ def fx_map(value, env: dict):
     from torch import fx
 
     return fx.node.map_arg(value, lambda n: env[n])
-
-
-def add_biases(model: ModelProto, added: Sequence[tuple[str, str, np.ndarray]]) -> None:
-    """Give each node (found by its output) the new bias input, in the style of its weight: an
-    initializer, or a Constant node where the weight is one (PaddlePaddle); IR < 4 graphs list
-    initializers as inputs too."""
-    for output, weight, values in added:
-        graph, node = _find_node(model.graph, output)
-        name = _fresh_name(model, f"{weight}_onnxprune_bias")
-        tensor = numpy_helper.from_array(values.astype(np.float32), name)
-        if any(n.op_type == "Constant" and weight in n.output for n in graph.node):
-            constant = helper.make_node(
-                "Constant", [], [name], name=_fresh_name(model, name + "_constant"), value=tensor
-            )
-            position = list(graph.node).index(node)
-            graph.node.insert(position, constant)
-        else:
-            graph.initializer.append(tensor)
-            if model.ir_version < 4:
-                graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(values.shape)))
-        while len(node.input) < 2:
-            node.input.append("")
-        if len(node.input) == 2:
-            node.input.append(name)
-        else:
-            node.input[2] = name
-
-
-def _find_node(graph: GraphProto, output: str) -> tuple[GraphProto, NodeProto]:
-    for node in graph.node:
-        if output in node.output:
-            return graph, node
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                try:
-                    return _find_node(sub, output)
-                except KeyError:
-                    pass
-    raise KeyError(f"no node produces {output!r}")
-
-
-def _fresh_name(model: ModelProto, wanted: str) -> str:
-    used = set()
-
-    def walk(graph: GraphProto) -> None:
-        used.update(t.name for t in graph.initializer)
-        used.update(i.name for i in graph.input)
-        for node in graph.node:
-            used.update(node.output)
-            used.add(node.name)
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    walk(sub)
-
-    walk(model.graph)
-    name, k = wanted, 1
-    while name in used:
-        name, k = f"{wanted}_{k}", k + 1
-    return name

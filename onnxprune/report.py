@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .validate import ErrorDistribution, OutputError
 
@@ -20,7 +20,7 @@ class JsonDocument:
     """A report dataclass written as JSON: its fields, plus `exit_code` where it has one."""
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(cast(Any, self))  # every subclass is a dataclass
         if hasattr(self, "exit_code"):
             data["exit_code"] = self.exit_code
         return data
@@ -72,6 +72,7 @@ class Pruning:
     allocation_search: dict | None = None  # --allocation auto: candidates, held-out losses, choice
     repair: dict | None = None  # the repair passes after each pruning step (repair.py)
     method_search: dict | None = None  # --method auto: candidates, held-out losses, seconds, choice
+    allocation: str = ""  # the split across tensors (`scope` is its former name, kept beside it)
 
 
 @dataclass(frozen=True)
@@ -193,14 +194,20 @@ class MemoryEstimate:
 
 
 @dataclass(frozen=True)
-class DryRun(JsonDocument):
-    """`--dry-run`: what a run would prune and need, without running a model or writing a file."""
+class InputDocument(JsonDocument):
+    """The head of the documents about one input before it is pruned (dry run, sweep)."""
 
     tool_version: str
     config: dict[str, Any]
     input: ModelInfo
     calibration: DataInfo | None
     evaluation: DataInfo
+
+
+@dataclass(frozen=True)
+class DryRun(InputDocument):
+    """`--dry-run`: what a run would prune and need, without running a model or writing a file."""
+
     method: str
     scope: str
     target_sparsity: float
@@ -214,6 +221,7 @@ class DryRun(JsonDocument):
     environment: dict[str, Any]
     kind: str = "dry-run"
     schema_version: int = SCHEMA_VERSION
+    allocation: str = ""  # as configured (`scope`, its former name, is kept beside it)
 
     @property
     def exit_code(self) -> int:
@@ -223,7 +231,7 @@ class DryRun(JsonDocument):
 def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
     """The dry run for people: the tensors, the schedule and the memory estimate."""
     lines = [
-        f"onnxprune {plan.tool_version} (dry run, nothing written): {plan.method}, {plan.scope} scope, "
+        f"onnxprune {plan.tool_version} (dry run, nothing written): {plan.method}, {plan.allocation} allocation, "
         f"target sparsity {plan.target_sparsity:.2f} on {plan.input.path}"
     ]
     width = max([len("prunable tensor")] + [len(t.name) for t in plan.tensors[:max_rows]]) + 2
@@ -306,7 +314,7 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -342,11 +350,31 @@ def repair_lines(repair: dict) -> list[str]:
 
 def format_human(report: Report, max_rows: int = 30) -> str:
     """A short table for people: per-tensor sparsity, quality before/after, sizes, gate."""
-    p, v = report.pruning, report.validation
+    p = report.pruning
     lines = [
-        f"onnxprune {report.tool_version}: {p.method}, {p.scope} scope, target sparsity {p.target_sparsity:.2f}"
-        f" -> {report.output.path}",
+        f"onnxprune {report.tool_version}: {p.method}, {p.allocation} allocation, "
+        f"target sparsity {p.target_sparsity:.2f} -> {report.output.path}",
+        *_search_lines(p),
+        *_tensor_lines(p, max_rows),
+        *_statistics_lines(report.fisher),
+        *_schedule_lines(report),
+        *_validation_lines(report),
     ]
+    if report.gate is not None:
+        g = report.gate
+        verdict = "passed" if g.passed else "FAILED"
+        lines.append(
+            f"gate: {g.metric} drop {g.drop:.4f} {'<=' if g.passed else '>'} max-drop {g.max_drop:.4f}: {verdict}"
+        )
+    lines += [f"warning: {w}" for w in report.warnings]
+    if report.report_path:
+        lines.append(f"report: {report.report_path}" + (f"; HTML: {report.html_path}" if report.html_path else ""))
+    return "\n".join(lines)
+
+
+def _search_lines(p: Pruning) -> list[str]:
+    """What the automatic allocation and method chose, and the repair passes."""
+    lines = []
     if p.allocation_search:
         losses = allocation_losses(p.allocation_search, ".4g")
         lines.append(
@@ -361,8 +389,13 @@ def format_human(report: Report, max_rows: int = 30) -> str:
         )
     if p.repair:
         lines.extend(f"  {line}" for line in repair_lines(p.repair))
+    return lines
+
+
+def _tensor_lines(p: Pruning, max_rows: int) -> list[str]:
+    """The table of pruned tensors (at most `max_rows`) and its total."""
     width = max([len("pruned tensor")] + [len(t.name) for t in p.tensors[:max_rows]]) + 2
-    lines.append(f"  {'pruned tensor':<{width}}{'shape':>16}{'params':>12}{'sparsity':>10}")
+    lines = [f"  {'pruned tensor':<{width}}{'shape':>16}{'params':>12}{'sparsity':>10}"]
     for t in p.tensors[:max_rows]:
         shape = "x".join(str(d) for d in t.shape)
         lines.append(f"  {t.name:<{width}}{shape:>16}{t.numel:>12,}{t.sparsity:>10.4f}")
@@ -373,50 +406,69 @@ def format_human(report: Report, max_rows: int = 30) -> str:
     )
     if p.excluded:
         lines.append(f"  left dense by --exclude: {', '.join(p.excluded[:8])}{' ...' if len(p.excluded) > 8 else ''}")
-    f = report.fisher
-    if f is not None:
-        if f.statistics == "layer inputs":
-            lines.append(f"layer inputs: {f.num_grads} calibration samples; loss {f.loss}")
-        else:
-            lines.append(f"fisher: {f.num_grads} gradients x {f.fisher_batch} samples; {f.loss}")
-        settings = ", ".join(
-            f"{k} {v}" for k, v in f.estimator.items() if not (isinstance(v, (list, tuple)) and len(v) > 4)
-        )
-        steps = len(f.steps)
+    return lines
+
+
+def _statistics_lines(f: Fisher | None) -> list[str]:
+    """The estimator's statistics, settings and timings."""
+    if f is None:
+        return []
+    if f.statistics == "layer inputs":
+        lines = [f"layer inputs: {f.num_grads} calibration samples; loss {f.loss}"]
+    else:
+        lines = [f"fisher: {f.num_grads} gradients x {f.fisher_batch} samples; {f.loss}"]
+    settings = ", ".join(
+        f"{k} {v}" for k, v in f.estimator.items() if not (isinstance(v, (list, tuple)) and len(v) > 4)
+    )
+    steps = len(f.steps)
+    lines.append(
+        f"  {settings}{'; ' if settings else ''}{steps} step{'s' if steps > 1 else ''}; gradients "
+        f"{f.gradient_seconds:.1f} s, estimator {f.estimator_seconds:.1f} s"
+        + (f"; {f.groups} memory groups" if f.groups > 1 else "")
+    )
+    curve = f.estimator.get("auxiliary_loss")
+    if curve:
         lines.append(
-            f"  {settings}{'; ' if settings else ''}{steps} step{'s' if steps > 1 else ''}; gradients "
-            f"{f.gradient_seconds:.1f} s, estimator {f.estimator_seconds:.1f} s"
-            + (f"; {f.groups} memory groups" if f.groups > 1 else "")
+            f"  FishLeg auxiliary loss (summed over tensors): {curve[0]:.4g} at the start, "
+            f"{curve[len(curve) // 2]:.4g} midway, {curve[-1]:.4g} at the end"
         )
-        curve = f.estimator.get("auxiliary_loss")
-        if curve:
-            lines.append(
-                f"  FishLeg auxiliary loss (summed over tensors): {curve[0]:.4g} at the start, "
-                f"{curve[len(curve) // 2]:.4g} midway, {curve[-1]:.4g} at the end"
-            )
+    return lines
+
+
+def _schedule_lines(report: Report) -> list[str]:
+    """The schedule, the fine-tuning and the final torch-vs-onnxruntime check."""
+    lines = []
     s = report.schedule
     if len(s.sparsities) > 1 or report.finetune is not None:
-        steps = " -> ".join(f"{x:.3f}" for x in s.sparsities)
+        path = " -> ".join(f"{x:.3f}" for x in s.sparsities)
         lines.append(
-            f"schedule: {s.name}, sparsity {steps}"
+            f"schedule: {s.name}, sparsity {path}"
             + (f" (resumed after step {s.resumed_after})" if s.resumed_after else "")
         )
-    t = report.finetune
-    if t is not None:
-        first, last = (t.loss_curve[0], t.loss_curve[-1]) if t.loss_curve else (float("nan"), float("nan"))
+    tuned = report.finetune
+    if tuned is not None:
+        curve = tuned.loss_curve
+        first, last = (curve[0], curve[-1]) if curve else (float("nan"), float("nan"))
         lines.append(
-            f"fine-tuning: {t.steps} steps of {t.optimizer} (lr {t.lr:g}, batch {t.batch_size}) on "
-            f"{t.trained_tensors} tensors, {t.seconds:.1f} s; loss {first:.4g} -> {last:.4g}; BatchNorm {t.batchnorm}"
+            f"fine-tuning: {tuned.steps} steps of {tuned.optimizer} (lr {tuned.lr:g}, batch {tuned.batch_size}) on "
+            f"{tuned.trained_tensors} tensors, {tuned.seconds:.1f} s; loss {first:.4g} -> {last:.4g}; "
+            f"BatchNorm {tuned.batchnorm}"
         )
-        lines.append(f"  {t.loss}")
+        lines.append(f"  {tuned.loss}")
     if s.torch_vs_onnxruntime_max_abs_error is not None:
         error = s.torch_vs_onnxruntime_max_abs_error
         lines.append(f"written model vs the final torch model in onnxruntime: max abs error {error:.2e}")
-    c = report.conversion
-    lines.append(f"conversion check (torch vs onnxruntime, {c.samples} samples): max abs error {c.max_abs_error:.2e}")
-    e = report.evaluation
-    lines.append(f"evaluation: {e.samples} samples from {e.source}{' (synthetic)' if e.synthetic else ''}")
-    if v.accuracy_before is not None:
+    return lines
+
+
+def _validation_lines(report: Report) -> list[str]:
+    """The conversion check, the evaluation data, the quality of every output, the sizes."""
+    c, e, v = report.conversion, report.evaluation, report.validation
+    lines = [
+        f"conversion check (torch vs onnxruntime, {c.samples} samples): max abs error {c.max_abs_error:.2e}",
+        f"evaluation: {e.samples} samples from {e.source}{' (synthetic)' if e.synthetic else ''}",
+    ]
+    if v.accuracy_before is not None and v.accuracy_after is not None:
         lines.append(
             f"  accuracy         {v.accuracy_before:.4f} -> {v.accuracy_after:.4f}"
             f"  (drop {v.accuracy_before - v.accuracy_after:+.4f})"
@@ -432,14 +484,4 @@ def format_human(report: Report, max_rows: int = 30) -> str:
         f"size: {_size(report.input.size_bytes)} -> {_size(report.output.size_bytes)}; "
         f"time {report.timings.get('total', 0):.1f} s; peak memory {_size(report.peak_memory_bytes)}"
     )
-    if report.gate is not None:
-        g = report.gate
-        verdict = "passed" if g.passed else "FAILED"
-        lines.append(
-            f"gate: {g.metric} drop {g.drop:.4f} {'<=' if g.passed else '>'} max-drop {g.max_drop:.4f}: {verdict}"
-        )
-    for w in report.warnings:
-        lines.append(f"warning: {w}")
-    if report.report_path:
-        lines.append(f"report: {report.report_path}" + (f"; HTML: {report.html_path}" if report.html_path else ""))
-    return "\n".join(lines)
+    return lines

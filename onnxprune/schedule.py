@@ -29,6 +29,7 @@ class Phase:
     sparsity: float
     finetune_steps: int
     label: str
+    last: bool = False  # the schedule's final step (where an N:M pattern is complete)
 
 
 Schedule = Callable[..., list[Phase]]
@@ -46,7 +47,10 @@ def oneshot(final: float, steps: int, initial: float, finetune_steps: int) -> li
     """Reach `final` in `steps` recomputation steps with no training between them, then spend
     the whole fine-tuning budget at the end."""
     targets = oneshot_targets(final, steps)
-    return [Phase(s, finetune_steps if t == steps else 0, f"step {t}/{steps}") for t, s in enumerate(targets, 1)]
+    return [
+        Phase(s, finetune_steps if t == steps else 0, f"step {t}/{steps}", last=t == steps)
+        for t, s in enumerate(targets, 1)
+    ]
 
 
 @SCHEDULES.register("gradual")
@@ -54,4 +58,7 @@ def gradual(final: float, steps: int, initial: float, finetune_steps: int) -> li
     """Cubic schedule from `initial` to `final` over `steps` pruning steps, the fine-tuning budget
     split evenly between them (the last share recovers at the final sparsity)."""
     budget = _split(finetune_steps, steps)
-    return [Phase(cubic(t, steps, initial, final), budget[t - 1], f"step {t}/{steps}") for t in range(1, steps + 1)]
+    return [
+        Phase(cubic(t, steps, initial, final), budget[t - 1], f"step {t}/{steps}", last=t == steps)
+        for t in range(1, steps + 1)
+    ]

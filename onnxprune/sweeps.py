@@ -21,31 +21,19 @@ import numpy as np
 import torch
 
 from . import __version__
-from .api import (
-    Job,
-    data_info,
-    make_pruner,
-    make_repairer,
-    measure_sparsity,
-    prepare,
-    resolve_automatic,
-    resolve_device,
-    run_schedule,
-    searched,
-    statistics_job,
-    statistics_source,
-    validate_written,
-)
-from .bridge.bindings import write_back
 from .config import PruneConfig
 from .environment import environment
 from .errors import UsageError
 from .estimators import ESTIMATORS
+from .job import Job, make_pruner, make_repairer, statistics_source
 from .oneshot import Pruner
-from .onnx_io import EXTERNAL_DATA_THRESHOLD, atomic_write_bytes, save_model, tensor_bytes
+from .onnx_io import atomic_write_bytes
+from .pipeline import FinalCheck, final_check, prepare, prune_weights, write_and_validate
 from .progress import Progress, progress_enabled
-from .repair import add_biases
-from .report import SCHEMA_VERSION, DataInfo, JsonDocument, ModelInfo
+from .report import SCHEMA_VERSION, InputDocument
+from .reporting import data_info
+from .runtime import resolve_device
+from .searches import resolve, resolve_automatic, statistics_job
 
 log = logging.getLogger("onnxprune")
 
@@ -53,7 +41,7 @@ log = logging.getLogger("onnxprune")
 @dataclass(frozen=True)
 class SweepConfig:
     """A grid of sparsities × methods over one model. `settings` holds every other PruneConfig
-    field (data, scope, estimator settings, ...); its `output` names the folder and file stem of
+    field (data, allocation, estimator settings, ...); its `output` names the folder and file stem of
     what the sweep writes (`<stem>.sweep.json`, `<stem>.sweep.png`, models with `keep_models`)."""
 
     settings: PruneConfig
@@ -109,6 +97,8 @@ class SweepPoint:
     seconds: float  # pruning time of this point (a reused score counted at its first point)
     model: str | None  # the written model, with keep_models
     allocation: str = "global"  # the split across tensors used (--allocation auto resolved)
+    # largest |torch − onnxruntime| of the point's final model where weights changed beyond masks
+    torch_vs_onnxruntime_max_abs_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -120,12 +110,9 @@ class MethodRun:
 
 
 @dataclass(frozen=True)
-class SweepReport(JsonDocument):
-    tool_version: str
-    config: dict[str, Any]
-    input: ModelInfo
-    calibration: DataInfo | None
-    evaluation: DataInfo
+class SweepReport(InputDocument):
+    """Quality against sparsity for each method, and what each method's scores cost."""
+
     metric: str
     output: str  # the output the metric is measured on
     methods: tuple[MethodRun, ...]
@@ -148,76 +135,24 @@ def sweep(config: SweepConfig) -> SweepReport:
     started = time.perf_counter()
     device = resolve_device(base.device)
     _check_free(config)
-    # prepare with a method that needs gradients if any does, so calibration data is loaded
-    needs = next(
-        (m for m in config.methods if ESTIMATORS.get(m).needs_gradients or ESTIMATORS.get(m).needs_activations),
-        config.methods[0],
-    )
     timings: dict[str, float] = {}
-    job = prepare(replace(base, method=needs), device, timings)
+    job = prepare(base, device, timings, methods=config.methods)
     module = job.torch_model.module
     dense = {k: v.detach().clone() for k, v in module.state_dict().items()}
     progress = Progress(progress_enabled(base.progress))
     points: list[SweepPoint] = []
     runs: list[MethodRun] = []
     for method in config.methods:
+        log.info("sweep: %s at %s", method, ", ".join(f"{s:g}" for s in config.sparsities))
+        torch.manual_seed(base.seed)
         first = config.point(method, config.sparsities[0])
         reusable = first.schedule == "oneshot" and first.steps == 1 and first.finetune_steps == 0
         reusable = reusable and first.batchnorm == "frozen"
-        log.info("sweep: %s at %s", method, ", ".join(f"{s:g}" for s in config.sparsities))
-        torch.manual_seed(base.seed)
-        if reusable:
-            # one damping for every sparsity (the scores are shared): chosen at the highest,
-            # where it matters most, so that point equals a separate run at that sparsity
-            highest, searches = resolve_automatic(replace(first, sparsity=max(config.sparsities)), job, device)
-            first = replace(first, damp=highest.damp, scope=highest.scope, mix=highest.mix)
-            estimator = ESTIMATORS.get(method)(first)
-            estimator.damp_search = searches["damp"]
-            if searches["mix"] is not None:
-                estimator.mix_search = searches["mix"]
-            source = statistics_source(
-                first, statistics_job(first, job, searched(*searches.values())), estimator, device
-            )
-            with make_pruner(first, job, estimator, source, progress, config.folder, device) as pruner:
-                repairer = make_repairer(first, job, pruner, progress, device)
-                tick = time.perf_counter()
-                scored = pruner.score(f"{method}, all sparsities")
-                shared = time.perf_counter() - tick
-                keep = list(pruner.keep)
-                values = {v.target.name: v.param.detach().clone() for v in pruner.views}
-                try:
-                    for index, sparsity in enumerate(config.sparsities):
-                        pruner.restore(values, keep, 0)
-                        tick = time.perf_counter()
-                        pruner.apply(scored, sparsity)
-                        arrays, added = pruner.arrays(), []
-                        if repairer is not None:
-                            repairer.reset()
-                            repairer.after_step("step 1/1", keep)
-                            added = repairer.fold(arrays)
-                        seconds = time.perf_counter() - tick + (shared if index == 0 else 0.0)
-                        points.append(_evaluate(config, job, method, sparsity, arrays, seconds, first.scope, added))
-                finally:
-                    if repairer is not None:
-                        repairer.close()
-                runs.append(MethodRun(method, True, round(scored.timer["gradients"], 3), _estimator_seconds(pruner)))
-            module.load_state_dict(dense)
-        else:
-            gradient_seconds = estimator_seconds = 0.0
-            for sparsity in config.sparsities:
-                module.load_state_dict(dense)
-                tick = time.perf_counter()
-                point = config.point(method, sparsity)
-                pruned = run_schedule(point, job, device)
-                point.checkpoint_path.unlink(missing_ok=True)  # the point is complete
-                seconds = time.perf_counter() - tick
-                gradient_seconds += sum(r.gradient_seconds for r in pruned.outcome.steps)
-                estimator_seconds += sum(r.estimator_seconds for r in pruned.outcome.steps)
-                points.append(
-                    _evaluate(config, job, method, sparsity, pruned.arrays, seconds, pruned.scope, pruned.added_biases)
-                )
-            module.load_state_dict(dense)
-            runs.append(MethodRun(method, False, round(gradient_seconds, 3), round(estimator_seconds, 3)))
+        measure = _shared_scores if reusable else _point_by_point
+        method_points, run = measure(config, job, method, progress)
+        points += method_points
+        runs.append(run)
+        module.load_state_dict(dense)
     quality = job.headline
     plot = _plot(config, points, quality.metric)
     timings.update(total=round(time.perf_counter() - started, 3))
@@ -238,6 +173,76 @@ def sweep(config: SweepConfig) -> SweepReport:
     )
     atomic_write_bytes(config.report_path, report.to_json().encode())
     return report
+
+
+def _shared_scores(
+    config: SweepConfig, job: Job, method: str, progress: Progress
+) -> tuple[list[SweepPoint], MethodRun]:
+    """One shot, one step, no fine-tuning: the scores do not depend on the sparsity, so the
+    statistics are collected and scored once and only the selection, the update and the repair
+    are redone at each sparsity, from the same weights."""
+    first = config.point(method, config.sparsities[0])
+    # one damping for every sparsity (the scores are shared): chosen at the highest, where it
+    # matters most, so that point equals a separate run at that sparsity
+    resolved = resolve_automatic(replace(first, sparsity=max(config.sparsities)), job)
+    chosen = resolved.config
+    first = replace(first, damp=chosen.damp, allocation=chosen.allocation, mix=chosen.mix)
+    estimator = ESTIMATORS.get(method)(first)
+    source = statistics_source(first, statistics_job(first, job, resolved.searched), estimator)
+    points = []
+    with make_pruner(first, job, estimator, source, progress) as pruner:
+        repairer = make_repairer(first, job, pruner, progress)
+        tick = time.perf_counter()
+        scored = pruner.score(f"{method}, all sparsities")
+        shared = time.perf_counter() - tick
+        keep = list(pruner.keep)
+        values = {v.target.name: v.param.detach().clone() for v in pruner.views}
+        try:
+            for index, sparsity in enumerate(config.sparsities):
+                pruner.restore(values, keep, 0)
+                tick = time.perf_counter()
+                pruner.apply(scored, sparsity, last=True)  # one step to each sparsity
+                arrays, added, final = pruner.arrays(), [], None
+                if repairer is not None:
+                    repairer.reset()
+                    repairer.after_step("step 1/1", keep)
+                    if repairer.corrections.values:
+                        final = final_check(first, job)
+                    added = repairer.fold(arrays)
+                seconds = time.perf_counter() - tick + (shared if index == 0 else 0.0)
+                points.append(_evaluate(config, job, method, sparsity, arrays, seconds, first.allocation, added, final))
+        finally:
+            if repairer is not None:
+                repairer.close()
+        run = MethodRun(method, True, round(scored.timer["gradients"], 3), _estimator_seconds(pruner))
+    return points, run
+
+
+def _point_by_point(
+    config: SweepConfig, job: Job, method: str, progress: Progress
+) -> tuple[list[SweepPoint], MethodRun]:
+    """Settings whose scores depend on the sparsity (several steps, fine-tuning, BatchNorm
+    re-estimation): the whole schedule per point, each from the dense weights."""
+    module = job.torch_model.module
+    dense = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    points, gradient_seconds, estimator_seconds = [], 0.0, 0.0
+    for sparsity in config.sparsities:
+        module.load_state_dict(dense)
+        tick = time.perf_counter()
+        point = config.point(method, sparsity)
+        resolved = resolve(point, job)
+        pruned = prune_weights(resolved, job)
+        point.checkpoint_path.unlink(missing_ok=True)  # the point is complete
+        seconds = time.perf_counter() - tick
+        gradient_seconds += sum(r.gradient_seconds for r in pruned.outcome.steps)
+        estimator_seconds += sum(r.estimator_seconds for r in pruned.outcome.steps)
+        allocation = resolved.config.allocation
+        points.append(
+            _evaluate(
+                config, job, method, sparsity, pruned.arrays, seconds, allocation, pruned.added_biases, pruned.final
+            )
+        )
+    return points, MethodRun(method, False, round(gradient_seconds, 3), round(estimator_seconds, 3))
 
 
 def _estimator_seconds(pruner: Pruner) -> float:
@@ -267,33 +272,29 @@ def _evaluate(
     seconds: float,
     allocation: str,
     added_biases: list,
+    final: FinalCheck | None,
 ) -> SweepPoint:
     """Write the point's model (kept, or in a temporary folder), run it in onnxruntime, measure."""
     point = config.point(method, sparsity)
-    proto = write_back(job.model.proto, arrays)
-    add_biases(proto, added_biases)
-    rows = measure_sparsity(proto, job.targets)
-    external = job.model.uses_external_data or tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
     with tempfile.TemporaryDirectory(prefix=".onnxprune-sweep-", dir=config.folder) as scratch:
         path = point.output if config.keep_models else Path(scratch) / point.output.name
-        save_model(proto, path, external_data=external)
-        del proto
-        validation = validate_written(point, job, path)[0]
-    q = validation.quality
-    params = sum(r.numel for r in rows)
+        written = write_and_validate(point, job, arrays, added_biases, final, {}, path)
+    q = written.validation.quality
+    params = sum(r.numel for r in written.sparsity)
     log.info("sweep: %s %.2f -> %s %.4f", method, sparsity, q.metric, q.after)
     return SweepPoint(
         method=method,
         target_sparsity=sparsity,
-        sparsity=sum(r.zeros for r in rows) / max(1, params),
+        sparsity=sum(r.zeros for r in written.sparsity) / max(1, params),
         metric=q.metric,
         before=q.before,
         after=q.after,
         drop=q.drop,
-        cosine=validation.outputs[job.headline.output].cosine,
+        cosine=written.validation.outputs[job.headline.output].cosine,
         seconds=round(seconds, 3),
         model=str(point.output) if config.keep_models else None,
         allocation=allocation,
+        torch_vs_onnxruntime_max_abs_error=written.agreement,
     )
 
 

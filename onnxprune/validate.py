@@ -164,9 +164,9 @@ def choose_headline(reference: list[np.ndarray], labels: np.ndarray | None, requ
         raise UsageError("--metric accuracy needs a classifier output and integer class labels in the evaluation data")
     if requested == "agreement" and classifier is None:
         raise UsageError("--metric agreement needs a classifier output ([samples, classes] scores)")
-    if requested == "accuracy" or (requested == "auto" and labelled):
+    if classifier is not None and (requested == "accuracy" or (requested == "auto" and labelled)):
         return Headline("accuracy", classifier)
-    if requested == "agreement" or (requested == "auto" and classifier is not None):
+    if classifier is not None and requested in ("agreement", "auto"):
         return Headline("top1_agreement", classifier)
     return Headline("cosine", 0)
 

@@ -8,13 +8,16 @@ import itertools
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import helper, numpy_helper
 
-from onnxprune import PruneConfig, api, prune
+from onnxprune import PruneConfig, prune
 from onnxprune.allocation import choose_sparsities, exact_counts
 from onnxprune.estimators.base import DAMP_GRID, DEFAULT_DAMP
 from onnxprune.masks import prune_count
+from onnxprune.pipeline import prepare
 from onnxprune.report import format_human
+from onnxprune.searches import resolve_damping
 
 from builders import MODELS, model, ort_run, randn, save, save_npz, tensor
 
@@ -110,11 +113,13 @@ def test_auto_damping_picks_the_grid_value_with_the_smallest_held_out_loss_and_l
     assert report.validation.accuracy_after == given.validation.accuracy_after
 
 
-def test_auto_damping_is_skipped_for_large_models(tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "AUTO_DAMP_MAX_PARAMS", 1000)
-    report = prune(cnn_config(tmp_path, "large"))
-    search = report.fisher.estimator["damp_search"]
-    assert not search["searched"] and search["chosen"] == DEFAULT_DAMP == report.fisher.estimator["damp"]
+def test_auto_damping_is_skipped_for_large_models(tmp_path):
+    config = cnn_config(tmp_path, "large")
+    job = prepare(config, torch.device("cpu"), {})
+    chosen, search = resolve_damping(config, job, max_params=1000)  # the CNN has more prunable weights
+    assert not search["searched"] and search["chosen"] == DEFAULT_DAMP == chosen.damp
+    chosen, search = resolve_damping(config, job, max_params=10**9)
+    assert search["searched"] and chosen.damp == search["chosen"] in DAMP_GRID
 
 
 # ------------------------------------------------------------------------------ automatic allocation
@@ -149,12 +154,12 @@ def test_auto_allocation_chooses_the_candidate_with_the_smaller_held_out_loss(tm
     auto = prune(PruneConfig(output=tmp_path / "auto.onnx", calibration=calib, **settings))
     search = auto.pruning.allocation_search
     assert search["candidates"] == ["global", "layer"] and len(search["losses"]) == 2
-    assert search["chosen"] == "layer" == auto.pruning.scope
+    assert search["chosen"] == "layer" == auto.pruning.allocation
     assert search["losses"][0] > 1.5 * search["losses"][1]
     assert "allocation auto: chose layer" in format_human(auto)
     # the chosen allocation, given explicitly, writes the same weights and reaches the same accuracy
     given = prune(PruneConfig(output=tmp_path / "layer.onnx", calibration=calib, scope="layer", **settings))
-    assert given.pruning.allocation_search is None and given.pruning.scope == "layer"
+    assert given.pruning.allocation_search is None and given.pruning.allocation == given.pruning.scope == "layer"
     first, second = weights(tmp_path / "auto.onnx"), weights(tmp_path / "layer.onnx")
     assert all(np.array_equal(first[k], second[k]) for k in first)
     assert auto.validation.accuracy_after == given.validation.accuracy_after
@@ -168,7 +173,7 @@ def test_auto_allocation_without_calibration_data_is_global(tmp_path):
     path, _, evaluation = rescaled_mlp(tmp_path)
     report = prune(PruneConfig(input=path, output=tmp_path / "o.onnx", sparsity=0.5, method="magnitude",
                                evaluation=evaluation, progress="off"))  # fmt: skip
-    assert report.pruning.scope == "global" and report.pruning.allocation_search is None
+    assert report.pruning.allocation == "global" and report.pruning.allocation_search is None
 
 
 def test_auto_allocation_never_picks_per_layer_for_sparsegpt_on_the_cnn_and_the_damping_search_reuses_it(tmp_path):
@@ -178,7 +183,7 @@ def test_auto_allocation_never_picks_per_layer_for_sparsegpt_on_the_cnn_and_the_
     search, damping = report.pruning.allocation_search, report.fisher.estimator["damp_search"]
     assert search["candidates"] == ["global", "layer", "magnitude"]
     chosen = search["candidates"][int(np.argmin(search["losses"]))]
-    assert search["chosen"] == chosen == report.pruning.scope != "layer"
+    assert search["chosen"] == chosen == report.pruning.allocation != "layer"
     assert search["losses"][1] > 2 * min(search["losses"])
     # the damping search ran under the chosen allocation, and its trial at the default damping
     # (where the allocation was chosen) is the allocation search's

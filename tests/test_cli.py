@@ -229,7 +229,7 @@ def test_exit_1_internal_error_is_one_line_without_traceback(mlp_files, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr("onnxprune.api.write_back", broken)
+    monkeypatch.setattr("onnxprune.pipeline.write_back", broken)
     result = run_cli(path, tmp / "o.onnx", "--sparsity", "0.5", "--eval", evaluation)
     assert result.exit_code == 1
     assert "internal error: RuntimeError: simulated bug" in result.stderr and "Traceback" not in result.stderr

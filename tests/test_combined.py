@@ -9,11 +9,11 @@ from onnx import helper
 
 from onnxprune import PruneConfig, prune
 from onnxprune.activations import ActivationSource
-from onnxprune.api import search_split
 from onnxprune.bridge.convert import convert
 from onnxprune.data import Dataset, input_specs, load_dataset, split
 from onnxprune.estimators import ESTIMATORS
 from onnxprune.gradients import FisherLoss
+from onnxprune.job import search_split
 
 from builders import MODELS, model, randn, save, save_npz, tensor
 

@@ -271,13 +271,14 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, method
 
     real_step, calls = Pruner.step, []
 
-    def interrupted(self, sparsity, label):
+    # Ctrl-C during the third pruning step (no setting can stand in for an interruption)
+    def interrupted(self, sparsity, label, **kwargs):
         if label.startswith(("damping", "allocation")):  # the automatic searches' trial steps
-            return real_step(self, sparsity, label)
+            return real_step(self, sparsity, label, **kwargs)
         calls.append(label)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_step(self, sparsity, label)
+        return real_step(self, sparsity, label, **kwargs)
 
     monkeypatch.setattr(Pruner, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -302,7 +303,9 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(
         Pruner,
         "step",
-        lambda self, s, label: (_ for _ in ()).throw(KeyboardInterrupt) if "2/" in label else real_step(self, s, label),
+        lambda self, s, label, **kw: (
+            (_ for _ in ()).throw(KeyboardInterrupt) if "2/" in label else real_step(self, s, label, **kw)
+        ),
     )
     with pytest.raises(KeyboardInterrupt):
         prune(config)

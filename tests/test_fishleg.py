@@ -7,7 +7,7 @@ import torch
 
 from onnxprune.config import PruneConfig
 from onnxprune.estimators import ESTIMATORS
-from onnxprune.fishleg import (
+from onnxprune.fishleg_maths import (
     KronFactors,
     auxiliary_loss,
     block_split,

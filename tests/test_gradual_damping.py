@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import PruneConfig, prune
-from onnxprune.api import DEFAULT_DAMP
+from onnxprune.estimators.base import DEFAULT_DAMP
 
 
 def _mlp(path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from onnxprune.activations import InputStatistics
-from onnxprune.layerwise import conv_patches, damped, gram, sparsegpt, wanda_scores
+from onnxprune.layerwise_maths import conv_patches, damped, gram, sparsegpt, wanda_scores
 from onnxprune.masks import parse_pattern, pattern_masks, pattern_violations
 
 

@@ -17,7 +17,7 @@ from onnxprune import PruneConfig, prune
 from onnxprune.activations import ActivationSource, InputStatistics
 from onnxprune.bridge.convert import convert
 from onnxprune.data import Dataset, input_specs
-from onnxprune.layerwise import conv_patches
+from onnxprune.layerwise_maths import conv_patches
 from onnxprune.masks import pattern_violations
 from onnxprune.report import schema
 

@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from onnxprune import PruneConfig, prune
-from onnxprune.api import repair_data
 from onnxprune.bridge.bindings import write_back
 from onnxprune.bridge.convert import convert
 from onnxprune.data import Dataset, InputSpec, input_specs, load_dataset, split
 from onnxprune.estimators import ESTIMATORS
+from onnxprune.graph_edit import add_biases
+from onnxprune.job import repair_data
 from onnxprune.oneshot import Pruner
 from onnxprune.progress import Progress
 from onnxprune.reconstruct import (
@@ -27,7 +28,7 @@ from onnxprune.reconstruct import (
     refine_masks,
     solve_masked,
 )
-from onnxprune.repair import Repairer, RepairSettings, add_biases
+from onnxprune.repair import Repairer, repair_passes, repair_settings
 
 from builders import model, ort_run, randn, save, save_npz, tensor
 
@@ -242,7 +243,22 @@ def conv_bn_gemm() -> onnx.ModelProto:
     )
 
 
-def repaired(proto: onnx.ModelProto, x: np.ndarray, sparsity: float, settings: RepairSettings, losses=None):
+def settings_with(**changes):
+    """The repair settings of a default config, with `changes`."""
+    return repair_settings(PruneConfig(input="in.onnx", output="out.onnx", sparsity=0.5), **changes)
+
+
+def test_repair_settings_are_the_configs():
+    """The repair reads the config's own fields (no second set of defaults) and runs masks and
+    weights alternating `repair_rounds` times, then the statistics correction."""
+    config = PruneConfig(input="in.onnx", output="out.onnx", sparsity=0.5, repair_rounds=3, repair_damp=0.5)
+    settings = repair_settings(config)
+    assert settings.repair_damp == 0.5 and settings.repair_samples == config.repair_samples
+    assert repair_passes(settings) == ("masks", "weights") * 3 + ("statistics",)
+    assert repair_passes(repair_settings(config, refine_masks=False, correct_statistics="off")) == ("weights",) * 3
+
+
+def repaired(proto: onnx.ModelProto, x: np.ndarray, sparsity: float, settings, losses=None):
     """Prune `proto` by magnitude per layer and repair it with `settings`, the held-out loss
     replaced by `losses` (default: always lower, so every pass is kept); returns the torch model's
     output with the corrections, the written model and the repairer's record."""
@@ -256,7 +272,7 @@ def repaired(proto: onnx.ModelProto, x: np.ndarray, sparsity: float, settings: R
             settings, torch_model, pruner, data, specs, lambda: next(losses), torch.device("cpu"), Progress(False)
         )
         before = list(pruner.keep)
-        pruner.step(sparsity, "step")
+        pruner.step(sparsity, "step", last=True)
         repairer.after_step("step", before)
         with torch.no_grad():
             ours = torch_model(torch.from_numpy(x))[0].numpy()
@@ -273,7 +289,7 @@ def repaired(proto: onnx.ModelProto, x: np.ndarray, sparsity: float, settings: R
 def test_corrections_are_written_as_new_bias_inputs_in_the_original_graph(mode):
     original = conv_bn_gemm()
     x = np.abs(randn(120, 2, 5, 5, seed=8))
-    settings = RepairSettings(refine_masks=False, solve_weights=False, statistics=mode)
+    settings = settings_with(refine_masks=False, solve_weights=False, correct_statistics=mode)
     ours, written, record = repaired(original, x, 0.6, settings)
     # the MatMul has no Add to carry a shift: not corrected
     assert record["corrected_layers"] == 2 and record["steps"][0]["kept"]
@@ -305,7 +321,7 @@ def test_weights_in_constant_nodes_get_their_bias_as_a_constant_node():
         proto.graph.node.insert(0, helper.make_node("Constant", [], [name], name=f"const_{name}", value=value))
     x = np.abs(randn(60, 2, 5, 5, seed=8))
     ours, written, _ = repaired(
-        proto, x, 0.5, RepairSettings(refine_masks=False, solve_weights=False, statistics="mean")
+        proto, x, 0.5, settings_with(refine_masks=False, solve_weights=False, correct_statistics="mean")
     )
     onnx.checker.check_model(written, full_check=True)
     conv = next(n for n in written.graph.node if n.name == "conv")
@@ -323,12 +339,12 @@ def test_a_pass_that_does_not_lower_the_held_out_loss_is_undone():
     data = Dataset({"x": np.abs(randn(40, 6, seed=3))}, None, "test")
     with Pruner(torch_model, targets, ESTIMATORS.get("magnitude")(), "layer", None, 1 << 30, Progress(False)) as pruner:
         before = list(pruner.keep)
-        pruner.step(0.5, "step")
+        pruner.step(0.5, "step", last=True)
         values = {t.name: torch_model.tensors[t.name].detach().clone() for t in targets}
         keep = [k.clone() for k in pruner.keep]
         losses = iter([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # every pass makes it worse
         repairer = Repairer(
-            RepairSettings(),
+            settings_with(),
             torch_model,
             pruner,
             data,

@@ -21,8 +21,8 @@ from onnx import helper, numpy_helper
 from test_cli import load_report, run_cli
 
 import onnxprune
-from onnxprune.api import compressed_size
 from onnxprune.report import SCHEMA_VERSION, schema
+from onnxprune.reporting import compressed_size
 from onnxprune.sweeps import SweepConfig, format_sweep, sweep
 from onnxprune.validate import error_distribution
 
@@ -277,7 +277,7 @@ def test_sweep_on_the_demo_model_reuses_scores_and_matches_single_runs(tmp_path)
         point = next(p for p in report.points if p.method == method and p.target_sparsity == 0.9)
         # auto's choice, made once at the highest sparsity; never per layer on this CNN (its held-out
         # loss is ten times the others')
-        assert point.allocation == alone.pruning.scope != "layer"
+        assert point.allocation == alone.pruning.allocation != "layer"
     chosen = next(p.allocation for p in report.points if p.method == "woodfisher")
     assert f"woodfisher: scores reused across sparsities; {chosen} allocation" in format_sweep(report)
     wf, mag = report.value("woodfisher", 0.9), report.value("magnitude", 0.9)

@@ -152,36 +152,44 @@ def _check_supported(graph: OnnxGraph, opsets: dict[str, int], renaming: Renamin
         raise UnsupportedOperatorError(f"unsupported operators: {listing}", missing=entries)
 
 
+class _Values:
+    """The fx node of each ONNX value while the graph is built: graph inputs, initializers (made
+    parameters or buffers of the `store` module on first use), and outputs of multi-output nodes
+    (selected only when used, see select_output)."""
+
+    def __init__(self, graph: OnnxGraph, fx_graph: fx.Graph, store: nn.Module, renaming: Renaming):
+        self.graph, self.fx_graph, self.store, self.renaming = graph, fx_graph, store, renaming
+        self.nodes: dict[str, fx.Node] = {}
+        self.pending: dict[str, tuple[fx.Node, int]] = {}
+        self.tensor_slots: dict[str, str] = {}  # original initializer name -> attribute in `store`
+
+    def __call__(self, name: str) -> fx.Node:
+        if name in self.nodes:
+            return self.nodes[name]
+        if name in self.pending:
+            self.nodes[name] = self.fx_graph.call_function(select_output, args=self.pending.pop(name))
+            return self.nodes[name]
+        if self.graph.value_type(name) == ValueType.GRAPH_INITIALIZER:
+            tensor = torch.from_numpy(numpy_helper.to_array(self.graph.initializers[name].proto).copy())
+            attr = f"t{len(self.tensor_slots)}"
+            if tensor.is_floating_point():
+                self.store.register_parameter(attr, nn.Parameter(tensor, requires_grad=False))
+            else:
+                self.store.register_buffer(attr, tensor)
+            self.tensor_slots[self.renaming.original_value(name)] = attr
+            self.nodes[name] = self.fx_graph.get_attr(f"tensors.{attr}")
+            return self.nodes[name]
+        raise InvalidModelError(f"value {self.renaming.original_value(name)!r} is used but never defined")
+
+
 def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> TorchModel:
     fx_graph = fx.Graph()
     root = nn.Module()
     store = nn.Module()
     root.add_module("tensors", store)
-    values: dict[str, fx.Node] = {}
-    # Outputs of multi-output nodes, selected only when used (see select_output).
-    pending: dict[str, tuple[fx.Node, int]] = {}
-    tensor_slots: dict[str, str] = {}  # original initializer name -> attribute in `store`
-
+    value = _Values(graph, fx_graph, store, renaming)
     for index, name in enumerate(graph.input_values):
-        values[name] = fx_graph.placeholder(f"x{index}")
-
-    def value(name: str) -> fx.Node:
-        if name in values:
-            return values[name]
-        if name in pending:
-            values[name] = fx_graph.call_function(select_output, args=pending.pop(name))
-            return values[name]
-        if graph.value_type(name) == ValueType.GRAPH_INITIALIZER:
-            tensor = torch.from_numpy(numpy_helper.to_array(graph.initializers[name].proto).copy())
-            attr = f"t{len(tensor_slots)}"
-            if tensor.is_floating_point():
-                store.register_parameter(attr, nn.Parameter(tensor, requires_grad=False))
-            else:
-                store.register_buffer(attr, tensor)
-            tensor_slots[renaming.original_value(name)] = attr
-            values[name] = fx_graph.get_attr(f"tensors.{attr}")
-            return values[name]
-        raise InvalidModelError(f"value {renaming.original_value(name)!r} is used but never defined")
+        value.nodes[name] = fx_graph.placeholder(f"x{index}")
 
     nodes: dict[str, tuple[str, str]] = {}
     node_inputs: dict[str, tuple[str, ...]] = {}
@@ -198,22 +206,21 @@ def _build(graph: OnnxGraph, opsets: dict[str, int], renaming: Renaming) -> Torc
         call = fx_graph.call_module(module_name, args=args, kwargs=kwargs)
         outputs = node.output_values
         if len(outputs) == 1:
-            values[outputs[0]] = call
+            value.nodes[outputs[0]] = call
         else:
-            pending.update({output: (call, position) for position, output in enumerate(outputs) if output})
+            value.pending.update({output: (call, position) for position, output in enumerate(outputs) if output})
 
     fx_graph.output(tuple(value(name) for name in graph.output_values))
     fx_graph.lint()
     # ONNX graphs have inference semantics (BatchNorm uses running statistics, Dropout is off).
     module = fx.GraphModule(root, fx_graph).eval()
     # GraphModule copies only what the graph references: no `tensors` child without initializers.
-    held = module.get_submodule("tensors") if tensor_slots else None
-    tensors = {name: getattr(held, attr) for name, attr in tensor_slots.items()}
+    held = module.get_submodule("tensors") if value.tensor_slots else None
     return TorchModel(
         module=module,
         input_names=tuple(renaming.original_value(name) for name in graph.input_values),
         output_names=tuple(renaming.original_value(name) for name in graph.output_values),
-        tensors=tensors,
+        tensors={name: getattr(held, attr) for name, attr in value.tensor_slots.items()},
         prunable=[],
         nodes=nodes,
         node_inputs=node_inputs,

@@ -4,7 +4,7 @@ from . import diagonal, fishleg, layerwise, magnitude, woodfisher  # noqa: F401 
 from .base import ESTIMATORS, Estimator, MemoryNeed, Statistics, register
 
 DEFAULT_METHOD = "woodfisher"
-# --method auto: every estimator that fits is tried on held-out calibration samples (api.resolve_method)
+# --method auto: every estimator that fits is tried on held-out calibration samples (searches.resolve_method)
 METHOD_AUTO = "auto"
 
 __all__ = ["ESTIMATORS", "Estimator", "MemoryNeed", "Statistics", "register", "DEFAULT_METHOD", "METHOD_AUTO"]

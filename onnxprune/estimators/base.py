@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
 from ..registry import Registry
+from ..settings import settings_from
 
 if TYPE_CHECKING:
     from ..config import PruneConfig
@@ -34,6 +36,12 @@ class Statistics(Protocol):
     def update(self, grads: Tensor, keep: Tensor | None = None) -> None: ...
 
 
+class SpillableStatistics(Statistics, Protocol):
+    """Statistics of an estimator that declares `spills`: they can move to a file in `folder`."""
+
+    def spill(self, folder: Path) -> None: ...
+
+
 @dataclass(frozen=True)
 class MemoryNeed:
     """Bytes an estimator needs for one tensor: while building its statistics, and kept after."""
@@ -42,11 +50,18 @@ class MemoryNeed:
     kept: int = 0
 
 
+def relative_damp(value: float | str) -> float:
+    """The configured relative damping as a number ("auto" not yet resolved: DEFAULT_DAMP)."""
+    return DEFAULT_DAMP if value == "auto" else float(value)
+
+
 class Estimator(ABC):
     """Scores weights for pruning and compensates the survivors."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    # The PruneConfig fields it reads, copied into `self.settings` in one place (settings_from).
+    reads: ClassVar[tuple[str, ...]] = ()
     # Whether `statistics` needs gradients of the loss (data-free estimators skip collecting them).
     needs_gradients: ClassVar[bool] = False
     # Whether `compensate` reads the statistics (if so they are kept, or collected again).
@@ -68,13 +83,17 @@ class Estimator(ABC):
     # Whether it also needs each pruned layer's output-gradient Fisher (`set_sensitivity`, given
     # once per step before the statistics) from the task loss.
     needs_output_gradients: ClassVar[bool] = False
+    # The Fisher loss used with --fisher auto: "auto" (empirical with fitting labels, else true),
+    # or "true" / "empirical" for estimators measured better with one.
+    default_fisher: ClassVar[str] = "auto"
+    # Whether its statistics can move to disk (`spill(folder)`) when the memory plan says so.
+    spills: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig | None = None):
-        self.config = config
-        # the automatic damping search that chose `damp` (grid, losses, choice), for the report
-        self.damp_search: dict | None = None
+        self.settings = settings_from(type(self).reads, config)
 
-    def statistics(self, name: str, shape: tuple[int, int]) -> Statistics | None:
+    # `stats` below is the estimator's own Statistics type (what `statistics` returns), or None.
+    def statistics(self, name: str, shape: tuple[int, int]) -> Any:
         """An accumulator for tensor `name`, seen as a matrix of `shape` (output units × inputs)
         (None: no statistics). Estimators that learn online (FishLeg) return the same object for
         a name at every step."""
@@ -85,10 +104,10 @@ class Estimator(ABC):
         return MemoryNeed()
 
     @abstractmethod
-    def scores(self, weight: Tensor, stats: Statistics | None) -> Tensor:
+    def scores(self, weight: Tensor, stats: Any) -> Tensor:
         """Saliency of each entry of the flat `weight`; higher means keep."""
 
-    def compensate(self, weight: Tensor, keep: Tensor, stats: Statistics | None) -> Tensor:
+    def compensate(self, weight: Tensor, keep: Tensor, stats: Any) -> Tensor:
         """New values for the flat `weight` given the keep-mask; pruned entries exactly zero."""
         return torch.where(keep, weight, torch.zeros_like(weight))
 
@@ -96,7 +115,7 @@ class Estimator(ABC):
         self,
         weight: Tensor,
         keep: Tensor,
-        stats: Statistics | None,
+        stats: Any,
         forced: Tensor,
         pattern: tuple[int, int] | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -114,6 +133,14 @@ class Estimator(ABC):
         """Per pruned tensor, the Fisher of each output unit of its layer (estimators that
         declare `needs_output_gradients`)."""
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of statistics that persist across steps (`online` estimators);
+        tensors and plain values only."""
+        return {}
+
+    def load_state_dict(self, state: dict, shapes: dict[str, tuple[int, int]]) -> None:
+        """Restore `state_dict()`'s output; `shapes` gives each tensor's matrix shape by name."""
+
 
 # The damping used when `damp` is "auto" but no search ran (large models, or an estimator built
 # outside a run); the search grid. It runs from trusting the curvature to nearly ignoring it: at
@@ -121,12 +148,6 @@ class Estimator(ABC):
 # back to it where the calibration curvature is noise.
 DEFAULT_DAMP = 1e-3
 DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-
-
-def damping(config: PruneConfig | None) -> float:
-    """The configured relative damping as a number ("auto" not yet resolved: DEFAULT_DAMP)."""
-    value = getattr(config, "damp", DEFAULT_DAMP)
-    return DEFAULT_DAMP if value == "auto" else float(value)
 
 
 ESTIMATORS: Registry[type[Estimator]] = Registry("estimator")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Estimator, MemoryNeed, damping, register
+from .base import Estimator, MemoryNeed, register, relative_damp
 
 
 class SquaredGradients:
@@ -45,9 +45,11 @@ class DiagonalFisher(Estimator):
     streams_gradients = True
     uses_damping = True
 
+    reads = ("damp",)
+
     def __init__(self, config=None):
         super().__init__(config)
-        self.damp = damping(config)
+        self.damp = relative_damp(self.settings.damp)
 
     def describe(self) -> dict:
         return {"damp": self.damp}

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..fishleg import (
+from ..fishleg_maths import (
     KronFactors,
     auxiliary_loss,
     block_split,
@@ -53,19 +53,26 @@ class KronLearner:
         self.checks: list[list[float]] = []  # held-out auxiliary loss before and after each update
         self.reverted = 0  # updates undone because they made the held-out loss worse
 
-    def theta(self) -> KronFactors:
-        return KronFactors(R=self.R, L=self.L, A=self.scale * self.a)
+    def _learned(self) -> tuple[Tensor, Tensor, Tensor, Tensor, torch.optim.Optimizer]:
+        """(R, L, scale, a, optimizer), set by the first update."""
+        if self.R is None or self.L is None or self.scale is None or self.a is None or self.optimizer is None:
+            raise RuntimeError("the FishLeg learner has not seen any gradients yet")
+        return self.R, self.L, self.scale, self.a, self.optimizer
 
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def theta(self) -> KronFactors:
+        R, L, scale, a, _ = self._learned()
+        return KronFactors(R=R, L=L, A=scale * a)
+
+    def _optimizer(self, R: Tensor, L: Tensor, a: Tensor) -> torch.optim.Optimizer:
         # Adam moves every entry by about lr, so a dense k×k factor moves by about lr·√k in
         # spectral norm: scaling its lr by 1/√k keeps the step on Q comparable across block
         # sizes (without it, lr 1e-2 on 128-row blocks made the auxiliary loss diverge).
         lr = self.settings.aux_lr
         return torch.optim.Adam(
             [
-                {"params": [self.R], "lr": lr / math.sqrt(self.R.shape[-1]), "base": lr / math.sqrt(self.R.shape[-1])},
-                {"params": [self.L], "lr": lr / math.sqrt(self.L.shape[-1]), "base": lr / math.sqrt(self.L.shape[-1])},
-                {"params": [self.a], "lr": lr, "base": lr},
+                {"params": [R], "lr": lr / math.sqrt(R.shape[-1]), "base": lr / math.sqrt(R.shape[-1])},
+                {"params": [L], "lr": lr / math.sqrt(L.shape[-1]), "base": lr / math.sqrt(L.shape[-1])},
+                {"params": [a], "lr": lr, "base": lr},
             ]
         )
 
@@ -83,31 +90,32 @@ class KronLearner:
             self.R, self.L = start.R.requires_grad_(True), start.L.requires_grad_(True)
             self.scale = start.A.detach()
             self.a = torch.ones_like(self.scale, requires_grad=True)
-            self.optimizer = self._optimizer()
+            self.optimizer = self._optimizer(self.R, self.L, self.a)
+        R, L, _, a, optimizer = self._learned()
         steps = self.settings.initial_steps if first else self.settings.online_steps
         # a check on fresh probes and all the rows (the steps see mini-batches of them): an
         # update that makes the auxiliary loss worse there is undone (Q stays where it was)
         check_probes = torch.randn(self.settings.probes, m, n, generator=self.generator)
         check_fvp = gradient_fvp(rows)
         before = self._check(check_probes, check_fvp, mask)
-        saved = [t.detach().clone() for t in (self.R, self.L, self.a)]
+        saved = [t.detach().clone() for t in (R, L, a)]
         values = []
         for step in range(steps):
             # cosine decay within each update: Adam's normalised step would otherwise keep
             # jittering once the auxiliary gradient vanishes
-            for group in self.optimizer.param_groups:
+            for group in optimizer.param_groups:
                 group["lr"] = group["base"] * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
             batch = torch.randint(len(rows), (min(self.settings.fvp_batch, len(rows)),), generator=self.generator)
             probes = torch.randn(self.settings.probes, m, n, generator=self.generator)
             surrogate, value = auxiliary_loss(self.theta(), probes, gradient_fvp(rows[batch]), self.gamma, mask)
-            self.optimizer.zero_grad()
+            optimizer.zero_grad()
             surrogate.backward()
-            self.optimizer.step()
+            optimizer.step()
             values.append(float(value))
         after = self._check(check_probes, check_fvp, mask)
         if steps and not after <= before:
             with torch.no_grad():
-                for tensor, old in zip((self.R, self.L, self.a), saved):
+                for tensor, old in zip((R, L, a), saved):
                     tensor.copy_(old)
             self.reverted += 1
         self.checks.append([before, min(before, after) if steps else before])
@@ -121,12 +129,13 @@ class KronLearner:
 
     def state_dict(self) -> dict:
         """Tensors and numbers only (loadable with weights_only=True)."""
+        R, L, scale, a, optimizer = self._learned()
         return {
-            "R": self.R.detach(),
-            "L": self.L.detach(),
-            "scale": self.scale,
-            "a": self.a.detach(),
-            "optimizer": self.optimizer.state_dict(),
+            "R": R.detach(),
+            "L": L.detach(),
+            "scale": scale,
+            "a": a.detach(),
+            "optimizer": optimizer.state_dict(),
             "gamma": self.gamma,
             "keep": self.keep,
             "count": self.count,
@@ -141,7 +150,7 @@ class KronLearner:
         self.L = state["L"].clone().requires_grad_(True)
         self.scale = state["scale"]
         self.a = state["a"].clone().requires_grad_(True)
-        self.optimizer = self._optimizer()
+        self.optimizer = self._optimizer(self.R, self.L, self.a)
         self.optimizer.load_state_dict(state["optimizer"])
         self.gamma, self.keep, self.count, self.curve = state["gamma"], state["keep"], state["count"], state["curve"]
         self.checks, self.reverted = state["checks"], state["reverted"]
@@ -158,19 +167,26 @@ class FishLegSurgeon(Estimator):
     # the method learns from Fisher-vector products at labels sampled from the model
     default_fisher = "true"
 
+    reads = (
+        "fishleg_damp",
+        "obs_update",
+        "fishleg_steps",
+        "fishleg_online_steps",
+        "fishleg_lr",
+        "fishleg_probes",
+        "fishleg_fvp_batch",
+        "fishleg_block",
+        "fishleg_init",
+        "seed",
+    )
+
     def __init__(self, config=None):
         super().__init__(config)
-        self.damp = getattr(config, "fishleg_damp", 1.0)
-        self.update = getattr(config, "obs_update", "joint")
-        self.compensates = self.update != "none"
-        self.initial_steps = getattr(config, "fishleg_steps", 200)
-        self.online_steps = getattr(config, "fishleg_online_steps", 20)
-        self.aux_lr = getattr(config, "fishleg_lr", 1e-2)
-        self.probes = getattr(config, "fishleg_probes", 8)
-        self.fvp_batch = getattr(config, "fishleg_fvp_batch", 32)
-        self.kron_block = getattr(config, "fishleg_block", 256)
-        self.init = getattr(config, "fishleg_init", "kfac")
-        self.seed = getattr(config, "seed", 0)
+        s = self.settings
+        self.damp, self.update, self.compensates = s.fishleg_damp, s.obs_update, s.obs_update != "none"
+        self.initial_steps, self.online_steps, self.aux_lr = s.fishleg_steps, s.fishleg_online_steps, s.fishleg_lr
+        self.probes, self.fvp_batch, self.kron_block = s.fishleg_probes, s.fishleg_fvp_batch, s.fishleg_block
+        self.init, self.seed = s.fishleg_init, s.seed
         self.learners: dict[str, KronLearner] = {}
 
     def statistics(self, name: str, shape: tuple[int, int]) -> KronLearner:

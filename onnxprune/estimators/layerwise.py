@@ -7,13 +7,15 @@ selection across layers compares layers by how much each weight moves its own la
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from ..activations import InputStatistics
-from ..layerwise import damped, obs_column_saliency, sparsegpt, wanda_scores
+from ..layerwise_maths import damped, obs_column_saliency, sparsegpt, wanda_scores
 from ..masks import pattern_order
-from .base import Estimator, MemoryNeed, damping, register
+from .base import Estimator, MemoryNeed, register, relative_damp
 
 
 def _per_group(weight: Tensor, stats: InputStatistics) -> tuple[Tensor, int]:
@@ -48,10 +50,12 @@ class SparseGPT(Estimator):
     sequential = True
     uses_damping = True
 
+    reads: ClassVar[tuple[str, ...]] = ("damp", "block_size")
+
     def __init__(self, config=None):
         super().__init__(config)
-        self.damp = damping(config)
-        self.block_size = getattr(config, "block_size", 128)
+        self.damp = relative_damp(self.settings.damp)
+        self.block_size = self.settings.block_size
 
     def statistics(self, name: str, shape: tuple[int, int]) -> InputStatistics:
         return InputStatistics(shape[1], full=True)
@@ -128,18 +132,16 @@ class Combined(SparseGPT):
     )
     needs_output_gradients = True
 
+    reads = ("damp", "block_size", "mix")
+
     def __init__(self, config=None):
         super().__init__(config)
-        value = getattr(config, "mix", "auto")
+        value = self.settings.mix
         self.mix = DEFAULT_MIX if value == "auto" else float(value)
         self.sensitivity: dict[str, Tensor] = {}
-        self.mix_search: dict | None = None
 
     def describe(self) -> dict:
-        details = {**super().describe(), "mix": self.mix, "fisher": "K-FAC: E[δᵢ²] per output unit × XᵀX"}
-        if self.mix_search is not None:
-            details["mix_search"] = self.mix_search
-        return details
+        return {**super().describe(), "mix": self.mix, "fisher": "K-FAC: E[δᵢ²] per output unit × XᵀX"}
 
     def set_sensitivity(self, sensitivity: dict[str, Tensor]) -> None:
         """Each pruned layer's s_i, from the source at the weights of this step."""
@@ -155,7 +157,7 @@ class Combined(SparseGPT):
 
     def row_weights(self, stats: InputStatistics, rows: int) -> Tensor:
         """r_i for the rows of the weight whose statistics these are ([rows])."""
-        s = self.sensitivity.get(getattr(stats, "name", ""), None)
+        s = self.sensitivity.get(stats.name, None)
         if s is None or s.numel() != rows:
             return torch.ones(rows, dtype=torch.float64)
         return (1.0 - self.mix) + self.mix * s

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..obs import from_blocks, obs_joint_update, obs_saliency, obs_summed_update, to_blocks, woodbury_inverse
-from .base import Estimator, MemoryNeed, damping, register
+from .base import Estimator, MemoryNeed, register, relative_damp
 
 # Gradients folded in per Woodbury step: the same result as Sherman-Morrison (chunk 1), and each
 # step reads the whole inverse once, so fewer steps are faster (64 measured ~2x faster than 32 on
@@ -69,12 +69,15 @@ class WoodFisher(Estimator):
     summary = "OBS with a block-diagonal inverse Fisher built by the Woodbury recursion; joint block update"
     needs_gradients = True
     uses_damping = True
+    spills = True
+
+    reads = ("damp", "block_size", "obs_update")
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.block_size = getattr(config, "block_size", 128)
-        self.damp = damping(config)
-        self.update = getattr(config, "obs_update", "joint")
+        self.block_size = self.settings.block_size
+        self.damp = relative_damp(self.settings.damp)
+        self.update = self.settings.obs_update
         self.compensates = self.update != "none"
 
     def statistics(self, name: str, shape: tuple[int, int]) -> GradientRows:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
@@ -50,13 +50,13 @@ def _global_max_pool(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResu
 # --------------------------------------------------------------------------- Reduce*-18
 
 
-def _reduce_prod(x: torch.Tensor, dims: Sequence[int], keepdim: bool) -> torch.Tensor:
+def _reduce_prod(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
     for d in sorted(dims, reverse=True):
         x = torch.prod(x, dim=d, keepdim=keepdim)
     return x
 
 
-REDUCTIONS: dict[str, Callable[[torch.Tensor, Sequence[int], bool], torch.Tensor]] = {
+REDUCTIONS: dict[str, Callable[[torch.Tensor, list[int], bool], torch.Tensor]] = {
     "ReduceMean": lambda x, d, k: x.mean(dim=d, keepdim=k),
     "ReduceMax": lambda x, d, k: x.amax(dim=d, keepdim=k),
     "ReduceMin": lambda x, d, k: x.amin(dim=d, keepdim=k),
@@ -182,8 +182,8 @@ class Split18(nn.Module):
             parts = self.num_outputs or self.outputs
             chunk = math.ceil(size / parts)
             sizes = [chunk] * (parts - 1) + [size - chunk * (parts - 1)]
-        parts = tuple(torch.split(x, sizes, dim=axis))
-        return parts[0] if self.outputs == 1 else parts
+        pieces = tuple(torch.split(x, sizes, dim=axis))
+        return pieces[0] if self.outputs == 1 else pieces
 
 
 @add_converter(operation_type="Split", version=18)

@@ -97,8 +97,8 @@ class Pool(nn.Module):
             y = pool(padded, self.kernel, self.strides, 0, self.dilations)
         else:
             padded = functional.pad(x, _torch_pad(begins, [e + x_ for e, x_ in zip(ends, extra)]), value=0.0)
-            pool = (functional.avg_pool1d, functional.avg_pool2d, functional.avg_pool3d)[rank - 1]
-            sums = pool(padded, self.kernel, self.strides, 0) * math.prod(self.kernel)
+            average = (functional.avg_pool1d, functional.avg_pool2d, functional.avg_pool3d)[rank - 1]
+            sums = average(padded, self.kernel, self.strides, 0) * math.prod(self.kernel)
             # the divisor counts the input, plus the declared pads with count_include_pad
             ones = x.new_ones((1, 1, *spatial))
             if self.count_include_pad:
@@ -106,7 +106,7 @@ class Pool(nn.Module):
                 ones = functional.pad(ones, _torch_pad([0] * rank, extra), value=0.0)
             else:
                 ones = functional.pad(ones, _torch_pad(begins, [e + x_ for e, x_ in zip(ends, extra)]), value=0.0)
-            counts = pool(ones, self.kernel, self.strides, 0) * math.prod(self.kernel)
+            counts = average(ones, self.kernel, self.strides, 0) * math.prod(self.kernel)
             y = sums / counts.clamp(min=1.0)
         return y[(slice(None), slice(None), *(slice(0, o) for o in outs))]
 

@@ -68,6 +68,8 @@ def _conv(node: OnnxNode, graph: OnnxGraph, opset: int) -> OperationConverterRes
         if node.operation_type != "Conv":
             raise NotImplementedError(f"ConvTranspose with auto_pad={auto_pad}")
         result = _conv(_without_padding(node), graph, opset)
+        if result is None:  # _conv always converts; None is only the registry's signature
+            raise NotImplementedError("Conv without padding")
         module = SamePadding(
             result.torch_module,
             node.attributes.get("strides"),

@@ -1,0 +1,249 @@
+"""What every pruning of one input shares (`Job`), and the parts built from it for one pruning:
+the statistics source, the Pruner, the repair, the held-out loss and the calibration splits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .activations import ActivationSource
+from .allocation import output_loss
+from .allocators import ALLOCATORS
+from .bridge.bindings import PrunableTensor, select
+from .bridge.convert import TorchModel
+from .config import PruneConfig
+from .data import Dataset, InputSpec, input_specs, load_data, run_batches, split
+from .errors import UsageError
+from .estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO, Estimator
+from .gradients import FisherLoss, GradientSource, choose_loss
+from .masks import parse_pattern
+from .oneshot import Pruner
+from .onnx_io import LoadedModel, external_data_name, load_model
+from .progress import Progress
+from .repair import Repairer, repair_passes, repair_settings
+from .report import Conversion, ModelInfo
+from .runtime import memory_budget, torch_runner
+from .schedule import SCHEDULES
+from .validate import Headline, output_kind
+
+log = logging.getLogger("onnxprune")
+
+Source = GradientSource | ActivationSource | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """What every pruning of one input shares: the model, its data, the onnxruntime reference
+    outputs, the converted torch model and the weights that may be pruned."""
+
+    model: LoadedModel  # the targets' values released (see release_payloads)
+    input_info: ModelInfo
+    specs: list[InputSpec]
+    calibration: Dataset | None
+    evaluation: Dataset
+    reference: list[np.ndarray]
+    headline: Headline
+    torch_model: TorchModel
+    conversion: Conversion
+    candidates: list[PrunableTensor]
+    targets: list[PrunableTensor]
+    device: torch.device
+
+    @property
+    def calibration_data(self) -> Dataset:
+        """The calibration data, for stages that only run where it was loaded."""
+        if self.calibration is None:
+            raise UsageError("this step needs calibration data (--calib)")
+        return self.calibration
+
+
+def needs_calibration(config: PruneConfig, methods: Sequence[str]) -> bool:
+    """Whether a run of any of `methods` (--method auto: all of them) reads calibration data."""
+    if METHOD_AUTO in methods or config.finetune_steps > 0 or config.batchnorm == "reestimate":
+        return True
+    if config.allocation in ALLOCATORS and ALLOCATORS.get(config.allocation).needs_evaluation:
+        return True
+    return any(ESTIMATORS.get(m).needs_gradients or ESTIMATORS.get(m).needs_activations for m in methods)
+
+
+def load_inputs(
+    config: PruneConfig, methods: Sequence[str] = ()
+) -> tuple[LoadedModel, list[InputSpec], Dataset | None, Dataset]:
+    """The checked model, its input specs, and the calibration and evaluation data that `methods`
+    (default: the config's) need."""
+    model = load_model(config.input)
+    check_no_clobber(model, config)
+    specs = list(input_specs(model.proto))
+    calibration, evaluation = load_data(config, specs, needs_calibration(config, methods or [config.method]))
+    return model, specs, calibration, evaluation
+
+
+def check_no_clobber(model: LoadedModel, config: PruneConfig) -> None:
+    """A usage error when writing the output would replace the input's external data file."""
+    data_file = config.output.with_name(external_data_name(config.output))
+    for used in model.external_files:
+        if data_file.resolve() == used.resolve():
+            raise UsageError(
+                f"writing {config.output} would replace {used.name}, the input's external data; "
+                "choose another output name"
+            )
+
+
+def select_targets(torch_model: TorchModel, exclude: Sequence[str]) -> list[PrunableTensor]:
+    """The prunable weights left after --exclude; none is a usage error saying why."""
+    candidates = torch_model.prunable
+    targets = select(candidates, exclude)
+    if not targets:
+        why = (
+            "every prunable weight matches --exclude"
+            if candidates
+            else "the model has no weights feeding Conv, ConvTranspose, Gemm, MatMul or a recurrent node"
+        )
+        raise UsageError(f"nothing to prune: {why}")
+    return list(targets)
+
+
+def schedule_phases(config: PruneConfig) -> list:
+    """The pruning steps of the configured schedule."""
+    steps = config.steps if config.schedule == "oneshot" else config.prune_steps
+    return SCHEDULES.get(config.schedule)(config.sparsity, steps, config.initial_sparsity, config.finetune_steps)
+
+
+def make_estimator(config: PruneConfig) -> Estimator:
+    """The configured estimator (--method auto not yet resolved: the default method)."""
+    return ESTIMATORS.get(DEFAULT_METHOD if config.method == METHOD_AUTO else config.method)(config)
+
+
+def statistics_source(config: PruneConfig, job: Job, estimator: Estimator) -> Source:
+    """Where the estimator's statistics come from: gradients of a loss, the layers' calibration
+    inputs, or nothing (data-free estimators)."""
+    if estimator.needs_activations:
+        log.info("statistics: the inputs of each pruned layer on %d calibration samples", config.num_grads)
+        source = ActivationSource(
+            job.torch_model,
+            job.calibration_data,
+            job.specs,
+            job.targets,
+            config.num_grads,
+            config.eval_batch_size,
+            config.seed,
+            job.device,
+            config.relevant_rows,
+        )
+        if estimator.needs_output_gradients:
+            source.loss = fisher_loss(config, job, estimator)
+            log.info("output gradients: %s", source.loss.describe())
+        return source
+    if not estimator.needs_gradients:
+        return None
+    loss = fisher_loss(config, job, estimator)
+    log.info("gradients: %s", loss.describe())
+    return GradientSource(
+        job.torch_model,
+        job.calibration_data,
+        job.specs,
+        loss,
+        config.num_grads,
+        config.fisher_batch,
+        config.seed,
+        job.device,
+    )
+
+
+def fisher_loss(config: PruneConfig, job: Job, estimator: Estimator) -> FisherLoss:
+    """The loss whose gradients give the estimator's Fisher (--fisher, or the estimator's default)."""
+    fisher = config.fisher if config.fisher != "auto" else estimator.default_fisher
+    return choose_loss(job.headline, job.reference, job.torch_model.output_names, job.calibration_data, fisher)
+
+
+def make_pruner(config: PruneConfig, job: Job, estimator: Estimator, source: Source, progress: Progress) -> Pruner:
+    """A Pruner over the job's targets for a config whose damping and allocation are resolved
+    (statistics spill, when they must, next to the output)."""
+    return Pruner(
+        job.torch_model,
+        job.targets,
+        estimator,
+        config.allocation,
+        (lambda step: source) if source is not None else None,
+        memory_budget(config),
+        progress,
+        spill_folder=config.output.parent,
+        pattern=parse_pattern(config.pattern),
+        evaluate=loss_evaluator(config, job) if ALLOCATORS.get(config.allocation).needs_evaluation else None,
+    )
+
+
+def loss_evaluator(config: PruneConfig, job: Job) -> Callable[[], float]:
+    """A function giving how far the torch model's headline output is now from the dense model's,
+    on `sensitivity_samples` calibration samples (dense outputs taken when this is called)."""
+    calibration = job.calibration_data
+    count = min(config.sensitivity_samples, len(calibration))
+    chosen = np.sort(np.random.default_rng(config.seed + 2).permutation(len(calibration))[:count])
+    samples = calibration.take(chosen, "sensitivity samples")
+    run = torch_runner(job.torch_model, job.device)
+    output = job.headline.output
+    kind = output_kind(job.reference[output])
+
+    def headline() -> torch.Tensor:
+        rows = run_batches(run, samples, job.specs, config.eval_batch_size, count)[output]
+        return torch.from_numpy(np.asarray(rows, dtype=np.float64).reshape(count, -1))
+
+    dense = headline()
+    return lambda: output_loss(dense, headline(), kind)
+
+
+def search_split(config: PruneConfig, calibration: Dataset) -> tuple[Dataset, Dataset]:
+    """(fit, held): the calibration samples the automatic searches prune with, and the held-out
+    ones (a quarter, at most `sensitivity_samples`) their losses are measured on."""
+    held_count = min(config.sensitivity_samples, max(1, len(calibration) // 4))
+    return split(calibration, held_count / len(calibration), config.seed + 3)
+
+
+def repair_data(config: PruneConfig, calibration: Dataset) -> tuple[Dataset, Dataset]:
+    """(samples the repair's moments are taken on, held-out samples its passes are judged on):
+    the held-out part of the automatic searches, and up to `repair_samples` of the rest."""
+    fit, held = search_split(config, calibration)
+    count = min(config.repair_samples, len(fit))
+    chosen = np.sort(np.random.default_rng(config.seed + 4).permutation(len(fit))[:count])
+    return fit.take(chosen, "repair samples"), held
+
+
+def make_repairer(
+    config: PruneConfig,
+    job: Job,
+    pruner: Pruner,
+    progress: Progress,
+    settings: Any = None,
+    min_samples: int = 4,
+) -> Repairer | None:
+    """The repair passes after each pruning step (`settings`, default the config's), or None
+    when none is on or there is no real calibration data (fewer than `min_samples`): moments on
+    up to `repair_samples` calibration samples, the held-out loss on others (the split of the
+    automatic searches)."""
+    settings = settings or repair_settings(config)
+    calibration = job.calibration
+    if not repair_passes(settings) or calibration is None or calibration.synthetic or len(calibration) < min_samples:
+        return None
+    samples, held = repair_data(config, calibration)
+    evaluate = loss_evaluator(config, replace(job, calibration=held))
+    return Repairer(
+        settings,
+        job.torch_model,
+        pruner,
+        samples,
+        job.specs,
+        evaluate,
+        job.device,
+        progress,
+        config.eval_batch_size,
+    )
+
+
+def spill_folder(config: PruneConfig) -> Path:
+    """Where statistics that do not fit in memory go: next to the output."""
+    return config.output.parent

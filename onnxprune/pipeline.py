@@ -1,0 +1,499 @@
+"""`prune()` and `plan()`: the pipeline as a short sequence of named stages, in the order of the
+data flow (docs/architecture.md):
+
+    prepare → resolve → prune_weights → write_and_validate → build_report
+
+Each stage returns a frozen record (Job, Resolved, Pruned, Written, Report) that the next ones
+read; the sweep (sweeps.py) runs the same stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .bridge.bindings import release_payloads, write_back
+from .bridge.convert import convert
+from .checkpoint import RunState, checkpoint_state, fingerprint, resume, save_checkpoint
+from .compare import check_conversion, measure_sparsity, validate_file
+from .config import PruneConfig
+from .data import run_batches
+from .environment import environment
+from .errors import MemoryBudgetError, NonFiniteError, UsageError
+from .estimators import ESTIMATORS, METHOD_AUTO, Estimator
+from .finetune import Finetuner, batchnorm_statistics, make_finetuner, reestimate_batchnorm
+from .graph_edit import add_biases
+from .job import (
+    Job,
+    Source,
+    load_inputs,
+    make_estimator,
+    make_pruner,
+    make_repairer,
+    schedule_phases,
+    select_targets,
+    statistics_source,
+)
+from .masks import prune_count
+from .memory import peak_bytes
+from .oneshot import OneShotResult, TensorView, plan_statistics
+from .onnx_io import EXTERNAL_DATA_THRESHOLD, atomic_write_bytes, save_model, tensor_bytes
+from .progress import Progress, progress_enabled
+from .report import (
+    DryRun,
+    Gate,
+    MemoryEstimate,
+    ModelInfo,
+    PlannedTensor,
+    Pruning,
+    Report,
+    Schedule,
+    TensorSparsity,
+    Validation,
+)
+from .reporting import data_info, finetune_info, fisher_info, model_info, warnings, written_data_files
+from .runtime import memory_budget, non_finite_output, require_finite, resolve_device, timed, torch_runner
+from .searches import Resolved, resolve, statistics_job
+from .validate import OrtModel, choose_headline
+
+log = logging.getLogger("onnxprune")
+
+
+def prune(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | None = None, **settings) -> Report:
+    """Prune a model, validate it in onnxruntime, write the output and its JSON report.
+
+    Call it with a `PruneConfig`, or as the command line reads:
+    `prune("in.onnx", "out.onnx", sparsity=0.8, method="woodfisher", calibration="calib.npz")`
+    (keyword names are PruneConfig's fields). Returns the `Report`. Raises an OnnxPruneError
+    subclass (with its exit code) on anything the user can fix. A failed accuracy gate is not an
+    exception: the output and report are written and `report.gate_failed` is True.
+    """
+    config = _as_config(config, output, settings)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    check_output_free(config)
+    job = prepare(config, device, timings)
+    with timed(timings, "prune"):
+        resolved = resolve(config, job)
+        pruned = prune_weights(resolved, job)
+    timings["finetune"] = round(pruned.tuning_seconds, 4)
+    written = write_and_validate(config, job, pruned.arrays, pruned.added_biases, pruned.final, timings)
+    config.checkpoint_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
+    timings["total"] = time.perf_counter() - started
+    report = build_report(config, job, resolved, pruned, written, timings)
+    publish(config, report)
+    return report
+
+
+def plan(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | None = None, **settings) -> DryRun:
+    """What `prune()` would do, without running a model or writing anything: the tensors it
+    would prune, the schedule, and the memory the estimator's statistics would need. The model
+    and the data files are loaded and checked as a real run would."""
+    config = _as_config(config, output, settings)
+    resolve_device(config.device)  # --device cuda without a GPU fails here too
+    model, _, calibration, evaluation = load_inputs(config)
+    torch_model = convert(model.proto)
+    targets = select_targets(torch_model, config.exclude)
+    phases = schedule_phases(config)
+    estimator = make_estimator(config)
+    memory = None
+    if estimator.needs_gradients and config.method != METHOD_AUTO:
+        views = [TensorView(t, torch_model.tensors[t.name]) for t in targets]
+        memory = _memory_estimate(config, views, estimator, len(phases))
+    params = sum(t.numel for t in targets)
+    return DryRun(
+        tool_version=__version__,
+        config=config.as_dict(),
+        input=model_info(model.proto, config.input, model.external_files),
+        calibration=data_info(calibration),
+        evaluation=data_info(evaluation),
+        method=config.method,
+        scope=config.allocation,
+        allocation=config.allocation,
+        target_sparsity=config.sparsity,
+        tensors=tuple(
+            PlannedTensor(t.name, t.shape, t.numel, tuple(c.describe() for c in t.consumers)) for t in targets
+        ),
+        params=params,
+        params_to_prune=prune_count(params, config.sparsity),
+        excluded=tuple(t.name for t in torch_model.prunable if t not in targets),
+        schedule=tuple(round(p.sparsity, 6) for p in phases),
+        finetune_steps=config.finetune_steps,
+        memory=memory,
+        environment=environment(),
+    )
+
+
+def _memory_estimate(config: PruneConfig, views: list[TensorView], estimator: Estimator, phases: int) -> MemoryEstimate:
+    """The statistics' memory plan of a dry run (or why they do not fit)."""
+    budget = memory_budget(config)
+    disk_free = shutil.disk_usage(config.output.parent if str(config.output.parent) else ".").free
+    try:
+        chosen = plan_statistics(views, estimator, config.num_grads, budget, disk_free)
+    except MemoryBudgetError as exc:
+        return MemoryEstimate(0, budget, 0, "none", 0, False, str(exc))
+    return MemoryEstimate(
+        chosen.estimate, budget, len(chosen.groups), chosen.storage, chosen.passes * phases, True, None
+    )
+
+
+# ------------------------------------------------------------------------------ the records
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinalCheck:
+    """The final torch model's outputs on the first `samples` evaluation samples, taken when the
+    weights changed beyond the masks (fine-tuning, BatchNorm, folded corrections): the written
+    model is checked against them, not only against the dense reference."""
+
+    outputs: list[np.ndarray]
+    samples: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pruned:
+    """The outcome of the pruning stage: new tensor values and how they were reached."""
+
+    arrays: dict[str, np.ndarray]
+    outcome: OneShotResult
+    source: Source
+    estimator: Estimator
+    phases: list
+    resumed_after: int
+    trainer: Finetuner | None
+    batchnorm: dict[str, torch.Tensor]
+    tuning_seconds: float
+    final: FinalCheck | None
+    repair: dict | None = None  # the repair passes after each step (repair.py)
+    added_biases: list = field(default_factory=list)  # (node output, weight, values) for nodes given a bias
+
+
+@dataclass(frozen=True, kw_only=True)
+class Written:
+    """The written model: its file facts, the zeros in it, its validation in onnxruntime."""
+
+    path: Path
+    output: ModelInfo
+    sparsity: list[TensorSparsity]
+    validation: Validation
+    agreement: float | None  # largest |final torch output − onnxruntime output|, with a FinalCheck
+    gate: Gate | None
+
+
+# ------------------------------------------------------------------------------ the stages
+
+
+def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float], methods: tuple[str, ...] = ()) -> Job:
+    """Load the model and the data `methods` need (default: the config's method), run the original
+    in onnxruntime, convert it, pick the targets."""
+    with timed(timings, "load"):
+        log.info("loading %s", config.input)
+        model, specs, calibration, evaluation = load_inputs(config, methods)
+
+    with timed(timings, "reference"):
+        log.info("running the original model in onnxruntime on %d evaluation samples", len(evaluation))
+        original = OrtModel(config.input)
+        reference = original.run(evaluation, specs, config.eval_batch_size)
+        output_names = original.output_names
+        del original  # its copy of the weights
+        headline = choose_headline(reference, evaluation.labels, config.metric)
+
+    with timed(timings, "convert"):
+        log.info("converting to torch")
+        torch_model = convert(model.proto)
+        torch_model.module.to(device)
+        conversion = check_conversion(
+            torch_model, evaluation, specs, reference, config.conversion_check_samples, config.eval_batch_size, device
+        )
+
+    targets = select_targets(torch_model, config.exclude)
+    for target in targets:
+        require_finite(torch_model.tensors[target.name], f"weight {target.name!r} of the input model")
+    bad = non_finite_output(reference, output_names)
+    if bad:
+        raise NonFiniteError(
+            f"the input model's output {bad!r} is NaN or infinite on the evaluation data from "
+            f"{evaluation.source}, so nothing can be compared; nothing was written"
+        )
+    input_info = model_info(model.proto, config.input, model.external_files)
+    # the targets' values now live in the torch model, and every write-back replaces them
+    release_payloads(model.proto, [t.name for t in targets])
+    return Job(
+        model=model,
+        input_info=input_info,
+        specs=specs,
+        calibration=calibration,
+        evaluation=evaluation,
+        reference=reference,
+        headline=headline,
+        torch_model=torch_model,
+        conversion=conversion,
+        candidates=torch_model.prunable,
+        targets=targets,
+        device=device,
+    )
+
+
+def prune_weights(resolved: Resolved, job: Job) -> Pruned:
+    """Prune step by step along the schedule of the resolved config, with the repair, BatchNorm
+    re-estimation, fine-tuning and a checkpoint after each step; returns the new values of every
+    changed tensor."""
+    config = resolved.config
+    estimator = ESTIMATORS.get(config.method)(config)
+    source = statistics_source(config, statistics_job(config, job, resolved.searched), estimator)
+    phases = schedule_phases(config)
+    trainer = make_finetuner(
+        config, job.torch_model, job.targets, job.calibration, job.specs, job.headline, job.reference, job.device
+    )
+    batchnorm = batchnorm_statistics(job.torch_model)
+    progress = Progress(progress_enabled(config.progress))
+    log.info(
+        "pruning %d tensors (%s params) with %s, %s allocation, %s schedule of %d step(s)%s",
+        len(job.targets),
+        f"{sum(t.numel for t in job.targets):,}",
+        config.method,
+        config.allocation,
+        config.schedule,
+        len(phases),
+        f", {config.finetune_steps} fine-tuning steps" if trainer else "",
+    )
+    with make_pruner(config, job, estimator, source, progress) as pruner:
+        repairer = make_repairer(config, job, pruner, progress)
+        run = RunState(
+            torch_model=job.torch_model,
+            pruner=pruner,
+            estimator=estimator,
+            trainer=trainer,
+            batchnorm=batchnorm,
+            repairer=repairer,
+        )
+        try:
+            done, tuning_seconds = _run_phases(config, job, phases, run, progress)
+            outcome = OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
+            arrays, final = _final_values(config, job, run, outcome)
+            added = repairer.fold(arrays) if repairer is not None else []
+            repair = repairer.report() if repairer is not None else None
+        finally:
+            if repairer is not None:
+                repairer.close()
+    return Pruned(
+        arrays=arrays,
+        outcome=outcome,
+        source=source,
+        estimator=estimator,
+        phases=phases,
+        resumed_after=done,
+        trainer=trainer,
+        batchnorm=batchnorm,
+        tuning_seconds=tuning_seconds,
+        final=final,
+        repair=repair,
+        added_biases=added,
+    )
+
+
+def _run_phases(config: PruneConfig, job: Job, phases: list, run: RunState, progress: Progress) -> tuple[int, float]:
+    """The schedule's steps (after those a checkpoint holds, with --resume); returns the steps
+    resumed after and the seconds spent fine-tuning."""
+    fingerprint_ = fingerprint(config, config.input)
+    done = resume(config.checkpoint_path, fingerprint_, run) if config.resume else 0
+    tuning_seconds = 0.0
+    for index, phase in enumerate(phases[done:], done):
+        before = list(run.pruner.keep)
+        run.pruner.step(phase.sparsity, phase.label, last=phase.last)
+        if run.repairer is not None:
+            run.repairer.after_step(phase.label, before)
+        if config.batchnorm == "reestimate":
+            reestimate_batchnorm(job.torch_model, job.calibration_data, job.specs, config.eval_batch_size, job.device)
+        if run.trainer is not None and phase.finetune_steps:
+            started = time.perf_counter()
+            with progress.task(f"fine-tuning after {phase.label}", phase.finetune_steps) as task:
+                run.trainer.run(phase.finetune_steps, run.pruner.masks(), task.advance)
+            tuning_seconds += time.perf_counter() - started
+        if len(phases) > 1:
+            save_checkpoint(config.checkpoint_path, checkpoint_state(fingerprint_, index + 1, run))
+    return done, tuning_seconds
+
+
+def _final_values(
+    config: PruneConfig, job: Job, run: RunState, outcome: OneShotResult
+) -> tuple[dict[str, np.ndarray], FinalCheck | None]:
+    """The values to write (pruned tensors, fine-tuned ones, re-estimated BatchNorm statistics)
+    and, when weights changed beyond the masks, the final torch model's outputs to check against."""
+    reestimated = config.batchnorm == "reestimate"
+    if reestimated and run.trainer is not None:
+        reestimate_batchnorm(job.torch_model, job.calibration_data, job.specs, config.eval_batch_size, job.device)
+    arrays = {
+        **outcome.arrays,
+        **({k: v.detach().cpu().numpy() for k, v in run.trainer.tensors.items()} if run.trainer else {}),
+        **({k: v.detach().cpu().numpy() for k, v in run.batchnorm.items()} if reestimated else {}),
+    }
+    corrected = run.repairer is not None and bool(run.repairer.corrections.values)
+    if run.trainer is None and not reestimated and not corrected:
+        return arrays, None
+    return arrays, final_check(config, job)
+
+
+def final_check(config: PruneConfig, job: Job) -> FinalCheck:
+    """The torch model's outputs now, on the evaluation samples the conversion was checked on."""
+    samples = min(config.conversion_check_samples, len(job.evaluation))
+    runner = torch_runner(job.torch_model, job.device)
+    outputs = run_batches(runner, job.evaluation, job.specs, config.eval_batch_size, samples)
+    return FinalCheck(outputs=outputs, samples=samples)
+
+
+def write_and_validate(
+    config: PruneConfig,
+    job: Job,
+    arrays: dict[str, np.ndarray],
+    added_biases: list,
+    final: FinalCheck | None,
+    timings: dict[str, float],
+    path: Path | None = None,
+) -> Written:
+    """Write the model with the new values (to `path`, default the config's output), run it in
+    onnxruntime on the evaluation data and compare it with the original (and with the final
+    torch model); NaN or infinity in its outputs removes what was written and raises."""
+    path = config.output if path is None else path
+    with timed(timings, "write"):
+        log.info("writing %s", path)
+        proto = write_back(job.model.proto, arrays)
+        add_biases(proto, added_biases)
+        sparsity = measure_sparsity(proto, job.targets)
+        external = job.model.uses_external_data or tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
+        save_model(proto, path, external_data=external)
+        output = model_info(proto, path, written_data_files(path, external))
+        del proto
+
+    with timed(timings, "validate"):
+        log.info("validating %s in onnxruntime", path)
+        try:
+            validation, candidate = validate_file(
+                path, job.evaluation, job.specs, job.reference, job.headline, config.eval_batch_size
+            )
+        except NonFiniteError:
+            for written in [path, *written_data_files(path, external=True)]:
+                written.unlink(missing_ok=True)
+            raise
+        agreement = None
+        if final is not None:
+            agreement = max(
+                float(np.abs(ours - got[: final.samples].astype(np.float64)).max()) if ours.size else 0.0
+                for ours, got in zip(final.outputs, candidate)
+            )
+    return Written(
+        path=path,
+        output=output,
+        sparsity=sparsity,
+        validation=validation,
+        agreement=agreement,
+        gate=_gate(config, validation),
+    )
+
+
+def _gate(config: PruneConfig, validation: Validation) -> Gate | None:
+    """The accuracy gate of --max-drop (None without it)."""
+    if config.max_drop is None:
+        return None
+    q = validation.quality
+    return Gate(max_drop=config.max_drop, metric=q.metric, drop=q.drop, passed=q.drop <= config.max_drop + 1e-12)
+
+
+def build_report(
+    config: PruneConfig, job: Job, resolved: Resolved, pruned: Pruned, written: Written, timings: dict[str, float]
+) -> Report:
+    """The run's report: the config as given, what the searches chose, the data, statistics,
+    schedule, fine-tuning, the tensors as written and their validation."""
+    chosen, sparsity = resolved.config, written.sparsity
+    params, zeros = sum(t.numel for t in sparsity), sum(t.zeros for t in sparsity)
+    return Report(
+        tool_version=__version__,
+        device=str(job.device),
+        config=config.as_dict(),
+        input=job.input_info,
+        output=written.output,
+        calibration=data_info(job.calibration),
+        evaluation=data_info(job.evaluation),
+        fisher=fisher_info(pruned.source, pruned.estimator, pruned.outcome, resolved.estimator_searches),
+        schedule=Schedule(
+            name=config.schedule,
+            sparsities=tuple(round(p.sparsity, 6) for p in pruned.phases),
+            finetune_steps=tuple(p.finetune_steps for p in pruned.phases),
+            resumed_after=pruned.resumed_after,
+            torch_vs_onnxruntime_max_abs_error=written.agreement,
+        ),
+        finetune=finetune_info(pruned.trainer, config, pruned.tuning_seconds, pruned.batchnorm),
+        pruning=Pruning(
+            method=chosen.method,
+            scope=chosen.allocation,
+            allocation=chosen.allocation,
+            target_sparsity=config.sparsity,
+            tensors=tuple(sparsity),
+            params=params,
+            zeros=zeros,
+            sparsity=zeros / max(1, params),
+            excluded=tuple(t.name for t in job.candidates if t not in job.targets),
+            allocation_search=resolved.allocation,
+            repair=pruned.repair,
+            method_search=resolved.method,
+        ),
+        conversion=job.conversion,
+        validation=written.validation,
+        gate=written.gate,
+        timings={k: round(v, 4) for k, v in timings.items()},
+        peak_memory_bytes=peak_bytes(),
+        warnings=tuple(warnings(job.calibration, job.evaluation, job.conversion)),
+        report_path=str(config.report_path),
+        html_path=str(config.html) if config.html else None,
+        environment=environment(),
+    )
+
+
+def publish(config: PruneConfig, report: Report) -> None:
+    """Write the report as JSON (and as an HTML page with --html), atomically."""
+    if config.html is not None:
+        from .html import render_html
+
+        atomic_write_bytes(config.html, render_html(report).encode())
+    atomic_write_bytes(config.report_path, report.to_json().encode())
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _as_config(config: PruneConfig | str | os.PathLike, output, settings: dict) -> PruneConfig:
+    """A PruneConfig as given, or built from (input, output, **settings)."""
+    if not isinstance(config, PruneConfig):
+        if output is None:
+            raise UsageError("give the output path: prune(input, output, **settings)")
+        return PruneConfig(input=Path(os.fspath(config)), output=Path(os.fspath(output)), **settings)
+    if output is not None or settings:
+        raise UsageError("pass either a PruneConfig or (input, output, **settings), not both")
+    return config
+
+
+def check_output_free(config: PruneConfig) -> None:
+    """A usage error, before any work, when an output path cannot be written."""
+    paths = [(config.output, "output"), (config.report_path, "report")] + (
+        [(config.html, "HTML")] if config.html else []
+    )
+    for path, what in paths:
+        if path.is_dir():
+            raise UsageError(f"the {what} path {path} is a folder; give a file path")
+        if path.exists() and not config.force:
+            raise UsageError(f"the {what} file {path} exists; pass --force to overwrite it")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise UsageError(f"the folder of the {what} path {path} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"cannot write to the folder {parent} of the {what} path")
