@@ -7,6 +7,7 @@ Public API: `prune(...) -> Report` (a PruneConfig, or the command line's argumen
 __version__ = "0.1.0"
 
 from .config import PruneConfig  # noqa: E402
+from .dryrun import plan  # noqa: E402
 from .errors import (  # noqa: E402
     CalibrationDataError,
     InvalidModelError,
@@ -17,7 +18,7 @@ from .errors import (  # noqa: E402
     WriteError,
 )
 from .estimators import ESTIMATORS, Estimator  # noqa: E402
-from .pipeline import plan, prune  # noqa: E402
+from .pipeline import prune  # noqa: E402
 from .report import Report  # noqa: E402
 from .sweeps import SweepConfig, sweep  # noqa: E402
 

@@ -29,7 +29,10 @@ log = logging.getLogger("onnxprune")
 
 FORMAT = 1
 # Settings that do not change the numbers a run produces.
-_NOT_IN_FINGERPRINT = {"output", "report", "force", "progress", "resume", "checkpoint", "max_memory"}
+_NOT_IN_FINGERPRINT = {
+    "output", "report", "force", "progress", "resume", "checkpoint", "max_memory",
+    "speed_runs", "speed_batch", "speed_threads",
+}  # fmt: skip
 
 
 def fingerprint(config, model_path: Path) -> str:

@@ -19,6 +19,7 @@ from .gradients import FISHER_KINDS
 from .masks import parse_pattern
 from .repair import STATISTICS_MODES
 from .schedule import SCHEDULES
+from .structure import DEFAULT_STRUCTURE, STRUCTURES
 from .validate import METRICS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -45,6 +46,7 @@ _AT_LEAST_ONE = (
     "repair_samples",
     "repair_rounds",
     "repair_cycles",
+    "speed_batch",
 )
 
 
@@ -74,6 +76,11 @@ class PruneConfig:
     # N:M sparsity ("2:4"): at most N non-zeros in every M consecutive inputs of an output unit
     # (across input channels at each kernel position for convolutions); sparsity is then 1 − N/M.
     pattern: str | None = None
+    # What is removed (structure/): unstructured (single weights: zeros in the same shapes) or
+    # channels (whole output channels and FFN neurons with everything they touch: the written
+    # graph is physically smaller and faster). With channels, `sparsity` is the fraction of the
+    # removable parameters removed and the allocation is global or layer.
+    structure: str = DEFAULT_STRUCTURE
     calibration: Path | None = None
     evaluation: Path | None = None
     report: Path | None = None  # default: <output stem>.report.json next to the output
@@ -95,6 +102,12 @@ class PruneConfig:
     # At most this many evaluation samples go through the torch conversion check (it runs the
     # dense torch model, which is slower than onnxruntime on CPU).
     conversion_check_samples: int = 64
+    # The report's speed section: onnxruntime latency of the original and the written model on
+    # `speed_batch` evaluation samples, `speed_runs` timed runs each after warm-up (0: sizes,
+    # parameters and FLOPs only), `speed_threads` intra-op threads (0: every core allowed).
+    speed_runs: int = 20
+    speed_batch: int = 1
+    speed_threads: int = 0
     # --- second-order estimators ---------------------------------------------------------
     # Recomputation steps of a one-shot run: the target is reached in `steps` steps (cubic
     # spacing), each with fresh gradients at the pruned, compensated weights.
@@ -191,6 +204,7 @@ class PruneConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "auto_methods", tuple(self.auto_methods))
         self._check_target(scope)
+        self._check_structure()
         self._check_names()
         self._check_numbers()
         self._check_numbers_or_auto()
@@ -227,6 +241,19 @@ class PruneConfig:
         if self.allocation != ALLOCATION_AUTO and self.allocation not in ALLOCATORS:
             valid = ", ".join((ALLOCATION_AUTO, *ALLOCATORS.names()))
             raise UsageError(f"unknown allocation {self.allocation!r}; valid: {valid} (uniform = layer)")
+
+    def _check_structure(self) -> None:
+        """The structure kind, and what it combines with."""
+        kind = STRUCTURES.get(self.structure)
+        if kind.allocations is None:
+            return
+        if self.pattern is not None:
+            raise UsageError("--pattern applies to unstructured pruning; drop it or use --structure unstructured")
+        if self.allocation not in (ALLOCATION_AUTO, *kind.allocations):
+            valid = ", ".join((ALLOCATION_AUTO, *kind.allocations))
+            raise UsageError(
+                f"--structure {self.structure} splits channels with allocation {valid}, not {self.allocation!r}"
+            )
 
     def _check_names(self) -> None:
         """Every setting chosen from a list of names."""
@@ -271,6 +298,8 @@ class PruneConfig:
             raise UsageError(f"initial sparsity must be in [0, sparsity={self.sparsity}], got {self.initial_sparsity}")
         if self.finetune_steps < 0:
             raise UsageError(f"finetune steps must be >= 0, got {self.finetune_steps}")
+        if self.speed_runs < 0 or self.speed_threads < 0:
+            raise UsageError("speed_runs and speed_threads must be >= 0")
         if not self.lr > 0 or not self.temperature > 0:
             raise UsageError("the learning rate and the temperature must be positive")
 
@@ -340,3 +369,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def as_config(config: PruneConfig | str | os.PathLike, output, settings: dict) -> PruneConfig:
+    """A PruneConfig as given, or built from (input, output, **settings) (prune() and plan())."""
+    if not isinstance(config, PruneConfig):
+        if output is None:
+            raise UsageError("give the output path: prune(input, output, **settings)")
+        return PruneConfig(input=Path(os.fspath(config)), output=Path(os.fspath(output)), **settings)
+    if output is not None or settings:
+        raise UsageError("pass either a PruneConfig or (input, output, **settings), not both")
+    return config

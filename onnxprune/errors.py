@@ -62,3 +62,10 @@ class WriteError(OnnxPruneError):
     """A file could not be written (disk full, permissions); no partial file is left (exit 9)."""
 
     exit_code = 9
+
+
+class StructureError(OnnxPruneError):
+    """The model with whole channels removed does not compute what the pruned torch model
+    computes (a dependency the channel trace missed); nothing is written (exit 10)."""
+
+    exit_code = 10

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from onnx import ModelProto
 
 from .activations import ActivationSource
 from .allocation import output_loss
@@ -17,7 +18,7 @@ from .allocators import ALLOCATORS
 from .bridge.bindings import PrunableTensor, select
 from .bridge.convert import TorchModel
 from .config import PruneConfig
-from .data import Dataset, InputSpec, input_specs, load_data, run_batches, split
+from .data import Dataset, InputSpec, feed_plan, input_specs, iter_feeds, load_data, run_batches, split
 from .errors import UsageError
 from .estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO, Estimator
 from .gradients import FisherLoss, GradientSource, choose_loss
@@ -29,6 +30,7 @@ from .repair import Repairer, repair_passes, repair_settings
 from .report import Conversion, ModelInfo
 from .runtime import memory_budget, torch_runner
 from .schedule import SCHEDULES
+from .structure import STRUCTURES, ChannelGraph
 from .validate import Headline, output_kind
 
 log = logging.getLogger("onnxprune")
@@ -53,6 +55,7 @@ class Job:
     candidates: list[PrunableTensor]
     targets: list[PrunableTensor]
     device: torch.device
+    channels: ChannelGraph | None = None  # the removable groups, for --structure channels
 
     @property
     def calibration_data(self) -> Dataset:
@@ -175,6 +178,7 @@ def make_pruner(config: PruneConfig, job: Job, estimator: Estimator, source: Sou
         spill_folder=config.output.parent,
         pattern=parse_pattern(config.pattern),
         evaluate=loss_evaluator(config, job) if ALLOCATORS.get(config.allocation).needs_evaluation else None,
+        channels=job.channels,
     )
 
 
@@ -226,6 +230,10 @@ def make_repairer(
     up to `repair_samples` calibration samples, the held-out loss on others (the split of the
     automatic searches)."""
     settings = settings or repair_settings(config)
+    if job.channels is not None:
+        # whole channels: swapping single entries would break them, and a bias added by the
+        # statistics correction is not in the traced groups; the least-squares refit stays
+        settings = replace(settings, refine_masks=False, correct_statistics="off")
     calibration = job.calibration
     if not repair_passes(settings) or calibration is None or calibration.synthetic or len(calibration) < min_samples:
         return None
@@ -247,3 +255,28 @@ def make_repairer(
 def spill_folder(config: PruneConfig) -> Path:
     """Where statistics that do not fit in memory go: next to the output."""
     return config.output.parent
+
+
+def trace_structure(
+    config: PruneConfig, proto: ModelProto, data: Dataset, specs: Sequence[InputSpec], targets: Sequence[PrunableTensor]
+) -> ChannelGraph | None:
+    """The removable groups of channels for --structure (None: unstructured), traced on one
+    sample of `data`; channels touching a weight left out of the targets (--exclude) stay. A
+    model with nothing removable is a usage error naming why."""
+    kind = STRUCTURES.get(config.structure)()
+    feeds, _ = next(iter_feeds(data, specs, feed_plan(specs, data, 1)))
+    channels = kind.trace(proto, feeds)
+    if channels is None:
+        return None
+    names = {t.name for t in targets}
+    for edit in channels.edits:
+        if edit.initializer in channels.weights and edit.initializer not in names:
+            channels.block(edit.labels, f"{edit.initializer!r} is left dense (--exclude)")
+    if not channels.classes():
+        reasons = sorted(set(channels.blocked.values()))
+        shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+        raise UsageError(
+            f"--structure {config.structure}: no channel of {config.input.name} can be removed "
+            f"({shown or 'no Conv, Gemm or MatMul with a constant weight'}); use --structure unstructured"
+        )
+    return channels

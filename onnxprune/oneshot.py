@@ -30,6 +30,8 @@ from .gradients import GradientSource
 from .memory import DoesNotFit, MemoryPlan, human, plan_memory
 from .progress import Progress
 from .schedule import oneshot_targets
+from .structure import ChannelGraph
+from .structure.constraint import ChannelConstraint
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,13 @@ class Pruner:
         spill_folder: Path | None = None,
         pattern: tuple[int, int] | None = None,
         evaluate: Callable[[], float] | None = None,
+        channels: ChannelGraph | None = None,
     ):
         self.estimator, self.sources, self.progress = estimator, sources, progress
-        self.allocator = ALLOCATORS.get(allocation)()
+        # whole channels: the allocation splits classes of channels, and the estimator updates
+        # the survivors of exactly the masks chosen (it picks no entries of its own)
+        self.structured = channels is not None
+        self.allocator = ChannelConstraint(channels, allocation) if channels else ALLOCATORS.get(allocation)()
         self.pattern = PatternConstraint(self.allocator, *pattern) if pattern is not None else None
         # the loss of the current model on held-out calibration samples (sensitivity allocation)
         self.evaluate = evaluate
@@ -234,7 +240,8 @@ class Pruner:
             """Entries the estimator must prune: those pruned before, or, at a step below an N:M
             pattern's sparsity, the whole selected mask (an estimator picking its own mask could
             otherwise leave a group with more pruned entries than the pattern allows)."""
-            return ~self.keep[i] if self.pattern is not None and pattern is None else ~previous[i]
+            whole = self.structured or (self.pattern is not None and pattern is None)
+            return ~self.keep[i] if whole else ~previous[i]
 
         if self.estimator.sequential:
             collections += self._apply_in_network_order(scored, forced, pattern, timer)

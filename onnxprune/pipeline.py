@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,35 +23,31 @@ from .bridge.bindings import release_payloads, write_back
 from .bridge.convert import convert
 from .checkpoint import RunState, checkpoint_state, fingerprint, resume, save_checkpoint
 from .compare import check_conversion, measure_sparsity, validate_file
-from .config import PruneConfig
-from .data import run_batches
+from .config import PruneConfig, as_config
+from .data import feed_plan, iter_feeds, run_batches
 from .environment import environment
-from .errors import MemoryBudgetError, NonFiniteError, UsageError
-from .estimators import ESTIMATORS, METHOD_AUTO, Estimator
+from .errors import NonFiniteError, StructureError, UsageError
+from .estimators import ESTIMATORS, Estimator
 from .finetune import Finetuner, batchnorm_statistics, make_finetuner, reestimate_batchnorm
 from .graph_edit import add_biases
 from .job import (
     Job,
     Source,
     load_inputs,
-    make_estimator,
     make_pruner,
     make_repairer,
     schedule_phases,
     select_targets,
     statistics_source,
+    trace_structure,
 )
-from .masks import prune_count
 from .memory import peak_bytes
-from .oneshot import OneShotResult, TensorView, plan_statistics
+from .oneshot import OneShotResult
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, atomic_write_bytes, save_model, tensor_bytes
 from .progress import Progress, progress_enabled
 from .report import (
-    DryRun,
     Gate,
-    MemoryEstimate,
     ModelInfo,
-    PlannedTensor,
     Pruning,
     Report,
     Schedule,
@@ -60,8 +55,11 @@ from .report import (
     Validation,
 )
 from .reporting import data_info, finetune_info, fisher_info, model_info, warnings, written_data_files
-from .runtime import memory_budget, non_finite_output, require_finite, resolve_device, timed, torch_runner
+from .runtime import non_finite_output, require_finite, resolve_device, timed, torch_runner
 from .searches import Resolved, resolve, statistics_job
+from .speed import Speed, measure_speed
+from .structure.remove import describe, remove_channels
+from .structure.select import removed_classes
 from .validate import OrtModel, choose_headline
 
 log = logging.getLogger("onnxprune")
@@ -76,7 +74,7 @@ def prune(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | N
     subclass (with its exit code) on anything the user can fix. A failed accuracy gate is not an
     exception: the output and report are written and `report.gate_failed` is True.
     """
-    config = _as_config(config, output, settings)
+    config = as_config(config, output, settings)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     device = resolve_device(config.device)
@@ -87,64 +85,14 @@ def prune(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | N
         resolved = resolve(config, job)
         pruned = prune_weights(resolved, job)
     timings["finetune"] = round(pruned.tuning_seconds, 4)
-    written = write_and_validate(config, job, pruned.arrays, pruned.added_biases, pruned.final, timings)
+    written = write_and_validate(
+        config, job, pruned.arrays, pruned.added_biases, pruned.final, timings, removed=pruned.removed
+    )
     config.checkpoint_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
     timings["total"] = time.perf_counter() - started
     report = build_report(config, job, resolved, pruned, written, timings)
     publish(config, report)
     return report
-
-
-def plan(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | None = None, **settings) -> DryRun:
-    """What `prune()` would do, without running a model or writing anything: the tensors it
-    would prune, the schedule, and the memory the estimator's statistics would need. The model
-    and the data files are loaded and checked as a real run would."""
-    config = _as_config(config, output, settings)
-    resolve_device(config.device)  # --device cuda without a GPU fails here too
-    model, _, calibration, evaluation = load_inputs(config)
-    torch_model = convert(model.proto)
-    targets = select_targets(torch_model, config.exclude)
-    phases = schedule_phases(config)
-    estimator = make_estimator(config)
-    memory = None
-    if estimator.needs_gradients and config.method != METHOD_AUTO:
-        views = [TensorView(t, torch_model.tensors[t.name]) for t in targets]
-        memory = _memory_estimate(config, views, estimator, len(phases))
-    params = sum(t.numel for t in targets)
-    return DryRun(
-        tool_version=__version__,
-        config=config.as_dict(),
-        input=model_info(model.proto, config.input, model.external_files),
-        calibration=data_info(calibration),
-        evaluation=data_info(evaluation),
-        method=config.method,
-        scope=config.allocation,
-        allocation=config.allocation,
-        target_sparsity=config.sparsity,
-        tensors=tuple(
-            PlannedTensor(t.name, t.shape, t.numel, tuple(c.describe() for c in t.consumers)) for t in targets
-        ),
-        params=params,
-        params_to_prune=prune_count(params, config.sparsity),
-        excluded=tuple(t.name for t in torch_model.prunable if t not in targets),
-        schedule=tuple(round(p.sparsity, 6) for p in phases),
-        finetune_steps=config.finetune_steps,
-        memory=memory,
-        environment=environment(),
-    )
-
-
-def _memory_estimate(config: PruneConfig, views: list[TensorView], estimator: Estimator, phases: int) -> MemoryEstimate:
-    """The statistics' memory plan of a dry run (or why they do not fit)."""
-    budget = memory_budget(config)
-    disk_free = shutil.disk_usage(config.output.parent if str(config.output.parent) else ".").free
-    try:
-        chosen = plan_statistics(views, estimator, config.num_grads, budget, disk_free)
-    except MemoryBudgetError as exc:
-        return MemoryEstimate(0, budget, 0, "none", 0, False, str(exc))
-    return MemoryEstimate(
-        chosen.estimate, budget, len(chosen.groups), chosen.storage, chosen.passes * phases, True, None
-    )
 
 
 # ------------------------------------------------------------------------------ the records
@@ -176,6 +124,7 @@ class Pruned:
     final: FinalCheck | None
     repair: dict | None = None  # the repair passes after each step (repair.py)
     added_biases: list = field(default_factory=list)  # (node output, weight, values) for nodes given a bias
+    removed: frozenset[int] = frozenset()  # the classes of channels removed (--structure channels)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,6 +137,8 @@ class Written:
     validation: Validation
     agreement: float | None  # largest |final torch output − onnxruntime output|, with a FinalCheck
     gate: Gate | None
+    speed: Speed
+    layers: dict[str, tuple[int, int]] = field(default_factory=dict)  # node: (channels kept, before)
 
 
 # ------------------------------------------------------------------------------ the stages
@@ -226,6 +177,7 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
             f"{evaluation.source}, so nothing can be compared; nothing was written"
         )
     input_info = model_info(model.proto, config.input, model.external_files)
+    channels = trace_structure(config, model.proto, evaluation, specs, targets)
     # the targets' values now live in the torch model, and every write-back replaces them
     release_payloads(model.proto, [t.name for t in targets])
     return Job(
@@ -241,6 +193,7 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
         candidates=torch_model.prunable,
         targets=targets,
         device=device,
+        channels=channels,
     )
 
 
@@ -280,6 +233,7 @@ def prune_weights(resolved: Resolved, job: Job) -> Pruned:
         try:
             done, tuning_seconds = _run_phases(config, job, phases, run, progress)
             outcome = OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
+            removed = removed_channels(job, pruner)
             arrays, final = _final_values(config, job, run, outcome)
             added = repairer.fold(arrays) if repairer is not None else []
             repair = repairer.report() if repairer is not None else None
@@ -299,6 +253,7 @@ def prune_weights(resolved: Resolved, job: Job) -> Pruned:
         final=final,
         repair=repair,
         added_biases=added,
+        removed=removed,
     )
 
 
@@ -339,7 +294,8 @@ def _final_values(
         **({k: v.detach().cpu().numpy() for k, v in run.batchnorm.items()} if reestimated else {}),
     }
     corrected = run.repairer is not None and bool(run.repairer.corrections.values)
-    if run.trainer is None and not reestimated and not corrected:
+    # removed channels: the smaller graph must compute what the masked torch model computes
+    if run.trainer is None and not reestimated and not corrected and job.channels is None:
         return arrays, None
     return arrays, final_check(config, job)
 
@@ -360,16 +316,20 @@ def write_and_validate(
     final: FinalCheck | None,
     timings: dict[str, float],
     path: Path | None = None,
+    removed: frozenset[int] = frozenset(),
 ) -> Written:
-    """Write the model with the new values (to `path`, default the config's output), run it in
-    onnxruntime on the evaluation data and compare it with the original (and with the final
-    torch model); NaN or infinity in its outputs removes what was written and raises."""
+    """Write the model with the new values (to `path`, default the config's output; the
+    `removed` classes of channels physically gone), run it in onnxruntime on the evaluation data,
+    compare it with the original (and with the final torch model) and time both; NaN or infinity
+    in its outputs, or a smaller graph that computes something else, removes what was written and
+    raises."""
     path = config.output if path is None else path
     with timed(timings, "write"):
         log.info("writing %s", path)
         proto = write_back(job.model.proto, arrays)
         add_biases(proto, added_biases)
-        sparsity = measure_sparsity(proto, job.targets)
+        sparsity = measure_sparsity(proto, job.targets)  # zeros, or entries of removed channels
+        layers = remove_channels(proto, job.channels, removed) if job.channels is not None else {}
         external = job.model.uses_external_data or tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
         save_model(proto, path, external_data=external)
         output = model_info(proto, path, written_data_files(path, external))
@@ -381,16 +341,15 @@ def write_and_validate(
             validation, candidate = validate_file(
                 path, job.evaluation, job.specs, job.reference, job.headline, config.eval_batch_size
             )
-        except NonFiniteError:
+            agreement = _agreement(final, candidate, structured=job.channels is not None)
+        except (NonFiniteError, StructureError):
             for written in [path, *written_data_files(path, external=True)]:
                 written.unlink(missing_ok=True)
             raise
-        agreement = None
-        if final is not None:
-            agreement = max(
-                float(np.abs(ours - got[: final.samples].astype(np.float64)).max()) if ours.size else 0.0
-                for ours, got in zip(final.outputs, candidate)
-            )
+    with timed(timings, "speed"):
+        log.info("timing the original and %s in onnxruntime", path)
+        feeds, _ = next(iter_feeds(job.evaluation, job.specs, feed_plan(job.specs, job.evaluation, config.speed_batch)))
+        speed = measure_speed(config.input, path, feeds, config.speed_batch, config.speed_runs, config.speed_threads)
     return Written(
         path=path,
         output=output,
@@ -398,7 +357,36 @@ def write_and_validate(
         validation=validation,
         agreement=agreement,
         gate=_gate(config, validation),
+        speed=speed,
+        layers=layers,
     )
+
+
+def _agreement(final: FinalCheck | None, candidate: list[np.ndarray], structured: bool) -> float | None:
+    """The largest |final torch output − written model's output| (None without a FinalCheck);
+    with channels removed, a StructureError when they disagree beyond float rounding."""
+    if final is None:
+        return None
+    agreement = max(
+        float(np.abs(ours - got[: final.samples].astype(np.float64)).max()) if ours.size else 0.0
+        for ours, got in zip(final.outputs, candidate)
+    )
+    scale = max((float(np.abs(ours).max()) for ours in final.outputs if ours.size), default=1.0)
+    if structured and agreement > 1e-3 * max(1.0, scale):
+        raise StructureError(
+            f"the model with channels removed differs from the pruned torch model by {agreement:.3g} "
+            "(a dependency the channel trace missed); nothing was written. Please report it with the model; "
+            "--structure unstructured works meanwhile"
+        )
+    return agreement
+
+
+def removed_channels(job: Job, pruner) -> frozenset[int]:
+    """The classes of channels the pruner's final masks remove (none when unstructured)."""
+    if job.channels is None:
+        return frozenset()
+    masks = {name: mask.cpu().numpy() for name, mask in pruner.masks().items()}
+    return frozenset(removed_classes(job.channels, masks))
 
 
 def _gate(config: PruneConfig, validation: Validation) -> Gate | None:
@@ -446,7 +434,10 @@ def build_report(
             allocation_search=resolved.allocation,
             repair=pruned.repair,
             method_search=resolved.method,
+            structure=config.structure,
+            channels=describe(job.channels, written.layers) if job.channels is not None else None,
         ),
+        speed=written.speed,
         conversion=job.conversion,
         validation=written.validation,
         gate=written.gate,
@@ -469,17 +460,6 @@ def publish(config: PruneConfig, report: Report) -> None:
 
 
 # ------------------------------------------------------------------------------ checks
-
-
-def _as_config(config: PruneConfig | str | os.PathLike, output, settings: dict) -> PruneConfig:
-    """A PruneConfig as given, or built from (input, output, **settings)."""
-    if not isinstance(config, PruneConfig):
-        if output is None:
-            raise UsageError("give the output path: prune(input, output, **settings)")
-        return PruneConfig(input=Path(os.fspath(config)), output=Path(os.fspath(output)), **settings)
-    if output is not None or settings:
-        raise UsageError("pass either a PruneConfig or (input, output, **settings), not both")
-    return config
 
 
 def check_output_free(config: PruneConfig) -> None:

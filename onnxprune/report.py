@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from .speed import Speed, speed_lines
+from .structure.remove import channel_lines
 from .validate import ErrorDistribution, OutputError
 
 SCHEMA_VERSION = 1
@@ -73,6 +75,8 @@ class Pruning:
     repair: dict | None = None  # the repair passes after each pruning step (repair.py)
     method_search: dict | None = None  # --method auto: candidates, held-out losses, seconds, choice
     allocation: str = ""  # the split across tensors (`scope` is its former name, kept beside it)
+    structure: str = "unstructured"  # what was removed: single weights, or whole channels
+    channels: dict | None = None  # --structure channels: layers kept/before, what stayed and why
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,8 @@ class DryRun(InputDocument):
     kind: str = "dry-run"
     schema_version: int = SCHEMA_VERSION
     allocation: str = ""  # as configured (`scope`, its former name, is kept beside it)
+    structure: str = "unstructured"
+    channels: dict | None = None  # --structure channels: the traced layers and what would stay
 
     @property
     def exit_code(self) -> int:
@@ -245,6 +251,10 @@ def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
         f"  {len(plan.tensors)} tensors, {plan.params:,} params; {plan.params_to_prune:,} would be pruned"
         + (f"; left dense by --exclude: {', '.join(plan.excluded[:8])}" if plan.excluded else "")
     )
+    if plan.channels:
+        c = plan.channels
+        lines.append(f"channels: {c['classes']} removable classes in {c['layers_traced']} layers traced")
+        lines += [f"  left in place: {row['channels']} channels ({row['reason']})" for row in c["left_in_place"][:8]]
     steps = " -> ".join(f"{x:.3f}" for x in plan.schedule)
     lines.append(
         f"schedule: sparsity {steps}" + (f", {plan.finetune_steps} fine-tuning steps" if plan.finetune_steps else "")
@@ -285,6 +295,7 @@ class Report(JsonDocument):
     timings: dict[str, float]
     peak_memory_bytes: int
     warnings: tuple[str, ...] = field(default=())
+    speed: Speed | None = None  # onnxruntime latency, parameters, FLOPs and sizes, original vs output
     report_path: str = ""
     html_path: str | None = None
     environment: dict[str, Any] = field(default_factory=dict)
@@ -359,6 +370,7 @@ def format_human(report: Report, max_rows: int = 30) -> str:
         *_statistics_lines(report.fisher),
         *_schedule_lines(report),
         *_validation_lines(report),
+        *(speed_lines(report.speed) if report.speed is not None else []),
     ]
     if report.gate is not None:
         g = report.gate
@@ -406,7 +418,7 @@ def _tensor_lines(p: Pruning, max_rows: int) -> list[str]:
     )
     if p.excluded:
         lines.append(f"  left dense by --exclude: {', '.join(p.excluded[:8])}{' ...' if len(p.excluded) > 8 else ''}")
-    return lines
+    return lines + (channel_lines(p.channels) if p.channels else [])
 
 
 def _statistics_lines(f: Fisher | None) -> list[str]:

@@ -25,6 +25,7 @@ from .oneshot import TensorView, plan_statistics
 from .progress import Progress
 from .repair import repair_settings
 from .runtime import memory_budget
+from .structure import DEFAULT_STRUCTURE, STRUCTURES
 
 log = logging.getLogger("onnxprune")
 
@@ -160,7 +161,7 @@ def resolve_method(config: PruneConfig, job: Job) -> tuple[PruneConfig, dict | N
         if why:
             skipped[method] = why
             continue
-        for allocation in allocation_candidates(method) if automatic else [None]:
+        for allocation in allocation_candidates(method, config.structure) if automatic else [None]:
             candidates.append((method, allocation))
     labels, losses, seconds = [], [], []
     for method, allocation in candidates:
@@ -247,9 +248,12 @@ def resolve_damping(
     return replace(config, damp=chosen), search
 
 
-def allocation_candidates(method: str) -> list[str]:
-    """What --allocation auto compares for `method` (magnitude's own profile is its global split)."""
+def allocation_candidates(method: str, structure: str = DEFAULT_STRUCTURE) -> list[str]:
+    """What --allocation auto compares for `method` (magnitude's own profile is its global split)
+    under `structure` (whole channels: the allocations it supports)."""
+    supported = STRUCTURES.get(structure).allocations
     candidates = [name for name in ALLOCATORS if ALLOCATORS.get(name).auto_candidate]
+    candidates = [a for a in candidates if supported is None or a in supported]
     return [a for a in candidates if not (a == "magnitude" and method == "magnitude")]
 
 
@@ -281,7 +285,7 @@ def resolve_allocation(config: PruneConfig, job: Job) -> tuple[PruneConfig, dict
     if why is not None:
         log.info("allocation: global (%s)", why)
         return replace(config, allocation="global"), None, {}
-    candidates = allocation_candidates(config.method)
+    candidates = allocation_candidates(config.method, config.structure)
     trials = [(f"allocation {a}", replace(config, steps=1, allocation=a)) for a in candidates]
     losses = dict(zip(candidates, trial_losses(config, job, trials)))
     chosen = candidates[_choose("allocation", candidates, [losses[a] for a in candidates])]

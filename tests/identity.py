@@ -55,7 +55,17 @@ CLI = "import sys; from onnxprune_cli.main import main; sys.argv = ['onnxprune',
 # (and every field named *seconds); paths are compared with the work folder written as <out>
 VOLATILE = {"timings", "peak_memory_bytes", "environment", "memory_budget_bytes"}  # the last: 80% of free memory
 # fields a refactor may add to the report (a new name beside an unchanged old one)
-ADDED = {"allocation", "torch_vs_onnxruntime_max_abs_error"}
+ADDED = {
+    "allocation",
+    "torch_vs_onnxruntime_max_abs_error",
+    # issue 17: structured pruning and the speed section (every field under `speed` is new)
+    "structure",
+    "channels",
+    "speed",
+    "speed_runs",
+    "speed_batch",
+    "speed_threads",
+}
 
 
 def _env(tree: Path, shim: Path) -> dict[str, str]:
@@ -117,7 +127,7 @@ def differences(before: dict[str, object], after: dict[str, object]) -> list[str
         old, new = before[name], after[name]
         if isinstance(old, dict) and isinstance(new, dict):
             for key in sorted(old.keys() | new.keys()):
-                if key not in old and key.split(".")[-1].split("[")[0] in ADDED:
+                if key not in old and any(part.split("[")[0] in ADDED for part in key.split(".")):
                     continue
                 if old.get(key, "<absent>") != new.get(key, "<absent>"):
                     out.append(f"{name}: {key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")

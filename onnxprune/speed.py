@@ -1,0 +1,216 @@
+"""What a model costs to run, measured in onnxruntime rather than assumed: the latency of the
+original and the written model in the same process, with the same threads and the same feeds
+(warm-up runs excluded, the two models' runs interleaved so that drift of the machine hits both
+alike), their parameters, the FLOPs of their layers with weights, and their file sizes.
+
+An unstructured sparse model runs onnxruntime's dense kernels: its latency and FLOPs are the
+original's, and only its compressed size shows the zeros; removing whole channels (structured
+pruning) changes the shapes themselves."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import ModelProto, numpy_helper
+
+from .shapes import static_shapes
+
+WARMUP_RUNS = 3
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Milliseconds per run over the timed runs."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one model file holds and costs."""
+
+    parameters: int  # elements of all initializers
+    nonzero_parameters: int
+    # 2 × multiply-adds of the Conv/ConvTranspose/Gemm/MatMul nodes with a constant weight, for
+    # one run at the measured batch size, as dense kernels execute them (None: shapes unknown)
+    layer_flops: int | None
+    file_bytes: int  # the .onnx file and its external data
+    compressed_bytes: int  # the same bytes compressed (zlib level 6): where zeros save storage
+    latency: Latency | None  # None when not measured (--speed-runs 0)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The original against the written model, measured in one process."""
+
+    provider: str
+    threads: int
+    batch_size: int
+    runs: int  # timed runs per model (after WARMUP_RUNS untimed ones)
+    warmup: int
+    original: Footprint
+    output: Footprint
+    speedup: float | None  # original median latency / output median latency
+
+
+def measure_speed(
+    original: Path,
+    output: Path,
+    feeds: dict[str, np.ndarray],
+    batch_size: int,
+    runs: int,
+    threads: int,
+) -> Speed:
+    """Latency of both files on `feeds` (`runs` timed runs each, interleaved), and their sizes,
+    parameters and layer FLOPs."""
+    threads = threads or available_cores()
+    latencies = time_models([original, output], feeds, runs, threads) if runs > 0 else [None, None]
+    before, after = (footprint(path, feeds, latency) for path, latency in zip((original, output), latencies))
+    speedup = None
+    if before.latency is not None and after.latency is not None and after.latency.median_ms > 0:
+        speedup = before.latency.median_ms / after.latency.median_ms
+    return Speed(
+        provider="CPUExecutionProvider",
+        threads=threads,
+        batch_size=batch_size,
+        runs=runs,
+        warmup=WARMUP_RUNS if runs > 0 else 0,
+        original=before,
+        output=after,
+        speedup=speedup,
+    )
+
+
+def available_cores() -> int:
+    """The cores this process may run on (what onnxruntime would use by default)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def time_models(paths: Sequence[Path], feeds: dict[str, np.ndarray], runs: int, threads: int) -> list[Latency]:
+    """Median and 10th/90th percentile milliseconds per run of each model on the same feeds."""
+    sessions = [_session(path, threads) for path in paths]
+    for session in sessions:
+        for _ in range(WARMUP_RUNS):
+            session.run(None, feeds)
+    seconds: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for session, times in zip(sessions, seconds):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+    return [latency_of(times) for times in seconds]
+
+
+def latency_of(seconds: Sequence[float]) -> Latency:
+    """The summary of run times given in seconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    return Latency(
+        median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)), p90_ms=float(np.percentile(ms, 90))
+    )
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    with contextlib.redirect_stdout(io.StringIO()):  # the wrapper may print; stdout stays clean for --json
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def footprint(path: Path, feeds: dict[str, np.ndarray], latency: Latency | None) -> Footprint:
+    """Parameters, layer FLOPs at the feeds' shapes and file sizes of the model at `path`."""
+    proto = onnx.load(str(path))
+    arrays = [numpy_helper.to_array(t) for t in proto.graph.initializer]
+    files = [path, *_external_files(proto, path)]
+    compressor = zlib.compressobj(6)
+    compressed = 0
+    for file in files:
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                compressed += len(compressor.compress(chunk))
+    compressed += len(compressor.flush())
+    return Footprint(
+        parameters=sum(a.size for a in arrays),
+        nonzero_parameters=sum(int(np.count_nonzero(a)) for a in arrays),
+        layer_flops=layer_flops(proto, {name: tuple(a.shape) for name, a in feeds.items()}),
+        file_bytes=sum(f.stat().st_size for f in files),
+        compressed_bytes=compressed,
+        latency=latency,
+    )
+
+
+def _external_files(proto: ModelProto, path: Path) -> list[Path]:
+    names = {
+        entry.value
+        for t in proto.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    return [path.parent / name for name in sorted(names)]
+
+
+def layer_flops(proto: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """2 × multiply-adds of the nodes with a constant weight (Conv, ConvTranspose, Gemm, MatMul)
+    for inputs of `input_shapes`; None when shape inference cannot give a node's shapes."""
+    shapes = static_shapes(proto, input_shapes)
+    weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    total = 0
+    for node in proto.graph.node:
+        if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        count = node_flops(node, shapes.get(node.input[0]), weights[node.input[1]], shapes.get(node.output[0]))
+        if count is None:
+            return None
+        total += count
+    return total
+
+
+def node_flops(
+    node: onnx.NodeProto, x: tuple[int, ...] | None, w: tuple[int, ...], y: tuple[int, ...] | None
+) -> int | None:
+    """2 × multiply-adds of one weighted node from its input, weight and output shapes."""
+    if node.op_type == "ConvTranspose":  # every input element meets a whole [Cout/g, k...] slice
+        return None if x is None else 2 * int(np.prod(x)) * int(np.prod(w[1:]))
+    if y is None:
+        return None
+    if node.op_type == "Conv":  # every output element is a dot product over [Cin/g, k...]
+        return 2 * int(np.prod(y)) * int(np.prod(w[1:]))
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+    inner = w[-1] if node.op_type == "Gemm" and trans_b else w[-2] if len(w) >= 2 else w[0]
+    return 2 * int(np.prod(y)) * int(inner)
+
+
+def speed_lines(speed: Speed) -> list[str]:
+    """The human table's speed section."""
+    timed = f"median of {speed.runs} runs after {speed.warmup} warm-up" if speed.runs else "not timed"
+    lines = [f"speed (onnxruntime CPU, {speed.threads} threads, batch {speed.batch_size}, {timed}):"]
+    for name, f in (("original", speed.original), ("output", speed.output)):
+        latency = f"{f.latency.median_ms:.3f} ms ({f.latency.p10_ms:.3f}-{f.latency.p90_ms:.3f})" if f.latency else "-"
+        flops = f"{f.layer_flops / 1e6:,.1f} MFLOPs" if f.layer_flops is not None else "FLOPs unknown"
+        lines.append(
+            f"  {name:<8} {latency:>28}  {f.parameters:>12,} params ({f.nonzero_parameters:,} non-zero)  {flops}"
+            f"  file {f.file_bytes / 2**20:,.2f} MiB, compressed {f.compressed_bytes / 2**20:,.2f} MiB"
+        )
+    if speed.speedup is not None:
+        lines.append(f"  speed-up {speed.speedup:.2f}x")
+    return lines
