@@ -81,6 +81,36 @@ _MIX = _NumberOrAuto("ALPHA|auto", lambda x: 0.0 <= x <= 1.0, "not in [0, 1]")
 
 _SHARED = [
     click.option(
+        "--structure",
+        type=click.Choice(STRUCTURES.names()),
+        default=DEFAULT_STRUCTURE,
+        show_default=True,
+        help="What is removed. unstructured: single weights set to zero (same shapes: smaller once compressed, "
+        "not faster in onnxruntime); channels: whole output channels of Conv/Gemm/MatMul layers (and FFN "
+        "neurons) with every row, column, bias and per-channel constant they touch, found through the graph "
+        "(residual Adds tie channels, Concat offsets them, depthwise convolutions carry them): the written model "
+        "is smaller and faster. With channels --sparsity is the fraction of the removable parameters removed "
+        "and --allocation is global, layer or auto; the report lists what could not be traced.",
+    ),
+    click.option(
+        "--speed-runs",
+        type=click.IntRange(min=0),
+        default=20,
+        show_default=True,
+        help="Timed onnxruntime runs of the original and the output for the report's speed section, after "
+        "warm-up (0: sizes, parameters and FLOPs only).",
+    ),
+    click.option(
+        "--speed-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per timed run."
+    ),
+    click.option(
+        "--speed-threads",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="onnxruntime intra-op threads for the timed runs (0: every core this process may use).",
+    ),
+    click.option(
         "--allocation",
         "--scope",
         "allocation",
@@ -472,34 +502,6 @@ def main() -> None:
     help="Load and check the model and data, print what would be pruned and the memory estimate; write nothing.",
 )
 @shared_options
-@click.option(
-    "--structure",
-    type=click.Choice(STRUCTURES.names()),
-    default=DEFAULT_STRUCTURE,
-    show_default=True,
-    help="What is removed. unstructured: single weights set to zero (same shapes: smaller once compressed, "
-    "not faster in onnxruntime); channels: whole output channels of Conv/Gemm/MatMul layers (and FFN "
-    "neurons) with every row, column, bias and per-channel constant they touch, found through the graph "
-    "(residual Adds tie channels, Concat offsets them, depthwise convolutions carry them): the written model "
-    "is smaller and faster. With channels --sparsity is the fraction of the removable parameters removed "
-    "and --allocation is global, layer or auto; the report lists what could not be traced.",
-)
-@click.option(
-    "--speed-runs",
-    type=click.IntRange(min=0),
-    default=20,
-    show_default=True,
-    help="Timed onnxruntime runs of the original and the output for the report's speed section, after "
-    "warm-up (0: sizes, parameters and FLOPs only).",
-)
-@click.option("--speed-batch", type=click.IntRange(min=1), default=1, show_default=True, help="Samples per timed run.")
-@click.option(
-    "--speed-threads",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="onnxruntime intra-op threads for the timed runs (0: every core this process may use).",
-)
 @click.option("--force", is_flag=True, help="Overwrite an existing output and report.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and warnings on stderr; no table.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details of each stage on stderr.")

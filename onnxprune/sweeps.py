@@ -28,7 +28,7 @@ from .estimators import ESTIMATORS
 from .job import Job, make_pruner, make_repairer, statistics_source
 from .oneshot import Pruner
 from .onnx_io import atomic_write_bytes
-from .pipeline import FinalCheck, final_check, prepare, prune_weights, write_and_validate
+from .pipeline import FinalCheck, final_check, prepare, prune_weights, removed_channels, write_and_validate
 from .progress import Progress, progress_enabled
 from .report import SCHEMA_VERSION, InputDocument
 from .reporting import data_info
@@ -99,6 +99,7 @@ class SweepPoint:
     allocation: str = "global"  # the split across tensors used (--allocation auto resolved)
     # largest |torch − onnxruntime| of the point's final model where weights changed beyond masks
     torch_vs_onnxruntime_max_abs_error: float | None = None
+    speedup: float | None = None  # measured onnxruntime latency of the original / of this point's model
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,13 @@ def _shared_scores(
                     if repairer.corrections.values:
                         final = final_check(first, job)
                     added = repairer.fold(arrays)
+                if job.channels is not None:  # the smaller graph is checked against the torch model
+                    final = final_check(first, job)
                 seconds = time.perf_counter() - tick + (shared if index == 0 else 0.0)
-                points.append(_evaluate(config, job, method, sparsity, arrays, seconds, first.allocation, added, final))
+                removed = removed_channels(job, pruner)
+                points.append(
+                    _evaluate(config, job, method, sparsity, arrays, seconds, first.allocation, added, final, removed)
+                )
         finally:
             if repairer is not None:
                 repairer.close()
@@ -239,7 +245,16 @@ def _point_by_point(
         allocation = resolved.config.allocation
         points.append(
             _evaluate(
-                config, job, method, sparsity, pruned.arrays, seconds, allocation, pruned.added_biases, pruned.final
+                config,
+                job,
+                method,
+                sparsity,
+                pruned.arrays,
+                seconds,
+                allocation,
+                pruned.added_biases,
+                pruned.final,
+                pruned.removed,
             )
         )
     return points, MethodRun(method, False, round(gradient_seconds, 3), round(estimator_seconds, 3))
@@ -273,12 +288,13 @@ def _evaluate(
     allocation: str,
     added_biases: list,
     final: FinalCheck | None,
+    removed: frozenset[int] = frozenset(),
 ) -> SweepPoint:
     """Write the point's model (kept, or in a temporary folder), run it in onnxruntime, measure."""
     point = config.point(method, sparsity)
     with tempfile.TemporaryDirectory(prefix=".onnxprune-sweep-", dir=config.folder) as scratch:
         path = point.output if config.keep_models else Path(scratch) / point.output.name
-        written = write_and_validate(point, job, arrays, added_biases, final, {}, path)
+        written = write_and_validate(point, job, arrays, added_biases, final, {}, path, removed)
     q = written.validation.quality
     params = sum(r.numel for r in written.sparsity)
     log.info("sweep: %s %.2f -> %s %.4f", method, sparsity, q.metric, q.after)
@@ -295,6 +311,7 @@ def _evaluate(
         model=str(point.output) if config.keep_models else None,
         allocation=allocation,
         torch_vs_onnxruntime_max_abs_error=written.agreement,
+        speedup=written.speed.speedup,
     )
 
 

@@ -65,6 +65,7 @@ ADDED = {
     "speed_runs",
     "speed_batch",
     "speed_threads",
+    "speedup",
 }
 
 

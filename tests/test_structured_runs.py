@@ -58,7 +58,7 @@ def cnn_files(tmp_path):
     return path, calib, evaluation, tmp_path
 
 
-@pytest.mark.parametrize("method", ["magnitude", "woodfisher"])
+@pytest.mark.parametrize("method", ["magnitude", "woodfisher", "sparsegpt", "wanda"])
 def test_channels_are_removed_physically_and_the_graph_is_kept(cnn_files, method):
     path, calib, evaluation, tmp = cnn_files
     out = tmp / f"{method}.onnx"
@@ -173,3 +173,21 @@ def test_unstructured_runs_report_speed_with_dense_latency_and_a_smaller_compres
     assert speed.original.layer_flops == 2 * (64 * 8 * 27 + 64 * 8 * 72 + 64 * 8 * 8 + 4 * 8)
     w = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     assert speed.output.nonzero_parameters == sum(int(np.count_nonzero(a)) for a in w.values())
+
+
+def test_a_structured_sweep_reports_the_measured_speed_up_of_every_point(cnn_files):
+    path, calib, evaluation, tmp = cnn_files
+    args = [str(path), "-o", str(tmp / "sweep"), "--sparsity", "0.3,0.6", "--method", "magnitude"]
+    args += ["--structure", "channels"]
+    args += ["--calib", str(calib), "--eval", str(evaluation), "--speed-runs", "2", "--json", "-q"]
+    result = CliRunner().invoke(main, ["sweep", *args])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    jsonschema.Draft202012Validator(schema()).validate(document)
+    points = document["points"]
+    assert [p["target_sparsity"] for p in points] == [0.3, 0.6]
+    assert all(p["speedup"] > 0 for p in points)
+    # more removed at 0.6 than at 0.3, each point's smaller graph checked against its torch model
+    assert points[1]["sparsity"] > points[0]["sparsity"] > 0.2
+    assert all(p["torch_vs_onnxruntime_max_abs_error"] < 1e-4 for p in points)
+    assert (tmp / "sweep.sweep.png").exists()
