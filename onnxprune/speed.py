@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, numpy_helper
 
-from .shapes import static_shapes
+from .bridge.bindings import named_tensors
+from .shapes import observed_shapes, static_shapes
 
 WARMUP_RUNS = 3
 _WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -41,7 +42,7 @@ class Latency:
 class Footprint:
     """What one model file holds and costs."""
 
-    parameters: int  # elements of all initializers
+    parameters: int  # elements of all initializers and Constant-node values
     nonzero_parameters: int
     # 2 × multiply-adds of the Conv/ConvTranspose/Gemm/MatMul nodes with a constant weight, for
     # one run at the measured batch size, as dense kernels execute them (None: shapes unknown)
@@ -139,7 +140,8 @@ def _session(path: Path, threads: int):
 def footprint(path: Path, feeds: dict[str, np.ndarray], latency: Latency | None) -> Footprint:
     """Parameters, layer FLOPs at the feeds' shapes and file sizes of the model at `path`."""
     proto = onnx.load(str(path))
-    arrays = [numpy_helper.to_array(t) for t in proto.graph.initializer]
+    # initializers and Constant-node values (PaddlePaddle keeps its weights in Constant nodes)
+    arrays = [numpy_helper.to_array(t) for _, t in named_tensors(proto)]
     files = [path, *_external_files(proto, path)]
     compressor = zlib.compressobj(6)
     compressed = 0
@@ -151,7 +153,7 @@ def footprint(path: Path, feeds: dict[str, np.ndarray], latency: Latency | None)
     return Footprint(
         parameters=sum(a.size for a in arrays),
         nonzero_parameters=sum(int(np.count_nonzero(a)) for a in arrays),
-        layer_flops=layer_flops(proto, {name: tuple(a.shape) for name, a in feeds.items()}),
+        layer_flops=layer_flops(proto, feeds),
         file_bytes=sum(f.stat().st_size for f in files),
         compressed_bytes=compressed,
         latency=latency,
@@ -169,15 +171,17 @@ def _external_files(proto: ModelProto, path: Path) -> list[Path]:
     return [path.parent / name for name in sorted(names)]
 
 
-def layer_flops(proto: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> int | None:
+def layer_flops(proto: ModelProto, feeds: dict[str, np.ndarray]) -> int | None:
     """2 × multiply-adds of the nodes with a constant weight (Conv, ConvTranspose, Gemm, MatMul)
-    for inputs of `input_shapes`; None when shape inference cannot give a node's shapes."""
-    shapes = static_shapes(proto, input_shapes)
-    weights = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    for `feeds`; shapes from shape inference, completed by one onnxruntime run where it has no
+    answer; None when a node's shapes stay unknown."""
+    weights = {name: tuple(t.dims) for name, t in named_tensors(proto)}
+    nodes = [n for n in proto.graph.node if n.op_type in _WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in weights]
+    shapes = static_shapes(proto, {name: tuple(np.shape(v)) for name, v in feeds.items()})
+    if any(n.output[0] not in shapes or n.input[0] not in shapes for n in nodes):
+        shapes.update(observed_shapes(proto, feeds))
     total = 0
-    for node in proto.graph.node:
-        if node.op_type not in _WEIGHTED_OPS or len(node.input) < 2 or node.input[1] not in weights:
-            continue
+    for node in nodes:
         count = node_flops(node, shapes.get(node.input[0]), weights[node.input[1]], shapes.get(node.output[0]))
         if count is None:
             return None

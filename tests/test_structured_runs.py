@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from onnxprune import PruneConfig, prune
 from onnxprune.report import schema
+from onnxprune.speed import footprint
 from onnxprune.structure import STRUCTURES
 from onnxprune_cli.main import main
 
@@ -191,3 +192,20 @@ def test_a_structured_sweep_reports_the_measured_speed_up_of_every_point(cnn_fil
     assert points[1]["sparsity"] > points[0]["sparsity"] > 0.2
     assert all(p["torch_vs_onnxruntime_max_abs_error"] < 1e-4 for p in points)
     assert (tmp / "sweep.sweep.png").exists()
+
+
+def test_speed_counts_weights_held_in_constant_nodes_and_their_flops(tmp_path):
+    # PaddlePaddle's form: the weight is a Constant node's value, the batch dimension symbolic
+    weight = numpy_helper.from_array(randn(4, 2, 3, 3, seed=1), "w_value")
+    proto = model(
+        [
+            helper.make_node("Constant", [], ["w"], name="w_const", value=weight),
+            helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        ],
+        [tensor("x", ["n", 2, 5, 5])],
+        [tensor("y", ["n", 4, 5, 5])],
+    )
+    path = save(proto, tmp_path / "constant.onnx")
+    f = footprint(path, {"x": randn(3, 2, 5, 5, seed=2)}, None)
+    assert f.parameters == 4 * 2 * 9 and f.nonzero_parameters == 72
+    assert f.layer_flops == 2 * (3 * 4 * 25) * (2 * 9)  # batch 3: every output element a dot of 18
