@@ -49,11 +49,14 @@ coverage: $(STAMP)
 # Results accumulate in build/bench/results.jsonl, so an interrupted run resumes where it stopped.
 # docs/quality.md: the repair after pruning, models nothing was tuned on, TensorFlow exports side
 # by side with the peer, noise over seeds (results kept in benchmarks/results/quality.jsonl).
+# docs/structured.md: whole channels removed, quality and measured onnxruntime speed-up against
+# the peer's structured pruning (results kept in benchmarks/results/structured.jsonl).
 bench: $(STAMP)
 	$(BIN)/python -m pip install -e '.[dev,models,bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/quality.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare_layers.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/structured.py
 
 clean:
 	rm -rf build .pytest_cache

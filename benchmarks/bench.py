@@ -230,7 +230,8 @@ def render(results: dict[str, dict]) -> str:
         f"{platform.machine()} CPU with {os.cpu_count()} cores (onnxprune {__version__}, torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__}). Each row is a separate process. These tables measure the "
         "estimators alone: the repair after pruning (on by default since) is switched off; docs/quality.md "
-        "measures it.",
+        "measures it; docs/structured.md measures structured pruning (whole channels) and its onnxruntime "
+        "speed-up.",
         "",
         "Columns: the headline metric of the written model in onnxruntime on the evaluation set; wall time "
         "of the whole run (load, conversion check, pruning, writing, validation); peak resident memory of "

@@ -147,9 +147,11 @@ def render(results: dict[str, dict]) -> str:
             if "error" in r:
                 lines.append(f"| {r['sparsity']:.0%} | {r['method']} | failed: {r['error'][:80]} |  |  |  |  |")
                 continue
+            # rows measured before Constant-node weights were counted (PaddlePaddle) read 0 parameters
+            params = f"{r['params_before']:,} → {r['params_after']:,}" if r["params_before"] else "not counted"
             lines.append(
                 f"| {r['sparsity']:.0%} | {r['method']} | {r['metric']} {r['before']:.4f} → {r['after']:.4f} | "
-                f"{r['speedup']:.2f}x | {r['params_before']:,} → {r['params_after']:,} | "
+                f"{r['speedup']:.2f}x | {params} | "
                 f"{r['file_before'] / 2**20:.2f} → {r['file_after'] / 2**20:.2f} MiB | {r['wall_seconds']:.0f} s |"
             )
         lines.append("")
