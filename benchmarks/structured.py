@@ -132,8 +132,9 @@ def render(results: dict[str, dict]) -> str:
         "`removed` is the fraction of the removable parameters asked for (the peer's `sparsity` is its own "
         "fraction of each chain's channels, so compare at equal parameters or speed, not at equal labels). "
         "Speed-up: onnxruntime CPU latency of the original over the pruned file, same process, same feeds "
-        "and threads, median of 30 runs after 3 warm-up, batch given per model. One seed each: latency "
-        f"varies by a few percent between runs on this machine ({platform.machine()}, {os.cpu_count()} cores).",
+        "and threads, median of 30 runs after 3 warm-up, batch given per model. One seed each; the rows so far "
+        "were measured with other jobs sharing the cores, where the same model's speed-up varies by about "
+        f"±10% between runs ({platform.machine()}, {os.cpu_count()} cores).",
         "",
     ]
     for model in MODELS:
