@@ -18,10 +18,9 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
+from bench import _child as run_child
 from quality import FILES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,12 +107,7 @@ def measure(model: str, sparsity: float, method: str) -> dict:
         code = PEER.format(function=PEERS[method], batch=SPEED_BATCH[model], **names)
     else:
         code = OWN.format(settings=OURS[method], batch=SPEED_BATCH[model], **names)
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=ROOT
-    )
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "exit_code": done.returncode}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(code)
 
 
 def load() -> dict[str, dict]:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
-from onnxprune.structure.remove import class_sizes, class_totals, keep_masks, remove_channels
+from onnxprune.structure.remove import class_totals, keep_masks, remove_channels
+from onnxprune.structure.select import EntryCounter
 from onnxprune.structure.trace import trace_channels
 
 from builders import model, ort_run, randn, tensor
@@ -213,8 +214,10 @@ def test_mlp_neurons_and_what_cannot_be_followed_is_blocked_with_a_reason():
     fc2 = classes_of(graph, "fc2")
     assert all(graph.is_blocked(e) for e in fc2)
     assert "Softmax" in graph.blocked[fc2[0]]
-    sizes = class_sizes(graph, {"w1": (8, 6), "w2": (6, 3)})
-    assert set(sizes.values()) == {8 + 3}  # a hidden neuron: its column of w1 and its row of w2
+    counter = EntryCounter(graph, {"w1": (8, 6), "w2": (6, 3)})
+    assert {counter.size(root) for root in graph.classes()} == {
+        8 + 3
+    }  # a hidden neuron: its column of w1 and its row of w2
     totals = class_totals(graph, {"w1": np.abs(inits["w1"]), "w2": np.abs(inits["w2"])})
     k = classes_of(graph, "fc1")[2]
     assert totals[k] == pytest.approx(np.abs(inits["w1"][:, 2]).sum() + np.abs(inits["w2"][2]).sum())

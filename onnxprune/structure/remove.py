@@ -32,12 +32,6 @@ def class_totals(graph: ChannelGraph, values: Mapping[str, np.ndarray]) -> dict[
     return totals
 
 
-def class_sizes(graph: ChannelGraph, shapes: Mapping[str, tuple[int, ...]]) -> dict[int, int]:
-    """Per removable class, how many entries of the initializers in `shapes` its removal deletes."""
-    ones = {name: np.ones(shape, dtype=np.float32) for name, shape in shapes.items()}
-    return {root: int(round(total)) for root, total in class_totals(graph, ones).items()}
-
-
 def keep_masks(
     graph: ChannelGraph, shapes: Mapping[str, tuple[int, ...]], removed: Iterable[int]
 ) -> dict[str, np.ndarray]:

@@ -13,8 +13,6 @@ import numpy as np
 
 from .trace import ChannelGraph
 
-ALLOCATIONS = ("global", "layer")
-
 
 def choose_classes(
     graph: ChannelGraph,
