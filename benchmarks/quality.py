@@ -132,6 +132,7 @@ NOISE = [
     ("digits-cnn", 0.95, "fishleg", GRADUAL),
     # magika's side-by-side row: WoodFisher 0.859 against magnitude 0.871 (3 of 256 samples)
     ("magika", 0.8, "magnitude", {}),
+    ("magika", 0.8, "woodfisher", {}),
 ]
 # Rows of docs/benchmarks.md (the estimators alone, repair off) whose result this changes
 # can move: the diagonal Fisher is now damped, the layer-wise statistics leave out padding tokens,

@@ -37,6 +37,8 @@ OURS = {
         "method": "woodfisher", "damp": 1e-3, "allocation": "global", "finetune_steps": FINETUNE_STEPS
     },
 }  # fmt: skip
+# --target-speedup: the latency table picks each layer's width (ours only: the peer has no such mode)
+SPEEDUPS = {"cnn": (1.5, 2.0), "ocr": (1.25, 1.5), "minilm": (1.25,)}
 PEERS = {
     "onnxsim structured (L2)": "apply_structured_pruning",
     "onnxsim structured wanda": "apply_structured_wanda_pruning",
@@ -94,11 +96,13 @@ print(json.dumps({{"metric": q.metric, "before": q.before, "after": q.after, "sp
 """
 
 
-def key(model: str, sparsity: float, method: str) -> str:
+def key(model: str, sparsity: float, method: str, speedup: float | None = None) -> str:
+    if speedup is not None:
+        return json.dumps({"method": method, "model": model, "target_speedup": speedup}, sort_keys=True)
     return json.dumps({"method": method, "model": model, "sparsity": sparsity}, sort_keys=True)
 
 
-def measure(model: str, sparsity: float, method: str) -> dict:
+def measure(model: str, sparsity: float, method: str, speedup: float | None = None) -> dict:
     path, calib, evaluation = FILES[model]
     out = ROOT / "build" / "bench" / f"structured_{model}_{os.getpid()}.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +110,8 @@ def measure(model: str, sparsity: float, method: str) -> dict:
     if method in PEERS:
         code = PEER.format(function=PEERS[method], batch=SPEED_BATCH[model], **names)
     else:
-        code = OWN.format(settings=OURS[method], batch=SPEED_BATCH[model], **names)
+        settings = OURS[method] if speedup is None else {**OURS[method], "target_speedup": speedup}
+        code = OWN.format(settings=settings, batch=SPEED_BATCH[model], **names)
     return run_child(code)
 
 
@@ -132,7 +137,8 @@ def render(results: dict[str, dict]) -> str:
         "",
     ]
     for model in MODELS:
-        rows = [r for r in results.values() if r["model"] == model]
+        rows = [r for r in results.values() if r["model"] == model and "target_speedup" not in r]
+        lines += _speed_targets(model, [r for r in results.values() if r["model"] == model and "target_speedup" in r])
         if not rows:
             continue
         lines += [f"## {model} (batch {SPEED_BATCH[model]})", ""]
@@ -153,11 +159,38 @@ def render(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _speed_targets(model: str, rows: list[dict]) -> list[str]:
+    """The table of --target-speedup runs: asked for, measured, and what it cost in quality."""
+    if not rows:
+        return []
+    lines = [
+        f"## {model} (batch {SPEED_BATCH[model]}): --target-speedup",
+        "",
+        "The latency table of the removable channels is timed first on this machine; each choice is then timed "
+        "as a whole (the report's `pruning.channels.target_speedup`). *speed-up* is the report's own "
+        "measurement of the written file.",
+        "",
+        "| target | method | quality | speed-up | parameters | file | wall |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["target_speedup"], r["method"])):
+        if "error" in r:
+            lines.append(f"| {r['target_speedup']:.2f}x | {r['method']} | failed: {r['error'][:80]} |  |  |  |  |")
+            continue
+        lines.append(
+            f"| {r['target_speedup']:.2f}x | {r['method']} | {r['metric']} {r['before']:.4f} → {r['after']:.4f} | "
+            f"{r['speedup']:.2f}x | {r['params_before']:,} → {r['params_after']:,} | "
+            f"{r['file_before'] / 2**20:.2f} → {r['file_after'] / 2**20:.2f} MiB | {r['wall_seconds']:.0f} s |"
+        )
+    return [*lines, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
     parser.add_argument("--methods", nargs="*", default=[*OURS, *PEERS])
+    parser.add_argument("--speedups", nargs="*", type=float, help="--target-speedup runs (default: SPEEDUPS)")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--render", action="store_true", help="only render docs/structured.md")
     args = parser.parse_args()
@@ -168,18 +201,22 @@ def main() -> None:
             if not FILES[model][0].exists():
                 print(f"skipping {model}: {FILES[model][0]} not built (see models/)", flush=True)
                 continue
-            for sparsity in args.sparsities:
-                for method in args.methods:
-                    k = key(model, sparsity, method)
-                    if k in results and not args.redo:
-                        continue
-                    print(f"== {k}", flush=True)
-                    row = {"key": k, "model": model, "sparsity": sparsity, "method": method}
-                    row.update(measure(model, sparsity, method))
-                    print(f"   {row}", flush=True)
-                    results[k] = row
-                    with RESULTS.open("a") as handle:
-                        handle.write(json.dumps(row) + "\n")
+            runs = [(sparsity, method, None) for sparsity in args.sparsities for method in args.methods]
+            speedups = SPEEDUPS.get(model, ()) if args.speedups is None else args.speedups
+            runs += [(0.0, method, speedup) for speedup in speedups for method in args.methods if method in OURS]
+            for sparsity, method, speedup in runs:
+                k = key(model, sparsity, method, speedup)
+                if k in results and not args.redo:
+                    continue
+                print(f"== {k}", flush=True)
+                row = {"key": k, "model": model, "sparsity": sparsity, "method": method}
+                if speedup is not None:
+                    row["target_speedup"] = speedup
+                row.update(measure(model, sparsity, method, speedup))
+                print(f"   {row}", flush=True)
+                results[k] = row
+                with RESULTS.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
     DOC.write_text(render(results))
     print(f"wrote {DOC}")
 

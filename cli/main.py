@@ -34,6 +34,8 @@ Exit codes:
   7  non-finite weights, gradients, scores or model outputs; nothing is written
   8  the Fisher statistics would exceed --max-memory; nothing is written
   9  a file could not be written (disk full, permissions); no partial file is left
+  10 the model with channels removed computes something else (--structure); nothing is written
+  11 --target-speedup cannot be reached (measured); nothing is written
 """
 
 
@@ -45,8 +47,8 @@ def _default(field: str):
     return PruneConfig.__dataclass_fields__[field].default
 
 
-def _sparsity(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    if not 0.0 <= value < 1.0:
+def _sparsity(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value < 1.0:
         raise click.BadParameter(f"{value} is not in [0, 1)")
     return value
 
@@ -455,9 +457,16 @@ def main() -> None:
 @click.option(
     "--sparsity",
     type=float,
-    required=True,
     callback=_sparsity,
-    help="Fraction of the prunable weights to zero, in [0, 1).",
+    help="Fraction of the prunable weights to zero, in [0, 1) (or --target-speedup with --structure channels).",
+)
+@click.option(
+    "--target-speedup",
+    type=float,
+    help="With --structure channels, instead of --sparsity: remove the least salient channels until the output "
+    "is measured this many times faster in onnxruntime (--speed-batch, --speed-threads). A latency table of the "
+    "removable channels is timed first; a target that removing every removable channel does not reach stops "
+    "with exit 11 before any pruning.",
 )
 @click.option(
     "--method",
@@ -525,9 +534,18 @@ def prune_command(
     """
     _configure_logging(quiet, verbose)
     from onnxprune import PruneConfig, plan, prune
-    from onnxprune.report import format_dry_run, format_human
+    from onnxprune.dryrun import format_dry_run
+    from onnxprune.report import format_human
 
     def work():
+        from onnxprune.errors import UsageError
+
+        if settings["sparsity"] is None:
+            if settings["target_speedup"] is None:
+                raise UsageError(
+                    "pass --sparsity (the fraction of weights to prune) or, with --structure channels, --target-speedup"
+                )
+            settings["sparsity"] = 0.0
         config = PruneConfig(input=input_path, output=output_path, calibration=calib, **settings)
         return plan(config) if dry_run else prune(config)
 

@@ -81,6 +81,10 @@ class PruneConfig:
     # graph is physically smaller and faster). With channels, `sparsity` is the fraction of the
     # removable parameters removed and the allocation is global or layer.
     structure: str = DEFAULT_STRUCTURE
+    # With channels: prune until the output is measured this many times faster in onnxruntime
+    # (speed batch and threads below) instead of to `sparsity` (which must then be 0): a latency
+    # table of the removable channels is timed first, and a step's choice is timed as a whole.
+    target_speedup: float | None = None
     calibration: Path | None = None
     evaluation: Path | None = None
     report: Path | None = None  # default: <output stem>.report.json next to the output
@@ -245,6 +249,7 @@ class PruneConfig:
     def _check_structure(self) -> None:
         """The structure kind, and what it combines with."""
         kind = STRUCTURES.get(self.structure)
+        self._check_speedup(kind.allocations is not None)
         if kind.allocations is None:
             return
         if self.pattern is not None:
@@ -254,6 +259,19 @@ class PruneConfig:
             raise UsageError(
                 f"--structure {self.structure} splits channels with allocation {valid}, not {self.allocation!r}"
             )
+
+    def _check_speedup(self, removes_channels: bool) -> None:
+        """--target-speedup: only where whole structures go, instead of a sparsity."""
+        if self.target_speedup is None:
+            return
+        if not removes_channels:
+            raise UsageError("--target-speedup needs --structure channels: zeros alone do not make onnxruntime faster")
+        if not self.target_speedup > 1.0:
+            raise UsageError(f"--target-speedup must be more than 1 (times faster), got {self.target_speedup:g}")
+        if self.sparsity != 0.0:
+            raise UsageError("pass either --sparsity or --target-speedup, not both")
+        if self.initial_sparsity != 0.0:
+            raise UsageError("--initial-sparsity does not apply to --target-speedup; drop it")
 
     def _check_names(self) -> None:
         """Every setting chosen from a list of names."""

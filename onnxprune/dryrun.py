@@ -15,9 +15,10 @@ from .estimators import METHOD_AUTO, Estimator
 from .job import load_inputs, make_estimator, schedule_phases, select_targets, trace_structure
 from .masks import prune_count
 from .oneshot import TensorView, plan_statistics
-from .report import DryRun, MemoryEstimate, PlannedTensor
+from .report import DryRun, MemoryEstimate, PlannedTensor, _size
 from .reporting import data_info, model_info
 from .runtime import memory_budget, resolve_device
+from .structure.constraint import SPEED_SCHEDULE_END
 from .structure.remove import describe
 
 
@@ -74,3 +75,50 @@ def _memory_estimate(config: PruneConfig, views: list[TensorView], estimator: Es
     return MemoryEstimate(
         chosen.estimate, budget, len(chosen.groups), chosen.storage, chosen.passes * phases, True, None
     )
+
+
+def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
+    """The dry run for people: the tensors, the schedule and the memory estimate."""
+    speedup = plan.config.get("target_speedup")
+    target = f"target speed-up {speedup:g}x" if speedup else f"target sparsity {plan.target_sparsity:.2f}"
+    lines = [
+        f"onnxprune {plan.tool_version} (dry run, nothing written): {plan.method}, {plan.allocation} allocation, "
+        f"{target} on {plan.input.path}"
+    ]
+    width = max([len("prunable tensor")] + [len(t.name) for t in plan.tensors[:max_rows]]) + 2
+    lines.append(f"  {'prunable tensor':<{width}}{'shape':>16}{'params':>12}  consumers")
+    for t in plan.tensors[:max_rows]:
+        shape = "x".join(str(d) for d in t.shape)
+        lines.append(f"  {t.name:<{width}}{shape:>16}{t.numel:>12,}  {', '.join(t.consumers)}")
+    if len(plan.tensors) > max_rows:
+        lines.append(f"  ... {len(plan.tensors) - max_rows} more (see --json)")
+    pruned = "the channels are chosen at run time" if speedup else f"{plan.params_to_prune:,} would be pruned"
+    lines.append(
+        f"  {len(plan.tensors)} tensors, {plan.params:,} params; {pruned}"
+        + (f"; left dense by --exclude: {', '.join(plan.excluded[:8])}" if plan.excluded else "")
+    )
+    if plan.channels:
+        c = plan.channels
+        lines.append(f"channels: {c['classes']} removable classes in {c['layers_traced']} layers traced")
+        lines += [f"  left in place: {row['channels']} channels ({row['reason']})" for row in c["left_in_place"][:8]]
+    if speedup:
+        goals = " -> ".join(f"{1 + min(1.0, x / SPEED_SCHEDULE_END) * (speedup - 1):.2f}x" for x in plan.schedule)
+        steps = f"speed-up {goals} (measured on a latency table timed first)"
+    else:
+        steps = "sparsity " + " -> ".join(f"{x:.3f}" for x in plan.schedule)
+    lines.append(f"schedule: {steps}" + (f", {plan.finetune_steps} fine-tuning steps" if plan.finetune_steps else ""))
+    m = plan.memory
+    if m is None:
+        lines.append("memory: the estimator keeps no statistics")
+    else:
+        lines.append(
+            f"memory for the statistics: about {_size(m.estimate_bytes)} of {_size(m.budget_bytes)} allowed; "
+            f"{m.groups} group(s), statistics kept in {m.statistics_storage}, "
+            f"{m.gradient_collections} gradient collection(s)"
+        )
+        if m.problem:
+            lines.append(f"would fail (exit 8): {m.problem}")
+    for name, data in (("calibration", plan.calibration), ("evaluation", plan.evaluation)):
+        if data is not None:
+            lines.append(f"{name}: {data.samples} samples from {data.source}{' (synthetic)' if data.synthetic else ''}")
+    return "\n".join(lines)

@@ -69,3 +69,10 @@ class StructureError(OnnxPruneError):
     computes (a dependency the channel trace missed); nothing is written (exit 10)."""
 
     exit_code = 10
+
+
+class SpeedTargetError(OnnxPruneError):
+    """--target-speedup cannot be reached: removing every removable channel is measured slower
+    than the target; nothing is written (exit 11)."""
+
+    exit_code = 11

@@ -19,7 +19,7 @@ from .bridge.bindings import PrunableTensor, select
 from .bridge.convert import TorchModel
 from .config import PruneConfig
 from .data import Dataset, InputSpec, feed_plan, input_specs, iter_feeds, load_data, run_batches, split
-from .errors import UsageError
+from .errors import SpeedTargetError, UsageError
 from .estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO, Estimator
 from .gradients import FisherLoss, GradientSource, choose_loss
 from .masks import parse_pattern
@@ -31,6 +31,8 @@ from .report import Conversion, ModelInfo
 from .runtime import memory_budget, torch_runner
 from .schedule import SCHEDULES
 from .structure import STRUCTURES, ChannelGraph
+from .structure.constraint import SPEED_SCHEDULE_END
+from .structure.latency import LatencyTable, measure_table
 from .validate import Headline, output_kind
 
 log = logging.getLogger("onnxprune")
@@ -56,6 +58,7 @@ class Job:
     targets: list[PrunableTensor]
     device: torch.device
     channels: ChannelGraph | None = None  # the removable groups, for --structure channels
+    latency: LatencyTable | None = None  # measured savings of removing channels, for --target-speedup
 
     @property
     def calibration_data(self) -> Dataset:
@@ -111,10 +114,20 @@ def select_targets(torch_model: TorchModel, exclude: Sequence[str]) -> list[Prun
     return list(targets)
 
 
+# timed runs per width in the latency table, at least (the speed section's --speed-runs may be 0)
+MIN_TABLE_RUNS = 10
+
+
 def schedule_phases(config: PruneConfig) -> list:
     """The pruning steps of the configured schedule."""
     steps = config.steps if config.schedule == "oneshot" else config.prune_steps
-    return SCHEDULES.get(config.schedule)(config.sparsity, steps, config.initial_sparsity, config.finetune_steps)
+    return SCHEDULES.get(config.schedule)(final_sparsity(config), steps, config.initial_sparsity, config.finetune_steps)
+
+
+def final_sparsity(config: PruneConfig) -> float:
+    """What the schedule steps to: the sparsity, or towards a speed-up only the schedule's
+    progress (constraint.py turns it into each step's speed-up)."""
+    return config.sparsity if config.target_speedup is None else SPEED_SCHEDULE_END
 
 
 def make_estimator(config: PruneConfig) -> Estimator:
@@ -179,6 +192,8 @@ def make_pruner(config: PruneConfig, job: Job, estimator: Estimator, source: Sou
         pattern=parse_pattern(config.pattern),
         evaluate=loss_evaluator(config, job) if ALLOCATORS.get(config.allocation).needs_evaluation else None,
         channels=job.channels,
+        latency=job.latency,
+        speedup=config.target_speedup,
     )
 
 
@@ -231,9 +246,10 @@ def make_repairer(
     automatic searches)."""
     settings = settings or repair_settings(config)
     if job.channels is not None:
-        # whole channels: swapping single entries would break them, and a bias added by the
-        # statistics correction is not in the traced groups; the least-squares refit stays
-        settings = replace(settings, refine_masks=False, correct_statistics="off")
+        # whole channels: swapping single entries would break them (the least-squares refit and
+        # the statistics correction, which gives the consumers of removed channels their mean back,
+        # stay)
+        settings = replace(settings, refine_masks=False)
     calibration = job.calibration
     if not repair_passes(settings) or calibration is None or calibration.synthetic or len(calibration) < min_samples:
         return None
@@ -280,3 +296,27 @@ def trace_structure(
             f"({shown or 'no Conv, Gemm or MatMul with a constant weight'}); use --structure unstructured"
         )
     return channels
+
+
+def latency_table(
+    config: PruneConfig, proto: ModelProto, data: Dataset, specs: Sequence[InputSpec], channels: ChannelGraph | None
+) -> LatencyTable | None:
+    """For --target-speedup, the measured latency table of the removable channels (speed batch
+    and threads of the config); a target that removing every removable channel does not reach
+    (measured) is an error before any pruning."""
+    if config.target_speedup is None or channels is None:
+        return None
+    feeds, _ = next(iter_feeds(data, specs, feed_plan(specs, data, config.speed_batch)))
+    runs = max(config.speed_runs, MIN_TABLE_RUNS)
+    log.info("latency table: timing %s with parts of each group of channels removed", config.input.name)
+    table = measure_table(proto, channels, feeds, config.speed_batch, runs, config.speed_threads, log=log.info)
+    most = table.speedup_of(table.most_removed())
+    log.info("latency table: dense %.3f ms; every removable channel gone: %.2fx (measured)", table.dense_ms, most)
+    if most < config.target_speedup:
+        raise SpeedTargetError(
+            f"--target-speedup {config.target_speedup:g} cannot be reached on {config.input.name}: with every "
+            f"removable channel gone (each layer keeping one) it runs {most:.2f}x faster in onnxruntime "
+            f"(batch {config.speed_batch}, {table.threads} threads, measured); ask for less than {most:.2f}, or "
+            "see the report's left_in_place for the channels that cannot be removed; nothing was written"
+        )
+    return table

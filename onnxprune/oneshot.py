@@ -32,6 +32,7 @@ from .progress import Progress
 from .schedule import oneshot_targets
 from .structure import ChannelGraph
 from .structure.constraint import ChannelConstraint
+from .structure.latency import LatencyTable
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,16 @@ class Pruner:
         pattern: tuple[int, int] | None = None,
         evaluate: Callable[[], float] | None = None,
         channels: ChannelGraph | None = None,
+        latency: LatencyTable | None = None,
+        speedup: float | None = None,
     ):
         self.estimator, self.sources, self.progress = estimator, sources, progress
         # whole channels: the allocation splits classes of channels, and the estimator updates
         # the survivors of exactly the masks chosen (it picks no entries of its own)
         self.structured = channels is not None
-        self.allocator = ChannelConstraint(channels, allocation) if channels else ALLOCATORS.get(allocation)()
+        self.allocator = (
+            ChannelConstraint(channels, allocation, latency, speedup) if channels else ALLOCATORS.get(allocation)()
+        )
         self.pattern = PatternConstraint(self.allocator, *pattern) if pattern is not None else None
         # the loss of the current model on held-out calibration samples (sensitivity allocation)
         self.evaluate = evaluate

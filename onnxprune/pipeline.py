@@ -33,6 +33,7 @@ from .graph_edit import add_biases
 from .job import (
     Job,
     Source,
+    latency_table,
     load_inputs,
     make_pruner,
     make_repairer,
@@ -58,7 +59,8 @@ from .reporting import data_info, finetune_info, fisher_info, model_info, warnin
 from .runtime import non_finite_output, require_finite, resolve_device, timed, torch_runner
 from .searches import Resolved, resolve, statistics_job
 from .speed import Speed, measure_speed
-from .structure.remove import describe, remove_channels
+from .structure.constraint import ChannelConstraint
+from .structure.remove import describe, kept_biases, remove_channels
 from .structure.select import removed_classes
 from .validate import OrtModel, choose_headline
 
@@ -125,6 +127,7 @@ class Pruned:
     repair: dict | None = None  # the repair passes after each step (repair.py)
     added_biases: list = field(default_factory=list)  # (node output, weight, values) for nodes given a bias
     removed: frozenset[int] = frozenset()  # the classes of channels removed (--structure channels)
+    speed_rounds: tuple[dict, ...] = ()  # --target-speedup: each choice timed as a whole
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +181,7 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
         )
     input_info = model_info(model.proto, config.input, model.external_files)
     channels = trace_structure(config, model.proto, evaluation, specs, targets)
+    latency = latency_table(config, model.proto, evaluation, specs, channels)
     # the targets' values now live in the torch model, and every write-back replaces them
     release_payloads(model.proto, [t.name for t in targets])
     return Job(
@@ -194,6 +198,7 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
         targets=targets,
         device=device,
         channels=channels,
+        latency=latency,
     )
 
 
@@ -234,6 +239,7 @@ def prune_weights(resolved: Resolved, job: Job) -> Pruned:
             done, tuning_seconds = _run_phases(config, job, phases, run, progress)
             outcome = OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
             removed = removed_channels(job, pruner)
+            rounds = tuple(pruner.allocator.rounds) if isinstance(pruner.allocator, ChannelConstraint) else ()
             arrays, final = _final_values(config, job, run, outcome)
             added = repairer.fold(arrays) if repairer is not None else []
             repair = repairer.report() if repairer is not None else None
@@ -254,6 +260,7 @@ def prune_weights(resolved: Resolved, job: Job) -> Pruned:
         repair=repair,
         added_biases=added,
         removed=removed,
+        speed_rounds=rounds,
     )
 
 
@@ -327,9 +334,10 @@ def write_and_validate(
     with timed(timings, "write"):
         log.info("writing %s", path)
         proto = write_back(job.model.proto, arrays)
-        add_biases(proto, added_biases)
         sparsity = measure_sparsity(proto, job.targets)  # zeros, or entries of removed channels
         layers = remove_channels(proto, job.channels, removed) if job.channels is not None else {}
+        # biases the statistics correction adds are sliced like their node's outputs
+        add_biases(proto, kept_biases(job.channels, removed, added_biases) if job.channels else added_biases)
         external = job.model.uses_external_data or tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
         save_model(proto, path, external_data=external)
         output = model_info(proto, path, written_data_files(path, external))
@@ -379,6 +387,17 @@ def _agreement(final: FinalCheck | None, candidate: list[np.ndarray], structured
             "--structure unstructured works meanwhile"
         )
     return agreement
+
+
+def _channels(config: PruneConfig, job: Job, written: Written, pruned: Pruned) -> dict | None:
+    """The report's account of removed channels, with the speed target's table and rounds."""
+    if job.channels is None:
+        return None
+    described = describe(job.channels, written.layers)
+    if config.target_speedup is not None and job.latency is not None:
+        target = {"target": config.target_speedup, "table": job.latency.summary(), "rounds": list(pruned.speed_rounds)}
+        described["target_speedup"] = target
+    return described
 
 
 def removed_channels(job: Job, pruner) -> frozenset[int]:
@@ -435,7 +454,7 @@ def build_report(
             repair=pruned.repair,
             method_search=resolved.method,
             structure=config.structure,
-            channels=describe(job.channels, written.layers) if job.channels is not None else None,
+            channels=_channels(config, job, written, pruned),
         ),
         speed=written.speed,
         conversion=job.conversion,

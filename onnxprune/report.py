@@ -234,48 +234,6 @@ class DryRun(InputDocument):
         return 8 if self.memory is not None and not self.memory.fits else 0
 
 
-def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
-    """The dry run for people: the tensors, the schedule and the memory estimate."""
-    lines = [
-        f"onnxprune {plan.tool_version} (dry run, nothing written): {plan.method}, {plan.allocation} allocation, "
-        f"target sparsity {plan.target_sparsity:.2f} on {plan.input.path}"
-    ]
-    width = max([len("prunable tensor")] + [len(t.name) for t in plan.tensors[:max_rows]]) + 2
-    lines.append(f"  {'prunable tensor':<{width}}{'shape':>16}{'params':>12}  consumers")
-    for t in plan.tensors[:max_rows]:
-        shape = "x".join(str(d) for d in t.shape)
-        lines.append(f"  {t.name:<{width}}{shape:>16}{t.numel:>12,}  {', '.join(t.consumers)}")
-    if len(plan.tensors) > max_rows:
-        lines.append(f"  ... {len(plan.tensors) - max_rows} more (see --json)")
-    lines.append(
-        f"  {len(plan.tensors)} tensors, {plan.params:,} params; {plan.params_to_prune:,} would be pruned"
-        + (f"; left dense by --exclude: {', '.join(plan.excluded[:8])}" if plan.excluded else "")
-    )
-    if plan.channels:
-        c = plan.channels
-        lines.append(f"channels: {c['classes']} removable classes in {c['layers_traced']} layers traced")
-        lines += [f"  left in place: {row['channels']} channels ({row['reason']})" for row in c["left_in_place"][:8]]
-    steps = " -> ".join(f"{x:.3f}" for x in plan.schedule)
-    lines.append(
-        f"schedule: sparsity {steps}" + (f", {plan.finetune_steps} fine-tuning steps" if plan.finetune_steps else "")
-    )
-    m = plan.memory
-    if m is None:
-        lines.append("memory: the estimator keeps no statistics")
-    else:
-        lines.append(
-            f"memory for the statistics: about {_size(m.estimate_bytes)} of {_size(m.budget_bytes)} allowed; "
-            f"{m.groups} group(s), statistics kept in {m.statistics_storage}, "
-            f"{m.gradient_collections} gradient collection(s)"
-        )
-        if m.problem:
-            lines.append(f"would fail (exit 8): {m.problem}")
-    for name, data in (("calibration", plan.calibration), ("evaluation", plan.evaluation)):
-        if data is not None:
-            lines.append(f"{name}: {data.samples} samples from {data.source}{' (synthetic)' if data.synthetic else ''}")
-    return "\n".join(lines)
-
-
 @dataclass(frozen=True)
 class Report(JsonDocument):
     tool_version: str

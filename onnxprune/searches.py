@@ -20,7 +20,7 @@ from .errors import MemoryBudgetError
 from .estimators import ESTIMATORS, METHOD_AUTO
 from .estimators.base import DAMP_GRID, DEFAULT_DAMP
 from .estimators.layerwise import DEFAULT_MIX, MIX_GRID
-from .job import Job, loss_evaluator, make_pruner, make_repairer, search_split, statistics_source
+from .job import Job, final_sparsity, loss_evaluator, make_pruner, make_repairer, search_split, statistics_source
 from .oneshot import TensorView, plan_statistics
 from .progress import Progress
 from .repair import repair_settings
@@ -123,7 +123,7 @@ def trial_losses(config: PruneConfig, job: Job, trials: Sequence[tuple[str, Prun
             repairer = make_repairer(config, job, pruner, Progress(False), repair, min_samples=0)
             before = list(pruner.keep)
             try:
-                pruner.step(trial.sparsity, label, last=True)  # one step to the target
+                pruner.step(final_sparsity(trial), label, last=True)  # one step to the target
                 if repairer is not None:
                     repairer.after_step(label, before)
                 losses.append(evaluate())
@@ -261,6 +261,8 @@ def _no_allocation_search(config: PruneConfig, job: Job) -> str | None:
     """Why --allocation auto is global without trials (None: the trials run)."""
     if config.pattern:
         return "the N:M pattern fixes each tensor's sparsity"
+    if config.target_speedup is not None:
+        return "--target-speedup chooses each layer's width from the measured latency table"
     if not trials_predict_the_run(config):
         # a one-shot trial at the target says nothing of a gradual run, whose fine-tuning between
         # steps recovers from what one shot cannot (a digits CNN at 95%, 8 steps, 300 fine-tuning

@@ -104,7 +104,13 @@ def available_cores() -> int:
 
 def time_models(paths: Sequence[Path], feeds: dict[str, np.ndarray], runs: int, threads: int) -> list[Latency]:
     """Median and 10th/90th percentile milliseconds per run of each model on the same feeds."""
-    sessions = [_session(path, threads) for path in paths]
+    sessions = [session_for(path, threads) for path in paths]
+    return [latency_of(times) for times in time_sessions(sessions, feeds, runs)]
+
+
+def time_sessions(sessions: Sequence, feeds: dict[str, np.ndarray], runs: int) -> list[list[float]]:
+    """Seconds per run of each session on the same feeds, after WARMUP_RUNS untimed runs, the
+    sessions' runs interleaved."""
     for session in sessions:
         for _ in range(WARMUP_RUNS):
             session.run(None, feeds)
@@ -114,7 +120,7 @@ def time_models(paths: Sequence[Path], feeds: dict[str, np.ndarray], runs: int, 
             start = time.perf_counter()
             session.run(None, feeds)
             times.append(time.perf_counter() - start)
-    return [latency_of(times) for times in seconds]
+    return seconds
 
 
 def latency_of(seconds: Sequence[float]) -> Latency:
@@ -125,7 +131,8 @@ def latency_of(seconds: Sequence[float]) -> Latency:
     )
 
 
-def _session(path: Path, threads: int):
+def session_for(model: Path | bytes, threads: int):
+    """An onnxruntime CPU session on a file or on serialized model bytes, `threads` threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -133,8 +140,9 @@ def _session(path: Path, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    source = model if isinstance(model, bytes) else str(model)
     with contextlib.redirect_stdout(io.StringIO()):  # the wrapper may print; stdout stays clean for --json
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def footprint(path: Path, feeds: dict[str, np.ndarray], latency: Latency | None) -> Footprint:

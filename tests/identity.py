@@ -66,6 +66,7 @@ ADDED = {
     "speed_batch",
     "speed_threads",
     "speedup",
+    "target_speedup",
 }
 
 

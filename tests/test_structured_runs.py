@@ -209,3 +209,51 @@ def test_speed_counts_weights_held_in_constant_nodes_and_their_flops(tmp_path):
     f = footprint(path, {"x": randn(3, 2, 5, 5, seed=2)}, None)
     assert f.parameters == 4 * 2 * 9 and f.nonzero_parameters == 72
     assert f.layer_flops == 2 * (3 * 4 * 25) * (2 * 9)  # batch 3: every output element a dot of 18
+
+
+def test_the_statistics_correction_gives_consumers_of_removed_channels_their_mean_back(tmp_path):
+    # conv a's outputs are far from zero mean (bias +2 before the Relu): removing some of them
+    # takes a large mean from conv b, which has no bias of its own
+    inits = {
+        "wa": randn(8, 3, 3, 3, seed=1) * 0.3,
+        "ba": np.full(8, 2.0, dtype=np.float32),
+        "wb": randn(8, 8, 3, 3, seed=3) * 0.2,
+        "wf": randn(8, 4, seed=7),
+        "bf": randn(4, seed=8),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["ya"], name="a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["ya"], ["ra"], name="ra"),
+        helper.make_node("Conv", ["ra", "wb"], ["yb"], name="b", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["yb"], ["rb"], name="rb"),
+        helper.make_node("GlobalAveragePool", ["rb"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc"),
+    ]
+    proto = model(nodes, [tensor("x", ["n", 3, 8, 8])], [tensor("logits", ["n", 4])], inits)
+    path = save(proto, tmp_path / "nobias.onnx")
+    x = randn(200, 3, 8, 8, seed=9)
+    labels = np.argmax(ort_run(proto, {"x": x})[0], axis=1)
+    calib = save_npz(tmp_path / "calib.npz", x=x[:160], labels=labels[:160])
+    evaluation = save_npz(tmp_path / "eval.npz", x=x[160:], labels=labels[160:])
+    runs = {}
+    for mode in ("mean", "off"):
+        runs[mode] = prune(
+            PruneConfig(
+                input=path, output=tmp_path / f"{mode}.onnx", sparsity=0.4, structure="channels",
+                method="magnitude", allocation="layer", calibration=calib, evaluation=evaluation,
+                solve_weights=False, correct_statistics=mode, speed_runs=0,
+            )
+        )  # fmt: skip
+    steps = runs["mean"].pruning.repair["steps"]
+    assert [(s["addition"], s["kept"]) for s in steps] == [("statistics", True)]
+    assert steps[0]["loss_after"] < steps[0]["loss_before"]
+    written = onnx.load(str(tmp_path / "mean.onnx"))
+    onnx.checker.check_model(written, full_check=True)
+    b = next(n for n in written.graph.node if n.name == "b")
+    dims = {t.name: tuple(t.dims) for t in written.graph.initializer}
+    assert len(b.input) == 3 and dims[b.input[2]] == (dims["wb"][0],)  # the added bias, cut to b's kept outputs
+    assert dims["wb"][0] < 8 and dims["wa"][0] < 8
+    # the written file computes what the corrected torch model computed (no exit 10), and is closer to dense
+    mean, off = (runs[m].validation.outputs[0] for m in ("mean", "off"))
+    assert mean.cosine > off.cosine

@@ -5,7 +5,7 @@ constants updated; nodes, names, opsets and IR version untouched)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
@@ -89,6 +89,23 @@ def remove_channels(proto: ModelProto, graph: ChannelGraph, removed: Iterable[in
         for space in graph.spaces
         if any(graph.find(e) in removed for e in range(space.start, space.start + space.size))
     }
+
+
+def kept_biases(
+    graph: ChannelGraph, removed: Iterable[int], added: Sequence[tuple[str, str, np.ndarray]]
+) -> list[tuple[str, str, np.ndarray]]:
+    """New biases (node output, weight, values over the node's full outputs) cut to the outputs
+    that stay: a node whose weight starts a traced space loses the removed classes' entries."""
+    removed = {graph.find(r) for r in removed}
+    spaces = {space.weight: space for space in graph.spaces}
+    out = []
+    for output, weight, values in added:
+        space = spaces.get(weight)
+        if space is not None and len(values) == space.size:
+            labels = range(space.start, space.start + space.size)
+            values = values[[k for k, e in enumerate(labels) if graph.find(e) not in removed]]
+        out.append((output, weight, values))
+    return out
 
 
 def _replace(tensor: TensorProto, array: np.ndarray) -> None:

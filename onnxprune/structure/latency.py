@@ -1,0 +1,206 @@
+"""Measured latency of removing whole channels (a ZipLM-style table), for --target-speedup.
+
+Classes of channels that touch the same layers form a *group* (one layer's output channels, or
+the channels a residual sum ties across several layers). For each group the model is timed in
+onnxruntime with a quarter, a half, three quarters and all of the group's removable classes
+gone, the rest dense, on this machine with the run's threads and batch, each variant's runs
+interleaved with the dense model's so that drift hits both. The table predicts a choice's
+latency additively (each group's saving interpolated linearly in its count of removed classes,
+made non-decreasing); `choose_for_latency` then removes, over all groups, the class with the
+smallest saliency per millisecond saved until the prediction reaches the target. A choice is
+finally timed as a whole (`LatencyTable.speedup_of`), since the additive prediction is only a
+model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+
+from ..speed import available_cores, latency_of, session_for, time_sessions
+from .remove import remove_channels
+from .select import membership
+from .trace import ChannelGraph
+
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of a group's removable classes, timed for the table
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    """One group: its classes and the milliseconds saved with `counts[i]` of them removed."""
+
+    classes: tuple[int, ...]
+    spaces: tuple[tuple[int, int], ...]  # (space index, channels per class)
+    counts: tuple[int, ...]  # 0 first, increasing
+    saved_ms: tuple[float, ...]  # 0 first, non-decreasing
+
+    def saving(self, removed: int) -> float:
+        return float(np.interp(removed, self.counts, self.saved_ms))
+
+
+@dataclass
+class LatencyTable:
+    """The dense latency, each group's measured savings, and what is needed to time a choice."""
+
+    dense_ms: float
+    groups: list[GroupCost]
+    threads: int
+    batch_size: int
+    runs: int
+    model: bytes  # the original model, to time a whole choice
+    feeds: dict[str, np.ndarray]
+    graph: ChannelGraph
+
+    def predicted_ms(self, removed: set[int]) -> float:
+        roots = {self.graph.find(r) for r in removed}
+        return self.dense_ms - sum(g.saving(sum(c in roots for c in g.classes)) for g in self.groups)
+
+    def speedup_of(self, removed: set[int]) -> float:
+        """The measured speed-up of the model with the `removed` classes gone (dense / variant)."""
+        return 1.0 / _ratio(self.model, self.graph, removed, self.feeds, self.runs, self.threads)
+
+    def most_removed(self) -> set[int]:
+        """Every class the groups may lose together (each layer keeps at least one channel)."""
+        removed, _ = choose_for_latency(self.graph, {c: 0.0 for g in self.groups for c in g.classes}, self, 0.0)
+        return removed
+
+    def summary(self) -> dict:
+        return {
+            "dense_ms": round(self.dense_ms, 4),
+            "groups": len(self.groups),
+            "threads": self.threads,
+            "batch_size": self.batch_size,
+            "runs": self.runs,
+            "most_saved_ms": round(sum(g.saved_ms[-1] for g in self.groups), 4),
+        }
+
+
+def latency_groups(graph: ChannelGraph) -> list[tuple[tuple[int, ...], tuple[tuple[int, int], ...]]]:
+    """The removable classes grouped by the layers (and channels per layer) they touch."""
+    members = membership(graph)
+    groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    for root in graph.classes():
+        groups.setdefault(tuple(sorted(members[root].items())), []).append(root)
+    return [(tuple(sorted(roots)), key) for key, roots in sorted(groups.items())]
+
+
+def alone_limit(graph: ChannelGraph, spaces: tuple[tuple[int, int], ...], classes: int) -> int:
+    """How many of a group's classes may go with the rest dense (each layer keeps one channel)."""
+    room = [(graph.spaces[index].size - 1) // per_class for index, per_class in spaces]
+    return max(0, min([classes, *room]))
+
+
+def measure_table(
+    proto: onnx.ModelProto,
+    graph: ChannelGraph,
+    feeds: dict[str, np.ndarray],
+    batch_size: int,
+    runs: int,
+    threads: int,
+    log=None,
+) -> LatencyTable:
+    """Time the model with parts of each group removed (FRACTIONS) against the dense model."""
+    threads = threads or available_cores()
+    model = proto.SerializeToString()
+    dense = session_for(model, threads)
+    dense_times: list[float] = []
+    costs = []
+    groups = latency_groups(graph)
+    for number, (classes, spaces) in enumerate(groups, 1):
+        limit = alone_limit(graph, spaces, len(classes))
+        counts = sorted({round(f * limit) for f in FRACTIONS} - {0})
+        saved = [0.0]
+        for count in counts:
+            variant = session_for(_without(model, graph, set(classes[:count])), threads)
+            times = time_sessions([dense, variant], feeds, runs)
+            dense_times.extend(times[0])
+            saved.append(paired_ratio(times[0], times[1]))  # milliseconds once the dense latency is known
+        costs.append((classes, spaces, (0, *counts), saved))
+        if log is not None:
+            log(f"latency table: group {number}/{len(groups)} timed ({len(counts)} widths)")
+    dense_ms = latency_of(dense_times).median_ms if dense_times else 0.0
+    table = [
+        GroupCost(
+            classes=classes,
+            spaces=spaces,
+            counts=counts,
+            saved_ms=tuple(np.maximum.accumulate([0.0, *((1.0 - r) * dense_ms for r in ratios[1:])]).tolist()),
+        )
+        for classes, spaces, counts, ratios in costs
+    ]
+    return LatencyTable(dense_ms, table, threads, batch_size, runs, model, feeds, graph)
+
+
+def choose_for_latency(
+    graph: ChannelGraph,
+    totals: Mapping[int, float],
+    table: LatencyTable,
+    target_ms: float,
+    already: frozenset[int] = frozenset(),
+) -> tuple[set[int], float]:
+    """The classes to remove for a predicted latency of at most `target_ms`: classes removed
+    before stay; then, one at a time, the class whose saliency per millisecond saved is smallest
+    among each group's next cheapest. Stops early when no class can go (every layer keeps one
+    channel); returns the choice and its predicted latency."""
+    members = membership(graph)
+    left = [space.size for space in graph.spaces]
+    removed: set[int] = set()
+    done = [0] * len(table.groups)
+    group_of = {c: i for i, g in enumerate(table.groups) for c in g.classes}
+
+    def fits(root: int) -> bool:
+        return all(left[i] - count >= 1 for i, count in members[root].items())
+
+    def take(root: int) -> None:
+        for index, count in members[root].items():
+            left[index] -= count
+        removed.add(root)
+        done[group_of[root]] += 1
+
+    for root in sorted({graph.find(r) for r in already} & set(group_of)):
+        take(root)
+    queues = [
+        sorted((c for c in g.classes if c not in removed), key=lambda c: (totals.get(c, 0.0), c)) for g in table.groups
+    ]
+    heads = [0] * len(queues)
+    predicted = table.dense_ms - sum(g.saving(n) for g, n in zip(table.groups, done))
+    while predicted > target_ms:
+        best, best_score = None, np.inf
+        for index, queue in enumerate(queues):
+            if heads[index] >= len(queue) or not fits(queue[heads[index]]):
+                continue
+            group = table.groups[index]
+            gain = group.saving(done[index] + 1) - group.saving(done[index])
+            # a flat stretch of the measured curve is crossed last, but still crossed if needed
+            score = totals.get(queue[heads[index]], 0.0) / max(gain, 1e-9)
+            if score < best_score:
+                best, best_score = index, score
+        if best is None:
+            break
+        group = table.groups[best]
+        predicted -= group.saving(done[best] + 1) - group.saving(done[best])
+        take(queues[best][heads[best]])
+        heads[best] += 1
+    return removed, predicted
+
+
+def _without(model: bytes, graph: ChannelGraph, removed: set[int]) -> bytes:
+    proto = onnx.load_from_string(model)
+    remove_channels(proto, graph, removed)
+    return proto.SerializeToString()
+
+
+def _ratio(model: bytes, graph: ChannelGraph, removed: set[int], feeds, runs: int, threads: int) -> float:
+    """Median latency of the model without `removed` over the dense model's, runs interleaved."""
+    dense = session_for(model, threads)
+    variant = session_for(_without(model, graph, removed), threads)
+    times = time_sessions([dense, variant], feeds, runs)
+    return paired_ratio(times[0], times[1])
+
+
+def paired_ratio(dense: list[float], variant: list[float]) -> float:
+    """The median over interleaved runs of variant time / dense time: a load that comes and goes
+    slows both runs of a pair alike, where a ratio of two medians would take it in."""
+    return float(np.median(np.asarray(variant) / np.asarray(dense)))
