@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
+from .sessions import cpu_session
+
 _MAX_OBSERVED_BYTES = 1 << 30  # models above this are not copied for an observing run
 
 
@@ -50,8 +52,6 @@ def static_shapes(proto: ModelProto, input_shapes: dict[str, tuple[int, ...]]) -
 def observed_shapes(proto: ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """The shape of every node output of the main graph in one onnxruntime run on `feeds`
     ({} when the model is too large to copy or the run fails)."""
-    import onnxruntime as ort
-
     if proto.ByteSize() > _MAX_OBSERVED_BYTES:
         return {}
     copy = ModelProto()
@@ -59,11 +59,9 @@ def observed_shapes(proto: ModelProto, feeds: dict[str, np.ndarray]) -> dict[str
     declared = {o.name for o in copy.graph.output}
     names = [name for node in copy.graph.node for name in node.output if name and name not in declared]
     copy.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
     try:
+        session = cpu_session(copy.SerializeToString())
         with contextlib.redirect_stdout(io.StringIO()):
-            session = ort.InferenceSession(copy.SerializeToString(), options, providers=["CPUExecutionProvider"])
             values = session.run(None, feeds)
     except Exception:
         return {}

@@ -9,8 +9,6 @@ pruning) changes the shapes themselves."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import time
 import zlib
@@ -23,6 +21,7 @@ import onnx
 from onnx import ModelProto, numpy_helper
 
 from .bridge.bindings import named_tensors
+from .sessions import cpu_session
 from .shapes import observed_shapes, static_shapes
 
 WARMUP_RUNS = 3
@@ -104,7 +103,7 @@ def available_cores() -> int:
 
 def time_models(paths: Sequence[Path], feeds: dict[str, np.ndarray], runs: int, threads: int) -> list[Latency]:
     """Median and 10th/90th percentile milliseconds per run of each model on the same feeds."""
-    sessions = [session_for(path, threads) for path in paths]
+    sessions = [cpu_session(path, threads) for path in paths]
     return [latency_of(times) for times in time_sessions(sessions, feeds, runs)]
 
 
@@ -129,20 +128,6 @@ def latency_of(seconds: Sequence[float]) -> Latency:
     return Latency(
         median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)), p90_ms=float(np.percentile(ms, 90))
     )
-
-
-def session_for(model: Path | bytes, threads: int):
-    """An onnxruntime CPU session on a file or on serialized model bytes, `threads` threads."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    source = model if isinstance(model, bytes) else str(model)
-    with contextlib.redirect_stdout(io.StringIO()):  # the wrapper may print; stdout stays clean for --json
-        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def footprint(path: Path, feeds: dict[str, np.ndarray], latency: Latency | None) -> Footprint:

@@ -10,6 +10,7 @@ import numpy as np
 
 from .data import Dataset, InputSpec, run_batches
 from .errors import CalibrationDataError, InvalidModelError, UsageError
+from .sessions import cpu_session
 
 
 def _first_line(exc: BaseException) -> str:
@@ -21,14 +22,8 @@ class OrtModel:
     """An onnxruntime session on a model file, CPU provider (deterministic, present everywhere)."""
 
     def __init__(self, path: Path):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        # fatal only: its errors repeat as our one-line message, and warnings about unused
-        # initializers are noise here
-        options.log_severity_level = 4
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            self.session = cpu_session(path)
         except Exception as exc:
             raise InvalidModelError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
         self.path = Path(path)

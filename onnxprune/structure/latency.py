@@ -19,7 +19,8 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from ..speed import available_cores, latency_of, session_for, time_sessions
+from ..sessions import cpu_session
+from ..speed import available_cores, latency_of, time_sessions
 from .remove import remove_channels
 from .select import membership
 from .trace import ChannelGraph
@@ -104,7 +105,7 @@ def measure_table(
     """Time the model with parts of each group removed (FRACTIONS) against the dense model."""
     threads = threads or available_cores()
     model = proto.SerializeToString()
-    dense = session_for(model, threads)
+    dense = cpu_session(model, threads)
     dense_times: list[float] = []
     costs = []
     groups = latency_groups(graph)
@@ -113,7 +114,7 @@ def measure_table(
         counts = sorted({round(f * limit) for f in FRACTIONS} - {0})
         saved = [0.0]
         for count in counts:
-            variant = session_for(_without(model, graph, set(classes[:count])), threads)
+            variant = cpu_session(_without(model, graph, set(classes[:count])), threads)
             times = time_sessions([dense, variant], feeds, runs)
             dense_times.extend(times[0])
             saved.append(paired_ratio(times[0], times[1]))  # milliseconds once the dense latency is known
@@ -194,8 +195,8 @@ def _without(model: bytes, graph: ChannelGraph, removed: set[int]) -> bytes:
 
 def _ratio(model: bytes, graph: ChannelGraph, removed: set[int], feeds, runs: int, threads: int) -> float:
     """Median latency of the model without `removed` over the dense model's, runs interleaved."""
-    dense = session_for(model, threads)
-    variant = session_for(_without(model, graph, removed), threads)
+    dense = cpu_session(model, threads)
+    variant = cpu_session(_without(model, graph, removed), threads)
     times = time_sessions([dense, variant], feeds, runs)
     return paired_ratio(times[0], times[1])
 

@@ -1,0 +1,26 @@
+"""The one way this package opens an onnxruntime session: CPU provider (deterministic, present
+everywhere), fatal messages only (its errors come back as our one-line messages, and warnings
+about unused initializers are noise here), and the wrapper's prints kept off stdout, which
+stays clean for --json."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+
+def cpu_session(model: Path | str | bytes, threads: int = 0):
+    """A session on a model file or serialized model bytes; `threads` > 0 fixes the intra-op
+    threads and runs the nodes one after the other (what the speed section times)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    if threads > 0:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    source = model if isinstance(model, bytes) else str(model)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
