@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import peers
+from bench import _child as run_child
 from peers import PEERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,11 +277,7 @@ def measure(case: Case) -> dict:
             model=str(model), out=str(out), calib=str(calib), evaluation=str(evaluation),
             sparsity=case.sparsity, method=case.method, settings=dict(case.settings),
         )  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "exit_code": done.returncode}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(code)
 
 
 CHILD = """
