@@ -37,6 +37,9 @@ OURS = {
         "method": "woodfisher", "damp": 1e-3, "allocation": "global", "finetune_steps": FINETUNE_STEPS
     },
 }  # fmt: skip
+# per model: MiniLM's removable channels are its FFN neurons, and `layer` removes the same share
+# of every layer's (50%: every FFN halved, the target)
+OURS_BY_MODEL = {"minilm": {"allocation": "layer"}}
 # --target-speedup: the latency table picks each layer's width (ours only: the peer has no such mode)
 SPEEDUPS = {"cnn": (1.5, 2.0), "ocr": (1.25, 1.5), "minilm": (1.25,)}
 PEERS = {
@@ -110,7 +113,8 @@ def measure(model: str, sparsity: float, method: str, speedup: float | None = No
     if method in PEERS:
         code = PEER.format(function=PEERS[method], batch=SPEED_BATCH[model], **names)
     else:
-        settings = OURS[method] if speedup is None else {**OURS[method], "target_speedup": speedup}
+        settings = {**OURS[method], **OURS_BY_MODEL.get(model, {})}
+        settings = settings if speedup is None else {**settings, "target_speedup": speedup}
         code = OWN.format(settings=settings, batch=SPEED_BATCH[model], **names)
     return run_child(code)
 

@@ -62,7 +62,9 @@ class Speed:
     warmup: int
     original: Footprint
     output: Footprint
-    speedup: float | None  # original median latency / output median latency
+    # the median over the interleaved pairs of runs of original time / output time (load that comes
+    # and goes slows both runs of a pair alike, where a ratio of two medians would take it in)
+    speedup: float | None
 
 
 def measure_speed(
@@ -76,11 +78,10 @@ def measure_speed(
     """Latency of both files on `feeds` (`runs` timed runs each, interleaved), and their sizes,
     parameters and layer FLOPs."""
     threads = threads or available_cores()
-    latencies = time_models([original, output], feeds, runs, threads) if runs > 0 else [None, None]
+    seconds = time_sessions([cpu_session(p, threads) for p in (original, output)], feeds, runs) if runs > 0 else []
+    latencies = [latency_of(s) for s in seconds] if seconds else [None, None]
     before, after = (footprint(path, feeds, latency) for path, latency in zip((original, output), latencies))
-    speedup = None
-    if before.latency is not None and after.latency is not None and after.latency.median_ms > 0:
-        speedup = before.latency.median_ms / after.latency.median_ms
+    speedup = 1.0 / paired_ratio(seconds[0], seconds[1]) if seconds else None
     return Speed(
         provider="CPUExecutionProvider",
         threads=threads,
@@ -101,12 +102,6 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def time_models(paths: Sequence[Path], feeds: dict[str, np.ndarray], runs: int, threads: int) -> list[Latency]:
-    """Median and 10th/90th percentile milliseconds per run of each model on the same feeds."""
-    sessions = [cpu_session(path, threads) for path in paths]
-    return [latency_of(times) for times in time_sessions(sessions, feeds, runs)]
-
-
 def time_sessions(sessions: Sequence, feeds: dict[str, np.ndarray], runs: int) -> list[list[float]]:
     """Seconds per run of each session on the same feeds, after WARMUP_RUNS untimed runs, the
     sessions' runs interleaved."""
@@ -120,6 +115,11 @@ def time_sessions(sessions: Sequence, feeds: dict[str, np.ndarray], runs: int) -
             session.run(None, feeds)
             times.append(time.perf_counter() - start)
     return seconds
+
+
+def paired_ratio(dense: Sequence[float], variant: Sequence[float]) -> float:
+    """The median over interleaved runs of variant time / dense time."""
+    return float(np.median(np.asarray(variant, dtype=np.float64) / np.asarray(dense, dtype=np.float64)))
 
 
 def latency_of(seconds: Sequence[float]) -> Latency:

@@ -16,6 +16,7 @@ from onnx import helper
 from onnxprune import PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.report import schema
+from onnxprune.speed import paired_ratio
 from onnxprune.structure.constraint import SPEED_SCHEDULE_END, ChannelConstraint
 from onnxprune.structure.latency import (
     FRACTIONS,
@@ -25,7 +26,6 @@ from onnxprune.structure.latency import (
     choose_for_latency,
     latency_groups,
     measure_table,
-    paired_ratio,
 )
 from onnxprune.structure.trace import trace_channels
 from onnxprune_cli.main import main

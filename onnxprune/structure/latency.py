@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from ..sessions import cpu_session
-from ..speed import available_cores, latency_of, time_sessions
+from ..speed import available_cores, latency_of, paired_ratio, time_sessions
 from .remove import remove_channels
 from .select import membership
 from .trace import ChannelGraph
@@ -199,9 +199,3 @@ def _ratio(model: bytes, graph: ChannelGraph, removed: set[int], feeds, runs: in
     variant = cpu_session(_without(model, graph, removed), threads)
     times = time_sessions([dense, variant], feeds, runs)
     return paired_ratio(times[0], times[1])
-
-
-def paired_ratio(dense: list[float], variant: list[float]) -> float:
-    """The median over interleaved runs of variant time / dense time: a load that comes and goes
-    slows both runs of a pair alike, where a ratio of two medians would take it in."""
-    return float(np.median(np.asarray(variant) / np.asarray(dense)))
