@@ -21,6 +21,10 @@ def cpu_session(model: Path | str | bytes, threads: int = 0):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # sessions timed side by side: an idle pool's threads spinning for work would take the
+        # cores from the session that runs (on 2 cores the timings became bimodal, 0.8x-2.2x
+        # for the same pair of models)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     with contextlib.redirect_stdout(io.StringIO()):
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])

@@ -26,6 +26,8 @@ from .select import membership
 from .trace import ChannelGraph
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of a group's removable classes, timed for the table
+TABLE_SECONDS = 0.25  # of dense runs per timed variant, at least
+MAX_TABLE_RUNS = 500
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ def measure_table(
     threads = threads or available_cores()
     model = proto.SerializeToString()
     dense = cpu_session(model, threads)
+    # sub-millisecond models need many runs for a steady median: at least TABLE_SECONDS per pair
+    first = time_sessions([dense], feeds, 5)[0]
+    runs = int(min(MAX_TABLE_RUNS, max(runs, TABLE_SECONDS / max(float(np.median(first)), 1e-6))))
     dense_times: list[float] = []
     costs = []
     groups = latency_groups(graph)
