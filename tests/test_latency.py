@@ -17,7 +17,7 @@ from onnxprune import PruneConfig
 from onnxprune.errors import UsageError
 from onnxprune.report import schema
 from onnxprune.speed import paired_ratio
-from onnxprune.structure.constraint import SPEED_SCHEDULE_END, ChannelConstraint
+from onnxprune.structure.constraint import SPEED_ROUNDS, SPEED_SCHEDULE_END, ChannelConstraint
 from onnxprune.structure.latency import (
     FRACTIONS,
     MAX_TABLE_RUNS,
@@ -130,22 +130,36 @@ class _Timed(LatencyTable):
         return self.measured.pop(0)
 
 
-def test_a_choice_measured_short_of_its_goal_is_tightened_by_the_shortfall():
+def test_a_choice_measured_short_of_its_goal_is_searched_deeper_then_between():
     graph = trace_channels(mlp())
-    table = _Timed(hand_table(graph, (1.0, 1.0)), measured=[1.1, 1.3])
+    table = _Timed(hand_table(graph, (1.0, 1.0)), measured=[1.1, 1.3, 1.3, 1.2])
     constraint = ChannelConstraint(graph, "global", table, speedup=1.25)
     totals = {c: float(i) for i, c in enumerate(sorted(graph.classes()))}
     removed = constraint._for_speedup(table, totals, 1.25, frozenset())
-    first, second = constraint.rounds
-    # round 1 aims at 10 / 1.25 = 8 ms (2 classes); measured 1.1x, so round 2 aims at 8 * 1.1 / 1.25 = 7.04 ms
-    assert first == {"goal": 1.25, "predicted": 1.25, "measured": 1.1, "classes": 2}
-    assert second["classes"] == 3 and second["predicted"] == pytest.approx(10 / 7, abs=1e-4)
-    assert len(removed) == 3 and len(constraint.rounds) == 2  # 1.3 >= 1.25: no third round
+    # every class saves 1 ms of 10. Round 1 aims at 10 / 1.25 = 8 ms (2 classes) and is measured
+    # 1.1x: deeper, 8 * 1.1 / 1.25 = 7.04 ms (3 classes), measured 1.3x; then halfway, 7.52 ms
+    # (3 classes again, 1.3x) and 7.76 ms (3 classes, 1.2x: short)
+    assert [(r["classes"], r["measured"]) for r in constraint.rounds] == [(2, 1.1), (3, 1.3), (3, 1.3), (3, 1.2)]
+    assert constraint.rounds[0] == {"goal": 1.25, "predicted": 1.25, "measured": 1.1, "classes": 2}
+    assert len(removed) == 3
+
+
+def test_a_choice_that_meets_its_goal_is_searched_shallower_and_the_shallowest_that_met_stands():
+    graph = trace_channels(mlp())
+    table = _Timed(hand_table(graph, (1.0, 1.0)), measured=[1.5, 1.2, 1.3, 1.2])
+    constraint = ChannelConstraint(graph, "global", table, speedup=1.25)
+    totals = {c: float(i) for i, c in enumerate(sorted(graph.classes()))}
+    removed = constraint._for_speedup(table, totals, 1.25, frozenset())
+    # 8 ms: 2 classes, 1.5x (met) -> 8 * 1.5 / 1.25 = 9.6 ms: 1 class, 1.2x (short) -> halfway
+    # 8.8 ms: 2 classes, 1.3x (met) -> 9.2 ms: 1 class, 1.2x (short); the choice met at 8.8 ms stands
+    assert [r["classes"] for r in constraint.rounds] == [2, 1, 2, 1]
+    lowest = sorted(totals, key=totals.get)[:2]
+    assert removed == set(lowest)
 
 
 def test_a_step_of_a_schedule_aims_at_its_share_of_the_speed_up():
     graph = trace_channels(mlp())
-    table = _Timed(hand_table(graph, (1.0, 1.0)), measured=[9.9] * 3)
+    table = _Timed(hand_table(graph, (1.0, 1.0)), measured=[9.9] * 8)
     constraint = ChannelConstraint(graph, "global", table, speedup=2.0)
 
     class Pruner:  # what ChannelConstraint.masks reads
@@ -159,7 +173,7 @@ def test_a_step_of_a_schedule_aims_at_its_share_of_the_speed_up():
 
     constraint.masks(Pruner(), Scored(), SPEED_SCHEDULE_END / 2, {})
     constraint.masks(Pruner(), Scored(), SPEED_SCHEDULE_END, {})
-    assert [r["goal"] for r in constraint.rounds] == [1.5, 2.0]
+    assert [r["goal"] for r in constraint.rounds] == [1.5] * SPEED_ROUNDS + [2.0] * SPEED_ROUNDS
 
 
 @pytest.fixture
@@ -176,7 +190,7 @@ def mlp_files(tmp_path):
     )
 
 
-def test_a_target_speedup_run_reports_its_table_and_rounds_and_removes_what_the_last_round_chose(mlp_files):
+def test_a_target_speedup_run_reports_its_table_and_rounds_and_removes_the_shallowest_choice_that_met_it(mlp_files):
     path, calib, evaluation, tmp = mlp_files
     out = tmp / "fast.onnx"
     args = ["prune", str(path), str(out), "--structure", "channels", "--target-speedup", "1.2", "--method",
@@ -188,10 +202,12 @@ def test_a_target_speedup_run_reports_its_table_and_rounds_and_removes_what_the_
     jsonschema.validate(report, schema())
     target = report["pruning"]["channels"]["target_speedup"]
     assert target["target"] == 1.2 and target["table"]["groups"] == 2 and target["table"]["batch_size"] == 32
-    assert 1 <= len(target["rounds"]) <= 3
-    assert all(a["classes"] <= b["classes"] for a, b in zip(target["rounds"], target["rounds"][1:]))
+    rounds = target["rounds"]
+    assert len(rounds) == SPEED_ROUNDS
+    met = [r["classes"] for r in rounds if r["measured"] >= r["goal"]]
+    chosen = min(met) if met else max(r["classes"] for r in rounds)  # the shallowest that met the goal
     removed = sum(row["before"] - row["kept"] for row in report["pruning"]["channels"]["layers"])
-    assert removed == target["rounds"][-1]["classes"]
+    assert removed == chosen
     dims = {t.name: tuple(t.dims) for t in onnx.load(str(out)).graph.initializer}
     assert dims["w0"][1] == dims["w1"][0] and dims["w1"][1] == dims["w2"][0]
 

@@ -19,8 +19,8 @@ from .trace import ChannelGraph
 # With --target-speedup the schedule runs towards this nominal sparsity, and a step at sparsity
 # s aims at the speed-up 1 + (s / SPEED_SCHEDULE_END) · (target − 1).
 SPEED_SCHEDULE_END = 0.9
-# rounds of timing a whole choice and tightening the prediction when it falls short
-SPEED_ROUNDS = 3
+# timings of a whole choice in the search for the shallowest one that meets the goal
+SPEED_ROUNDS = 4
 
 if TYPE_CHECKING:
     from ..oneshot import Pruner, Scored
@@ -69,11 +69,17 @@ class ChannelConstraint(Allocator):
     def _for_speedup(
         self, table: LatencyTable, totals: dict[int, float], goal: float, already: frozenset[int]
     ) -> set[int]:
-        """The least salient classes whose removal is measured at least `goal` times faster: the
-        latency table's choice, timed as a whole and the prediction tightened by the shortfall
-        (SPEED_ROUNDS times at most; the last choice stands and the report shows its speed-up)."""
+        """The least salient classes whose removal is measured at least `goal` times faster. The
+        latency table predicts additively, which is only a model (a convolution's cost falls with
+        both its input and its output channels), so each choice is timed as a whole and the
+        predicted-latency target searched: deeper by the shortfall while no choice has met the
+        goal, shallower by the margin while every one has, then halfway between the deepest
+        target that fell short and the shallowest that met it (SPEED_ROUNDS timings). The
+        shallowest choice that met the goal stands, else the deepest tried."""
         target_ms = table.dense_ms / goal
-        removed: set[int] = set(already)
+        met: tuple[float, set[int]] | None = None  # (target, choice) that met the goal, shallowest
+        short: float | None = None  # the deepest target whose choice fell short
+        deepest: set[int] = set(already)
         for _ in range(SPEED_ROUNDS):
             removed, predicted = choose_for_latency(self.graph, totals, table, target_ms, already)
             measured = table.speedup_of(removed)
@@ -86,6 +92,13 @@ class ChannelConstraint(Allocator):
                 }
             )
             if measured >= goal:
-                break
-            target_ms *= measured / goal
-        return removed
+                if met is None or target_ms > met[0]:
+                    met = (target_ms, removed)
+            else:
+                short = target_ms if short is None else min(short, target_ms)
+                deepest = removed if len(removed) >= len(deepest) else deepest
+            if met is not None and short is not None:
+                target_ms = (met[0] + short) / 2
+            else:
+                target_ms *= measured / goal
+        return met[1] if met is not None else deepest
