@@ -135,9 +135,12 @@ def render(results: dict[str, dict]) -> str:
         "`removed` is the fraction of the removable parameters asked for (the peer's `sparsity` is its own "
         "fraction of each chain's channels, so compare at equal parameters or speed, not at equal labels). "
         "Speed-up: onnxruntime CPU latency of the original over the pruned file, same process, same feeds "
-        "and threads, median of 30 runs after 3 warm-up, batch given per model. One seed each; the rows so far "
-        "were measured with other jobs sharing the cores, where the same model's speed-up varies by about "
-        f"±10% between runs ({platform.machine()}, {os.cpu_count()} cores).",
+        "and threads, 30 interleaved pairs of runs after 3 warm-up, the speed-up the median of the pairs' ratios, "
+        "onnxruntime's idle threads not spinning, batch given per model. One seed each. The CNN and MiniLM rows "
+        "were measured alone on the machine after the timing fix of commit cbc6308 (before it, idle threads "
+        "spinning in the other session made the same pair of CNN files measure anywhere from 0.8x to 2.2x); "
+        "the PP-OCR rows are older (spinning threads, other jobs on the cores): their quality stands, their "
+        f"speed-ups are not reliable ({platform.machine()}, {os.cpu_count()} cores).",
         "",
     ]
     for model in MODELS:

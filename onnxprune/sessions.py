@@ -1,12 +1,12 @@
 """The one way this package opens an onnxruntime session: CPU provider (deterministic, present
 everywhere), fatal messages only (its errors come back as our one-line messages, and warnings
-about unused initializers are noise here), and the wrapper's prints kept off stdout, which
-stays clean for --json."""
+about unused initializers are noise here), and the wrapper's prints (a provider fallback, say)
+sent to stderr: stdout stays clean for --json, and the user still sees them."""
 
 from __future__ import annotations
 
 import contextlib
-import io
+import sys
 from pathlib import Path
 
 
@@ -26,5 +26,5 @@ def cpu_session(model: Path | str | bytes, threads: int = 0):
         # for the same pair of models)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(sys.stderr):
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
