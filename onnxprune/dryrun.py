@@ -15,10 +15,10 @@ from .estimators import METHOD_AUTO, Estimator
 from .job import load_inputs, make_estimator, schedule_phases, select_targets, trace_structure
 from .masks import prune_count
 from .oneshot import TensorView, plan_statistics
-from .report import DryRun, MemoryEstimate, PlannedTensor, _size
+from .report import DryRun, MemoryEstimate, PlannedTensor, size_text
 from .reporting import data_info, model_info
 from .runtime import memory_budget, resolve_device
-from .structure.constraint import SPEED_SCHEDULE_END
+from .structure.constraint import step_goal
 from .structure.remove import describe
 
 
@@ -102,7 +102,7 @@ def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
         lines.append(f"channels: {c['classes']} removable classes in {c['layers_traced']} layers traced")
         lines += [f"  left in place: {row['channels']} channels ({row['reason']})" for row in c["left_in_place"][:8]]
     if speedup:
-        goals = " -> ".join(f"{1 + min(1.0, x / SPEED_SCHEDULE_END) * (speedup - 1):.2f}x" for x in plan.schedule)
+        goals = " -> ".join(f"{step_goal(x, speedup):.2f}x" for x in plan.schedule)
         steps = f"speed-up {goals} (measured on a latency table timed first)"
     else:
         steps = "sparsity " + " -> ".join(f"{x:.3f}" for x in plan.schedule)
@@ -112,7 +112,7 @@ def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
         lines.append("memory: the estimator keeps no statistics")
     else:
         lines.append(
-            f"memory for the statistics: about {_size(m.estimate_bytes)} of {_size(m.budget_bytes)} allowed; "
+            f"memory for the statistics: about {size_text(m.estimate_bytes)} of {size_text(m.budget_bytes)} allowed; "
             f"{m.groups} group(s), statistics kept in {m.statistics_storage}, "
             f"{m.gradient_collections} gradient collection(s)"
         )

@@ -8,7 +8,7 @@ from html import escape
 from typing import Any, Collection, Iterable, Sequence
 
 from .plots import METRIC_NAMES, curve_figure, figure_png, histogram_figure, sparsity_figure
-from .report import Report, _size, allocation_losses
+from .report import Report, allocation_losses, size_text
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:1100px;color:#222;
@@ -61,8 +61,8 @@ def _summary(report: Report) -> str:
     cards = [
         ("sparsity", f"{p.sparsity:.4f}", f"target {p.target_sparsity:.2f}, {p.method}, {split}"),
         (metric, f"{q.before:.4f} → {q.after:.4f}", f"drop {q.drop:+.4f} on {report.validation.samples} samples"),
-        ("size", f"{_size(report.input.size_bytes)} → {_size(report.output.size_bytes)}", _compressed(report)),
-        ("time", f"{report.timings.get('total', 0):.1f} s", f"peak memory {_size(report.peak_memory_bytes)}"),
+        ("size", f"{size_text(report.input.size_bytes)} → {size_text(report.output.size_bytes)}", _compressed(report)),
+        ("time", f"{report.timings.get('total', 0):.1f} s", f"peak memory {size_text(report.peak_memory_bytes)}"),
     ]
     if report.gate is not None:
         g = report.gate
@@ -84,7 +84,7 @@ def _compressed(report: Report) -> str:
     before, after = report.input.compressed_bytes, report.output.compressed_bytes
     if not before or not after:
         return ""
-    return f"compressed (zlib) {_size(before)} → {_size(after)}"
+    return f"compressed (zlib) {size_text(before)} → {size_text(after)}"
 
 
 def _models(report: Report) -> str:
@@ -95,8 +95,8 @@ def _models(report: Report) -> str:
             [
                 label,
                 info.path,
-                _size(info.size_bytes),
-                _size(info.compressed_bytes) if info.compressed_bytes else "",
+                size_text(info.size_bytes),
+                size_text(info.compressed_bytes) if info.compressed_bytes else "",
                 str(info.ir_version),
                 opsets,
                 info.producer,
@@ -188,7 +188,7 @@ def _fisher(report: Report) -> str:
         ("calibration samples used", f.calibration_samples_used),
         ("memory groups", f.groups),
         ("statistics kept in", f.statistics_storage),
-        ("memory estimate / budget", f"{_size(f.memory_estimate_bytes)} / {_size(f.memory_budget_bytes)}"),
+        ("memory estimate / budget", f"{size_text(f.memory_estimate_bytes)} / {size_text(f.memory_budget_bytes)}"),
         ("gradient time", f"{f.gradient_seconds:.2f} s"),
         ("estimator time", f"{f.estimator_seconds:.2f} s"),
     ]
@@ -246,7 +246,7 @@ def _conversion(report: Report) -> str:
 
 def _timings(report: Report) -> str:
     rows = [[stage, f"{seconds:.2f}"] for stage, seconds in report.timings.items()]
-    rows.append(["peak memory", _size(report.peak_memory_bytes)])
+    rows.append(["peak memory", size_text(report.peak_memory_bytes)])
     return "<h2>Timings</h2>" + _table(["stage", "seconds"], rows, numeric={1})
 
 

@@ -114,10 +114,6 @@ def select_targets(torch_model: TorchModel, exclude: Sequence[str]) -> list[Prun
     return list(targets)
 
 
-# timed runs per width in the latency table, at least (the speed section's --speed-runs may be 0)
-MIN_TABLE_RUNS = 10
-
-
 def schedule_phases(config: PruneConfig) -> list:
     """The pruning steps of the configured schedule."""
     steps = config.steps if config.schedule == "oneshot" else config.prune_steps
@@ -307,9 +303,10 @@ def latency_table(
     if config.target_speedup is None or channels is None:
         return None
     feeds, _ = next(iter_feeds(data, specs, feed_plan(specs, data, config.speed_batch)))
-    runs = max(config.speed_runs, MIN_TABLE_RUNS)
     log.info("latency table: timing %s with parts of each group of channels removed", config.input.name)
-    table = measure_table(proto, channels, feeds, config.speed_batch, runs, config.speed_threads, log=log.info)
+    table = measure_table(
+        proto, channels, feeds, config.speed_batch, config.speed_runs, config.speed_threads, log=log.info
+    )
     most = table.speedup_of(table.most_removed())
     log.info("latency table: dense %.3f ms; every removable channel gone: %.2fx (measured)", table.dense_ms, most)
     if most < config.target_speedup:

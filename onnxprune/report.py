@@ -283,7 +283,8 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes for people: B, KB, MB or GB."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -451,7 +452,7 @@ def _validation_lines(report: Report) -> list[str]:
             f"  cosine {o.cosine:.5f}"
         )
     lines.append(
-        f"size: {_size(report.input.size_bytes)} -> {_size(report.output.size_bytes)}; "
-        f"time {report.timings.get('total', 0):.1f} s; peak memory {_size(report.peak_memory_bytes)}"
+        f"size: {size_text(report.input.size_bytes)} -> {size_text(report.output.size_bytes)}; "
+        f"time {report.timings.get('total', 0):.1f} s; peak memory {size_text(report.peak_memory_bytes)}"
     )
     return lines

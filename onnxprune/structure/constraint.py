@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from ..oneshot import Pruner, Scored
 
 
+def step_goal(sparsity: float, speedup: float) -> float:
+    """The speed-up a schedule step at `sparsity` aims at, towards the target `speedup`."""
+    return 1.0 + min(1.0, sparsity / SPEED_SCHEDULE_END) * (speedup - 1.0)
+
+
 class ChannelConstraint(Allocator):
     """Removes whole classes of channels; `allocation` splits them across layers (select.py)."""
 
@@ -52,7 +57,7 @@ class ChannelConstraint(Allocator):
         already = frozenset(removed_classes(self.graph, before))
         totals = class_totals(self.graph, values)
         if self.latency is not None and self.speedup is not None:
-            goal = 1.0 + min(1.0, sparsity / SPEED_SCHEDULE_END) * (self.speedup - 1.0)
+            goal = step_goal(sparsity, self.speedup)
             self.removed = self._for_speedup(self.latency, totals, goal, already)
         else:
             self.removed = choose_classes(self.graph, totals, shapes, sparsity, self.allocation, already)

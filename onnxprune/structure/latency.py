@@ -13,8 +13,8 @@ model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -27,6 +27,7 @@ from .trace import ChannelGraph
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of a group's removable classes, timed for the table
 TABLE_SECONDS = 0.25  # of dense runs per timed variant, at least
+MIN_TABLE_RUNS = 10  # whatever the speed section's --speed-runs (which may be 0)
 MAX_TABLE_RUNS = 500
 
 
@@ -55,6 +56,8 @@ class LatencyTable:
     model: bytes  # the original model, to time a whole choice
     feeds: dict[str, np.ndarray]
     graph: ChannelGraph
+    # the dense model's session, opened once for the table and every later timing
+    dense: Any = field(default=None, repr=False, compare=False)
 
     def predicted_ms(self, removed: set[int]) -> float:
         roots = {self.graph.find(r) for r in removed}
@@ -62,7 +65,9 @@ class LatencyTable:
 
     def speedup_of(self, removed: set[int]) -> float:
         """The measured speed-up of the model with the `removed` classes gone (dense / variant)."""
-        return 1.0 / _ratio(self.model, self.graph, removed, self.feeds, self.runs, self.threads)
+        if self.dense is None:
+            self.dense = cpu_session(self.model, self.threads)
+        return 1.0 / _variant_ratio(self.dense, self.model, self.graph, removed, self.feeds, self.runs, self.threads)
 
     def most_removed(self) -> set[int]:
         """Every class the groups may lose together (each layer keeps at least one channel)."""
@@ -110,7 +115,7 @@ def measure_table(
     dense = cpu_session(model, threads)
     # sub-millisecond models need many runs for a steady median: at least TABLE_SECONDS per pair
     first = time_sessions([dense], feeds, 5)[0]
-    runs = int(min(MAX_TABLE_RUNS, max(runs, TABLE_SECONDS / max(float(np.median(first)), 1e-6))))
+    runs = int(min(MAX_TABLE_RUNS, max(runs, MIN_TABLE_RUNS, TABLE_SECONDS / max(float(np.median(first)), 1e-6))))
     dense_times: list[float] = []
     costs = []
     groups = latency_groups(graph)
@@ -119,10 +124,8 @@ def measure_table(
         counts = sorted({round(f * limit) for f in FRACTIONS} - {0})
         saved = [0.0]
         for count in counts:
-            variant = cpu_session(_without(model, graph, set(classes[:count])), threads)
-            times = time_sessions([dense, variant], feeds, runs)
-            dense_times.extend(times[0])
-            saved.append(paired_ratio(times[0], times[1]))  # milliseconds once the dense latency is known
+            # kept as ratios: milliseconds once the dense latency is known
+            saved.append(_variant_ratio(dense, model, graph, set(classes[:count]), feeds, runs, threads, dense_times))
         costs.append((classes, spaces, (0, *counts), saved))
         if log is not None:
             log(f"latency table: group {number}/{len(groups)} timed ({len(counts)} widths)")
@@ -136,7 +139,7 @@ def measure_table(
         )
         for classes, spaces, counts, ratios in costs
     ]
-    return LatencyTable(dense_ms, table, threads, batch_size, runs, model, feeds, graph)
+    return LatencyTable(dense_ms, table, threads, batch_size, runs, model, feeds, graph, dense)
 
 
 def choose_for_latency(
@@ -198,9 +201,13 @@ def _without(model: bytes, graph: ChannelGraph, removed: set[int]) -> bytes:
     return proto.SerializeToString()
 
 
-def _ratio(model: bytes, graph: ChannelGraph, removed: set[int], feeds, runs: int, threads: int) -> float:
-    """Median latency of the model without `removed` over the dense model's, runs interleaved."""
-    dense = cpu_session(model, threads)
+def _variant_ratio(
+    dense, model: bytes, graph: ChannelGraph, removed: set[int], feeds, runs: int, threads: int, dense_times=None
+) -> float:
+    """Median over interleaved runs of (the model without `removed`) / (the dense session); the
+    dense run times are added to `dense_times` when given."""
     variant = cpu_session(_without(model, graph, removed), threads)
     times = time_sessions([dense, variant], feeds, runs)
+    if dense_times is not None:
+        dense_times.extend(times[0])
     return paired_ratio(times[0], times[1])
