@@ -151,17 +151,7 @@ def render(results: dict[str, dict]) -> str:
         lines += [f"## {model} (batch {SPEED_BATCH[model]})", ""]
         lines.append("| removed | method | quality | speed-up | parameters | file | wall |")
         lines.append("| --- | --- | --- | --- | --- | --- | --- |")
-        for r in sorted(rows, key=lambda r: (r["sparsity"], r["method"])):
-            if "error" in r:
-                lines.append(f"| {r['sparsity']:.0%} | {r['method']} | failed: {r['error'][:80]} |  |  |  |  |")
-                continue
-            # rows measured before Constant-node weights were counted (PaddlePaddle) read 0 parameters
-            params = f"{r['params_before']:,} → {r['params_after']:,}" if r["params_before"] else "not counted"
-            lines.append(
-                f"| {r['sparsity']:.0%} | {r['method']} | {r['metric']} {r['before']:.4f} → {r['after']:.4f} | "
-                f"{r['speedup']:.2f}x | {params} | "
-                f"{r['file_before'] / 2**20:.2f} → {r['file_after'] / 2**20:.2f} MiB | {r['wall_seconds']:.0f} s |"
-            )
+        lines += [_row(f"{r['sparsity']:.0%}", r) for r in sorted(rows, key=lambda r: (r["sparsity"], r["method"]))]
         lines.append("")
     return "\n".join(lines)
 
@@ -180,16 +170,21 @@ def _speed_targets(model: str, rows: list[dict]) -> list[str]:
         "| target | method | quality | speed-up | parameters | file | wall |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in sorted(rows, key=lambda r: (r["target_speedup"], r["method"])):
-        if "error" in r:
-            lines.append(f"| {r['target_speedup']:.2f}x | {r['method']} | failed: {r['error'][:80]} |  |  |  |  |")
-            continue
-        lines.append(
-            f"| {r['target_speedup']:.2f}x | {r['method']} | {r['metric']} {r['before']:.4f} → {r['after']:.4f} | "
-            f"{r['speedup']:.2f}x | {r['params_before']:,} → {r['params_after']:,} | "
-            f"{r['file_before'] / 2**20:.2f} → {r['file_after'] / 2**20:.2f} MiB | {r['wall_seconds']:.0f} s |"
-        )
-    return [*lines, ""]
+    ordered = sorted(rows, key=lambda r: (r["target_speedup"], r["method"]))
+    return [*lines, *(_row(f"{r['target_speedup']:.2f}x", r) for r in ordered), ""]
+
+
+def _row(first: str, r: dict) -> str:
+    """One table row: what was asked for (`first`), the method, quality, speed-up and sizes."""
+    if "error" in r:
+        return f"| {first} | {r['method']} | failed: {r['error'][:80]} |  |  |  |  |"
+    # rows measured before Constant-node weights were counted (PaddlePaddle) read 0 parameters
+    params = f"{r['params_before']:,} → {r['params_after']:,}" if r["params_before"] else "not counted"
+    return (
+        f"| {first} | {r['method']} | {r['metric']} {r['before']:.4f} → {r['after']:.4f} | "
+        f"{r['speedup']:.2f}x | {params} | "
+        f"{r['file_before'] / 2**20:.2f} → {r['file_after'] / 2**20:.2f} MiB | {r['wall_seconds']:.0f} s |"
+    )
 
 
 def main() -> None:
