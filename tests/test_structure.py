@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
+from onnxprune.structure import STRUCTURES
 from onnxprune.structure.remove import class_totals, keep_masks, remove_channels
 from onnxprune.structure.select import EntryCounter
 from onnxprune.structure.trace import trace_channels
@@ -245,3 +246,124 @@ def test_a_grouped_conv_and_an_unknown_op_block_instead_of_guessing():
         "Conv 'grouped': a grouped Conv that is not depthwise",
         "Conv 'grouped': grouped output channels",
     }
+
+
+def attention_block(ffn: bool = False):
+    """One self-attention block as exporters write it: Q, K, V projections with biases, each split
+    into 3 heads of 2 (the head count a constant 3, or -1), scores Q·Kᵀ scaled, a Softmax with the
+    IsNaN/Where guard of torch exports, the heads merged by a Reshape to 6 and the output
+    projection; with `ffn`, a hidden layer of 5 neurons after it."""
+    d_model, heads, width = 6, 3, 2
+    inits = {
+        "wq": randn(d_model, d_model, seed=1), "bq": randn(d_model, seed=2),
+        "wk": randn(d_model, d_model, seed=3), "bk": randn(d_model, seed=4),
+        "wv": randn(d_model, d_model, seed=5), "bv": randn(d_model, seed=6),
+        "wo": randn(d_model, d_model, seed=7), "bo": randn(d_model, seed=8),
+        "shape_q": np.array([0, 0, heads, width], dtype=np.int64),
+        "shape_k": np.array([0, 0, -1, width], dtype=np.int64),
+        "shape_v": np.array([0, 0, heads, width], dtype=np.int64),
+        "merge": np.array([0, 0, d_model], dtype=np.int64),
+        "scale": np.array(np.sqrt(width), dtype=np.float32),
+        "zero": np.array(0.0, dtype=np.float32),
+        "w1": randn(d_model, 5, seed=9), "w2": randn(5, 4, seed=10),
+    }  # fmt: skip
+    nodes = []
+    for p in "qkv":
+        nodes += [
+            helper.make_node("MatMul", ["x", f"w{p}"], [f"{p}0"], name=p),
+            helper.make_node("Add", [f"{p}0", f"b{p}"], [f"{p}1"], name=f"{p}_bias"),
+            helper.make_node("Reshape", [f"{p}1", f"shape_{p}"], [f"{p}2"], name=f"{p}_split"),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["q2"], ["qt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k2"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v2"], ["vt"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["qt", "kt"], ["scores"], name="scores"),
+        helper.make_node("Div", ["scores", "scale"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["p"], axis=-1),
+        helper.make_node("IsNaN", ["p"], ["nan"]),
+        helper.make_node("Where", ["nan", "zero", "p"], ["p_safe"]),
+        helper.make_node("MatMul", ["p_safe", "vt"], ["context"], name="context"),
+        helper.make_node("Transpose", ["context"], ["ct"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ct", "merge"], ["merged"], name="merge"),
+        helper.make_node("MatMul", ["merged", "wo"], ["o0"], name="o"),
+        helper.make_node("Add", ["o0", "bo"], ["attended" if ffn else "out"], name="o_bias"),
+    ]
+    if ffn:
+        nodes += [
+            helper.make_node("MatMul", ["attended", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["out"], name="fc2"),
+        ]
+    else:
+        del inits["w1"], inits["w2"]
+    out_width = 4 if ffn else d_model
+    return model(nodes, [tensor("x", [1, 4, d_model])], [tensor("out", [1, 4, out_width])], inits)
+
+
+def test_attention_heads_are_removed_whole_and_equal_attention_computed_without_them():
+    proto = attention_block()
+    graph, removed, smaller, report = pruned(proto, lambda g: [classes_of(g, "q")[2]])  # head 1: channels 2, 3
+    # one class per head: its 2 channels of Q, of K and of V
+    assert len(graph.classes()) == 3 and all(len(c) == 6 for c in graph.classes().values())
+    assert classes_of(graph, "q") == classes_of(graph, "k") == classes_of(graph, "v")
+    assert all(graph.is_head(root) for root in graph.classes())
+    assert report == {"q": (4, 6), "k": (4, 6), "v": (4, 6)}
+    after = {t.name: numpy_helper.to_array(t) for t in smaller.graph.initializer}
+    assert list(after["shape_q"]) == [0, 0, 2, 2] and list(after["shape_v"]) == [0, 0, 2, 2]
+    assert list(after["shape_k"]) == [0, 0, -1, 2] and list(after["merge"]) == [0, 0, 4]
+    assert after["wq"].shape == (6, 4) and after["wo"].shape == (4, 6) and after["bo"].shape == (6,)
+    onnx.shape_inference.infer_shapes(smaller, strict_mode=True)
+    # attention by hand with heads 0 and 2 only
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in proto.graph.initializer}
+    x = randn(1, 4, 6, seed=11)
+    keep = [0, 1, 4, 5]
+    context = []
+    for head in (0, 2):
+        cols = [2 * head, 2 * head + 1]
+        q, k, v = (x[0] @ w[f"w{p}"][:, cols] + w[f"b{p}"][cols] for p in "qkv")
+        scores = q @ k.T / np.sqrt(2)
+        p = np.exp(scores - scores.max(1, keepdims=True))
+        context.append((p / p.sum(1, keepdims=True)) @ v)
+    expected = np.concatenate(context, axis=1) @ w["wo"][keep] + w["bo"]
+    got = ort_run(smaller, {"x": x})[0]
+    np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, ort_run(masked(proto, graph, removed), {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_heads_and_ffn_structures_keep_their_own_classes_only():
+    proto = attention_block(ffn=True)
+    channels = STRUCTURES.get("channels")().trace(proto, {})
+    heads = STRUCTURES.get("heads")().trace(proto, {})
+    ffn = STRUCTURES.get("ffn")().trace(proto, {})
+    # 3 heads, the output projection's 6 channels (fc1 reads them) and fc1's 5 neurons; fc2's reach the output
+    assert len(channels.classes()) == 3 + 6 + 5
+    assert sum(channels.is_head(r) for r in channels.classes()) == 3
+    assert set(heads.classes()) == {r for r in channels.classes() if channels.is_head(r)}
+    assert set(ffn.classes()) == {r for r in channels.classes() if not channels.is_head(r)}
+    assert len(ffn.classes()) == 6 + 5
+    assert heads.blocked[classes_of(heads, "fc1")[0]] == "--structure heads: not an attention head"
+    assert ffn.blocked[classes_of(ffn, "q")[0]] == "--structure ffn: an attention head"
+
+
+def test_attention_the_trace_cannot_follow_stays_with_a_reason():
+    # the head count computed from the input's width (6 / 2): the split cannot be rewritten, so Q, K and V stay
+    proto = attention_block()
+    graph = proto.graph
+    graph.initializer.remove(next(t for t in graph.initializer if t.name == "shape_q"))
+    computed = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Slice", ["xs", "i0", "i2"], ["lead"]),
+        helper.make_node("Slice", ["xs", "i2", "i3"], ["width"]),
+        helper.make_node("Div", ["width", "two"], ["count"]),
+        helper.make_node("Concat", ["lead", "count", "two"], ["shape_q"], axis=0),
+    ]
+    for k, node in enumerate(computed):
+        graph.node.insert(k, node)
+    for name, value in {"i0": [0], "i2": [2], "i3": [3], "two": [2]}.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), name))
+    traced = trace_channels(proto, {"x": randn(1, 4, 6, seed=1)})
+    assert traced.classes() == {}
+    assert "Reshape 'q_split': a split into heads whose head count or size is not a constant" in set(
+        traced.blocked.values()
+    )

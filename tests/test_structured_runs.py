@@ -144,7 +144,7 @@ def test_a_model_with_nothing_removable_stops_with_exit_2_and_writes_nothing(tmp
 
 def test_structure_choices_come_from_the_registry_and_bad_combinations_say_what_to_do(cnn_files):
     path, calib, _, tmp = cnn_files
-    assert STRUCTURES.names() == ("unstructured", "channels")
+    assert STRUCTURES.names() == ("unstructured", "channels", "heads", "ffn")
     runner = CliRunner()
     result = runner.invoke(main, ["prune", str(path), str(tmp / "o.onnx"), "--sparsity", "0.5", "--structure", "rows"])
     assert result.exit_code == 2 and "unstructured" in result.output and "channels" in result.output

@@ -1,6 +1,7 @@
 """What a pruning removes (registry STRUCTURES): single weights (`unstructured`, zeros in the
 same shapes), or whole output channels found through the graph's dependency groups
-(`channels`, the written model physically smaller: trace.py, select.py, remove.py)."""
+(`channels`, the written model physically smaller: trace.py, select.py, remove.py), of which
+`heads` keeps only the attention heads and `ffn` everything but them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 from onnx import ModelProto
 
 from ..registry import Registry
-from .trace import ChannelGraph, trace_channels
+from .graph import ChannelGraph
+from .trace import trace_channels
 
 
 class Structure:
@@ -44,13 +46,35 @@ class Unstructured(Structure):
 class Channels(Structure):
     name = "channels"
     summary = (
-        "whole output channels of Conv/Gemm/MatMul (and FFN neurons) removed with every row, column, bias "
-        "and per-channel constant they touch; the written model is smaller and faster"
+        "whole output channels of Conv/Gemm/MatMul, FFN neurons and attention heads removed with every "
+        "row, column, bias and per-channel constant they touch; the written model is smaller and faster"
     )
     allocations = ("global", "layer")
 
     def trace(self, proto: ModelProto, feeds: dict[str, np.ndarray]) -> ChannelGraph | None:
         return trace_channels(proto, feeds)
+
+
+@register
+class Heads(Channels):
+    name = "heads"
+    summary = "whole attention heads (Q/K/V rows, output projection columns); other channels stay"
+
+    def trace(self, proto: ModelProto, feeds: dict[str, np.ndarray]) -> ChannelGraph | None:
+        graph = trace_channels(proto, feeds)
+        graph.keep_only(True, "--structure heads: not an attention head")
+        return graph
+
+
+@register
+class Ffn(Channels):
+    name = "ffn"
+    summary = "whole channels and FFN neurons as `channels`, attention heads left whole"
+
+    def trace(self, proto: ModelProto, feeds: dict[str, np.ndarray]) -> ChannelGraph | None:
+        graph = trace_channels(proto, feeds)
+        graph.keep_only(False, "--structure ffn: an attention head")
+        return graph
 
 
 DEFAULT_STRUCTURE = "unstructured"

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from ..allocators.base import Allocator
+from .graph import ChannelGraph
 from .latency import LatencyTable, choose_for_latency
 from .remove import class_totals, keep_masks
 from .select import choose_classes, removed_classes
-from .trace import ChannelGraph
 
 # With --target-speedup the schedule runs towards this nominal sparsity, and a step at sparsity
 # s aims at the speed-up 1 + (s / SPEED_SCHEDULE_END) · (target − 1).

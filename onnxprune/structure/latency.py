@@ -21,9 +21,9 @@ import onnx
 
 from ..sessions import cpu_session
 from ..speed import available_cores, latency_of, paired_ratio, time_sessions
+from .graph import ChannelGraph
 from .remove import remove_channels
 from .select import membership
-from .trace import ChannelGraph
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of a group's removable classes, timed for the table
 TABLE_SECONDS = 0.25  # of dense runs per timed variant, at least

@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from .trace import ChannelGraph, main_graph_constants
+from .graph import ChannelGraph, main_graph_constants
 
 
 def class_totals(graph: ChannelGraph, values: Mapping[str, np.ndarray]) -> dict[int, float]:

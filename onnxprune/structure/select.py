@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .trace import ChannelGraph
+from .graph import ChannelGraph
 
 
 def choose_classes(

@@ -18,105 +18,24 @@ reach it: they stay, and the report says where and why. Nothing is guessed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from onnx import ModelProto, NodeProto, TensorProto, numpy_helper
+from onnx import ModelProto, NodeProto, numpy_helper
 
 from ..shapes import observed_shapes, static_shapes
+from .graph import ChannelGraph, Edit, ShapeEdit, Space, main_graph_constants
 
 # ops whose output has the input's shape and whose channel c depends on input channel c only
 _UNARY = {
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",
     "Softplus", "Softsign", "Gelu", "Erf", "Identity", "Dropout", "Neg", "Abs", "Exp", "Log",
-    "Sqrt", "Reciprocal", "Cast", "Mish", "ThresholdedRelu", "Celu",
+    "Sqrt", "Reciprocal", "Cast", "Mish", "ThresholdedRelu", "Celu", "IsNaN", "IsInf", "Not",
 }  # fmt: skip
-_BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu", "Pow"}
+# element-wise with broadcasting (Where: its condition and both branches)
+_BINARY = {"Add", "Sub", "Mul", "Div", "Max", "Min", "PRelu", "Pow", "Where"}
 _POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2"}
-
-
-@dataclass(frozen=True)
-class Space:
-    """The output channels of one weighted node."""
-
-    node: str
-    weight: str
-    size: int
-    start: int  # its channels are elements start .. start+size-1
-
-
-@dataclass(frozen=True)
-class Edit:
-    """One initializer sliced along `axis`: position k goes with element `labels[k]`."""
-
-    initializer: str
-    axis: int
-    labels: tuple[int, ...]
-    node: int  # index in graph.node (names may be empty)
-
-
-@dataclass(frozen=True)
-class ShapeEdit:
-    """A Reshape shape constant whose entry `index` counts the kept positions of `labels`."""
-
-    initializer: str
-    index: int
-    labels: tuple[int, ...]
-
-
-@dataclass
-class ChannelGraph:
-    """The traced graph: spaces, the union of their channels into classes, what to slice."""
-
-    spaces: list[Space] = field(default_factory=list)
-    parent: list[int] = field(default_factory=list)  # union-find over channel elements
-    edits: list[Edit] = field(default_factory=list)
-    groups: dict[int, tuple[int, ...]] = field(default_factory=dict)  # depthwise Conv (node index) -> labels
-    shape_edits: list[ShapeEdit] = field(default_factory=list)
-    blocked: dict[int, str] = field(default_factory=dict)  # root element -> why it stays
-    tensors: set[str] = field(default_factory=set)  # the values whose channels were followed
-    weights: set[str] = field(default_factory=set)  # the weights of the Conv/Gemm/MatMul nodes met
-
-    def find(self, element: int) -> int:
-        while self.parent[element] != element:
-            self.parent[element] = self.parent[self.parent[element]]
-            element = self.parent[element]
-        return element
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-            if rb in self.blocked:
-                self.blocked.setdefault(ra, self.blocked.pop(rb))
-
-    def new_elements(self, count: int) -> list[int]:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + count))
-        return list(range(start, start + count))
-
-    def block(self, labels, why: str) -> None:
-        for element in labels:
-            self.blocked.setdefault(self.find(element), why)
-
-    def is_blocked(self, element: int) -> bool:
-        return self.find(element) in self.blocked
-
-    def classes(self) -> dict[int, list[int]]:
-        """Removable classes: root element -> its elements (blocked ones left out)."""
-        out: dict[int, list[int]] = {}
-        for element in range(len(self.parent)):
-            root = self.find(element)
-            if root not in self.blocked:
-                out.setdefault(root, []).append(element)
-        return out
-
-    def space_of(self, element: int) -> Space | None:
-        for space in self.spaces:
-            if space.start <= element < space.start + space.size:
-                return space
-        return None
 
 
 @dataclass(frozen=True)
@@ -200,8 +119,14 @@ class _Tracer:
             self.binary(node)
         elif op == "Concat":
             self.concat(node)
-        elif op in ("Flatten", "Reshape"):
+        elif op == "Flatten":
             self.flatten(node)
+        elif op == "Reshape":
+            self.reshape(node)
+        elif op in ("Softmax", "LogSoftmax"):
+            self.softmax(node)
+        elif op == "MatMul":
+            self.batched_matmul(node)
         elif op == "Transpose":
             self.transpose(node)
         elif op in _REDUCE or op in ("Squeeze", "Unsqueeze"):
@@ -293,8 +218,7 @@ class _Tracer:
         if out_rank is None or any(label.rank != out_rank for _, label in labelled):
             self.block_inputs(node, "operands of different or unknown rank")
             return
-        if len(labelled) == 2:
-            other = labelled[1][1]
+        for _, other in labelled[1:]:
             if other.axis != first.axis or len(other.elements) != len(first.elements):
                 self.block_inputs(node, "the operands' channels do not line up")
                 return
@@ -389,10 +313,89 @@ class _Tracer:
                 return
         self.labels[node.output[0]] = Label(axis, rank or 0, tuple(elements))
 
+    def reshape(self, node: NodeProto) -> None:
+        """A Reshape that keeps the channel axis (shape unchanged there), splits it into attention
+        heads, or flattens it into the last axis."""
+        x = self.labels[node.input[0]]
+        shape, out = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
+        if shape is None or out is None:
+            self.block_inputs(node, "a reshape of unknown shapes")
+        elif tuple(shape) == tuple(out):
+            self.same_shape(node, x)
+        elif len(out) == len(shape) + 1 and _splits(shape, out, x.axis):
+            self.split_heads(node, x, out[x.axis + 1])
+        else:
+            self.flatten(node)
+
+    def same_shape(self, node: NodeProto, x: Label) -> None:
+        entry = self.shape_entry(node.input[1], x.axis)
+        if entry is None or (self.value_at(entry) == 0 and _allows_zero(node)):
+            self.block_inputs(node, "a reshape whose size along the channel axis is computed")
+            return
+        if self.value_at(entry) > 0:
+            self.graph.shape_edits.append(ShapeEdit(entry[0], entry[1], x.elements))
+        self.labels[node.output[0]] = x
+
+    def split_heads(self, node: NodeProto, x: Label, width: int) -> None:
+        """The channel axis split into (heads, width): each head's channels form one class, and
+        the head axis carries one element per head (a head is removed whole)."""
+        heads, size = self.shape_entry(node.input[1], x.axis), self.shape_entry(node.input[1], x.axis + 1)
+        if heads is None or size is None or self.value_at(size) != width or self.value_at(heads) == 0:
+            self.block_inputs(node, "a split into heads whose head count or size is not a constant")
+            return
+        firsts = x.elements[::width]
+        for k, element in enumerate(x.elements):
+            self.graph.union(firsts[k // width], element)
+        if self.value_at(heads) > 0:  # else -1: inferred from the kept width
+            self.graph.shape_edits.append(ShapeEdit(heads[0], heads[1], firsts))
+        self.graph.heads.update(firsts)
+        self.labels[node.output[0]] = Label(x.axis, x.rank + 1, firsts)
+
+    def softmax(self, node: NodeProto) -> None:
+        x = self.labels[node.input[0]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if self.opset() >= 13 else 1)
+        axis = axis + x.rank if axis < 0 else axis
+        # before opset 13 Softmax normalises over every axis from `axis` on
+        if x.axis == axis or (self.opset() < 13 and x.axis > axis):
+            self.block_inputs(node, "normalises over the channel axis")
+            return
+        self.labels[node.output[0]] = x
+
+    def batched_matmul(self, node: NodeProto) -> None:
+        """A MatMul of two computed tensors (attention scores and their use of the values): both
+        labelled on the same batch axis, whose positions it ties."""
+        a, b = self.labels.get(node.input[0]), self.labels.get(node.input[1])
+        rank = self.rank(node.output[0])
+        if (
+            a is None
+            or b is None
+            or rank is None
+            or a.rank != rank
+            or b.rank != rank
+            or a.axis != b.axis
+            or a.axis >= rank - 2
+            or len(a.elements) != len(b.elements)
+        ):
+            self.block_inputs(node, "a MatMul of computed tensors not labelled on one shared batch axis")
+            return
+        for first, second in zip(a.elements, b.elements):
+            self.graph.union(first, second)
+        self.labels[node.output[0]] = a
+
+    def value_at(self, entry: tuple[str, int]) -> int:
+        """The value of a shape entry found by `shape_entry`."""
+        return int(self.array(entry[0])[entry[1]])
+
+    def opset(self) -> int:
+        return next((o.version for o in self.proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+
     def flatten(self, node: NodeProto) -> None:
         x = self.labels[node.input[0]]
         shape, out = self.shapes.get(node.input[0]), self.shapes.get(node.output[0])
-        start = next((a.i for a in node.attribute if a.name == "axis"), 1) if node.op_type == "Flatten" else 1
+        if node.op_type == "Flatten":
+            start = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        else:
+            start = len(out) - 1 if out else 1  # a Reshape merging every axis from `start` on
         flattening = shape is not None and out is not None and len(out) == start + 1 and out[:start] == shape[:start]
         entry = self.reshape_edit(node, start) if node.op_type == "Reshape" else None
         if shape is None or not flattening or x.axis < start or (node.op_type == "Reshape" and entry is None):
@@ -461,16 +464,19 @@ class _Tracer:
                     self.graph.union(a, b)
 
 
-def main_graph_constants(proto: ModelProto) -> dict[str, TensorProto]:
-    """The main graph's initializers and Constant-node values (PaddlePaddle exports keep weights
-    in Constant nodes), by value name."""
-    found = {t.name: t for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant" and node.output:
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                found[node.output[0]] = value
-    return found
+def _splits(shape: tuple[int, ...], out: tuple[int, ...], axis: int) -> bool:
+    """Whether `out` is `shape` with the dimension at `axis` split in two."""
+    return (
+        tuple(out[:axis]) == tuple(shape[:axis])
+        and tuple(out[axis + 2 :]) == tuple(shape[axis + 1 :])
+        and out[axis] * out[axis + 1] == shape[axis]
+        and out[axis + 1] > 1
+    )
+
+
+def _allows_zero(node: NodeProto) -> bool:
+    """Whether a 0 in the Reshape's shape is a zero-size dimension (else it copies the input's)."""
+    return bool(next((a.i for a in node.attribute if a.name == "allowzero"), 0))
 
 
 def _batch_one(proto: ModelProto) -> dict[str, tuple[int, ...]]:
