@@ -32,14 +32,22 @@ FINETUNE_STEPS = 300
 SPEED_BATCH = {"cnn": 32, "ocr": 32, "minilm": 8}
 # ours: the estimator and its settings (fixed damping and allocation: no automatic trials)
 OURS = {
-    "onnxprune woodfisher": {"method": "woodfisher", "damp": 1e-3, "allocation": "global"},
+    "onnxprune woodfisher": {"method": "woodfisher", "damp": 1e-3, "allocation": "global", "structure": "channels"},
     "onnxprune woodfisher + fine-tuning": {
-        "method": "woodfisher", "damp": 1e-3, "allocation": "global", "finetune_steps": FINETUNE_STEPS
+        "method": "woodfisher", "damp": 1e-3, "allocation": "global", "structure": "channels",
+        "finetune_steps": FINETUNE_STEPS,
     },
 }  # fmt: skip
-# per model: MiniLM's removable channels are its FFN neurons, and `layer` removes the same share
-# of every layer's (50%: every FFN halved, the target)
-OURS_BY_MODEL = {"minilm": {"allocation": "layer"}}
+# per model: MiniLM's FFN neurons only (`--structure ffn`, attention heads whole), `layer` removing
+# the same share of every layer's (50%: every FFN halved, the target)
+OURS_BY_MODEL = {"minilm": {"allocation": "layer", "structure": "ffn"}}
+# methods measured on some models only, with their own settings (OURS_BY_MODEL not applied)
+OURS_ON = {
+    "onnxprune woodfisher, heads and FFN": (
+        ("minilm",),
+        {"method": "woodfisher", "damp": 1e-3, "allocation": "layer", "structure": "channels"},
+    ),
+}
 # --target-speedup: the latency table picks each layer's width (ours only: the peer has no such mode)
 SPEEDUPS = {"cnn": (1.5, 2.0), "ocr": (1.25, 1.5), "minilm": (1.25,)}
 PEERS = {
@@ -52,7 +60,7 @@ import json, resource, time, logging
 from onnxprune import PruneConfig, prune
 logging.getLogger("onnxprune").setLevel(logging.ERROR)
 started = time.perf_counter()
-report = prune(PruneConfig(input={model!r}, output={out!r}, force=True, sparsity={sparsity}, structure="channels",
+report = prune(PruneConfig(input={model!r}, output={out!r}, force=True, sparsity={sparsity},
     calibration={calib!r}, evaluation={evaluation!r}, progress="off", speed_batch={batch}, speed_runs=30,
     **{settings!r}))
 q, s = report.validation.quality, report.speed
@@ -112,6 +120,8 @@ def measure(model: str, sparsity: float, method: str, speedup: float | None = No
     names = dict(model=str(path), out=str(out), calib=str(calib), evaluation=str(evaluation), sparsity=sparsity)
     if method in PEERS:
         code = PEER.format(function=PEERS[method], batch=SPEED_BATCH[model], **names)
+    elif method in OURS_ON:
+        settings = OURS_ON[method][1]
     else:
         settings = {**OURS[method], **OURS_BY_MODEL.get(model, {})}
         settings = settings if speedup is None else {**settings, "target_speedup": speedup}
@@ -191,7 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
-    parser.add_argument("--methods", nargs="*", default=[*OURS, *PEERS])
+    parser.add_argument("--methods", nargs="*", default=[*OURS, *OURS_ON, *PEERS])
     parser.add_argument("--speedups", nargs="*", type=float, help="--target-speedup runs (default: SPEEDUPS)")
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--render", action="store_true", help="only render docs/structured.md")
@@ -203,9 +213,10 @@ def main() -> None:
             if not FILES[model][0].exists():
                 print(f"skipping {model}: {FILES[model][0]} not built (see models/)", flush=True)
                 continue
-            runs = [(sparsity, method, None) for sparsity in args.sparsities for method in args.methods]
+            methods = [m for m in args.methods if m not in OURS_ON or model in OURS_ON[m][0]]
+            runs = [(sparsity, method, None) for sparsity in args.sparsities for method in methods]
             speedups = SPEEDUPS.get(model, ()) if args.speedups is None else args.speedups
-            runs += [(0.0, method, speedup) for speedup in speedups for method in args.methods if method in OURS]
+            runs += [(0.0, method, speedup) for speedup in speedups for method in methods if method in OURS]
             for sparsity, method, speedup in runs:
                 k = key(model, sparsity, method, speedup)
                 if k in results and not args.redo:

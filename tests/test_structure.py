@@ -16,7 +16,7 @@ from onnxprune.structure.remove import class_totals, keep_masks, remove_channels
 from onnxprune.structure.select import EntryCounter
 from onnxprune.structure.trace import trace_channels
 
-from builders import model, ort_run, randn, tensor
+from builders import attention_block, model, ort_run, randn, tensor
 
 
 def conv(name, x, w, b, out, group=1, pad=1):
@@ -246,59 +246,6 @@ def test_a_grouped_conv_and_an_unknown_op_block_instead_of_guessing():
         "Conv 'grouped': a grouped Conv that is not depthwise",
         "Conv 'grouped': grouped output channels",
     }
-
-
-def attention_block(ffn: bool = False):
-    """One self-attention block as exporters write it: Q, K, V projections with biases, each split
-    into 3 heads of 2 (the head count a constant 3, or -1), scores Q·Kᵀ scaled, a Softmax with the
-    IsNaN/Where guard of torch exports, the heads merged by a Reshape to 6 and the output
-    projection; with `ffn`, a hidden layer of 5 neurons after it."""
-    d_model, heads, width = 6, 3, 2
-    inits = {
-        "wq": randn(d_model, d_model, seed=1), "bq": randn(d_model, seed=2),
-        "wk": randn(d_model, d_model, seed=3), "bk": randn(d_model, seed=4),
-        "wv": randn(d_model, d_model, seed=5), "bv": randn(d_model, seed=6),
-        "wo": randn(d_model, d_model, seed=7), "bo": randn(d_model, seed=8),
-        "shape_q": np.array([0, 0, heads, width], dtype=np.int64),
-        "shape_k": np.array([0, 0, -1, width], dtype=np.int64),
-        "shape_v": np.array([0, 0, heads, width], dtype=np.int64),
-        "merge": np.array([0, 0, d_model], dtype=np.int64),
-        "scale": np.array(np.sqrt(width), dtype=np.float32),
-        "zero": np.array(0.0, dtype=np.float32),
-        "w1": randn(d_model, 5, seed=9), "w2": randn(5, 4, seed=10),
-    }  # fmt: skip
-    nodes = []
-    for p in "qkv":
-        nodes += [
-            helper.make_node("MatMul", ["x", f"w{p}"], [f"{p}0"], name=p),
-            helper.make_node("Add", [f"{p}0", f"b{p}"], [f"{p}1"], name=f"{p}_bias"),
-            helper.make_node("Reshape", [f"{p}1", f"shape_{p}"], [f"{p}2"], name=f"{p}_split"),
-        ]
-    nodes += [
-        helper.make_node("Transpose", ["q2"], ["qt"], perm=[0, 2, 1, 3]),
-        helper.make_node("Transpose", ["k2"], ["kt"], perm=[0, 2, 3, 1]),
-        helper.make_node("Transpose", ["v2"], ["vt"], perm=[0, 2, 1, 3]),
-        helper.make_node("MatMul", ["qt", "kt"], ["scores"], name="scores"),
-        helper.make_node("Div", ["scores", "scale"], ["scaled"]),
-        helper.make_node("Softmax", ["scaled"], ["p"], axis=-1),
-        helper.make_node("IsNaN", ["p"], ["nan"]),
-        helper.make_node("Where", ["nan", "zero", "p"], ["p_safe"]),
-        helper.make_node("MatMul", ["p_safe", "vt"], ["context"], name="context"),
-        helper.make_node("Transpose", ["context"], ["ct"], perm=[0, 2, 1, 3]),
-        helper.make_node("Reshape", ["ct", "merge"], ["merged"], name="merge"),
-        helper.make_node("MatMul", ["merged", "wo"], ["o0"], name="o"),
-        helper.make_node("Add", ["o0", "bo"], ["attended" if ffn else "out"], name="o_bias"),
-    ]
-    if ffn:
-        nodes += [
-            helper.make_node("MatMul", ["attended", "w1"], ["h"], name="fc1"),
-            helper.make_node("Relu", ["h"], ["r"]),
-            helper.make_node("MatMul", ["r", "w2"], ["out"], name="fc2"),
-        ]
-    else:
-        del inits["w1"], inits["w2"]
-    out_width = 4 if ffn else d_model
-    return model(nodes, [tensor("x", [1, 4, d_model])], [tensor("out", [1, 4, out_width])], inits)
 
 
 def test_attention_heads_are_removed_whole_and_equal_attention_computed_without_them():

@@ -19,7 +19,7 @@ from onnxprune.speed import footprint
 from onnxprune.structure import STRUCTURES
 from onnxprune_cli.main import main
 
-from builders import model, ort_run, randn, save, save_npz, tensor
+from builders import attention_block, model, ort_run, randn, save, save_npz, tensor
 
 
 def residual_cnn():
@@ -257,3 +257,45 @@ def test_the_statistics_correction_gives_consumers_of_removed_channels_their_mea
     # the written file computes what the corrected torch model computed (no exit 10), and is closer to dense
     mean, off = (runs[m].validation.outputs[0] for m in ("mean", "off"))
     assert mean.cosine > off.cosine
+
+
+@pytest.mark.parametrize("structure", STRUCTURES.names())
+def test_every_structure_kind_prunes_an_attention_block_end_to_end(tmp_path, structure):
+    """The registry's contract: each kind prunes through the whole pipeline (torch conversion,
+    pruning, writing, validation in onnxruntime), keeps the graph's nodes, names and opsets, and
+    removes exactly what it names: whole heads for `heads`, FFN neurons and projection channels
+    for `ffn`, both for `channels`, zeros in unchanged shapes for `unstructured`."""
+    proto = attention_block(ffn=True, batch="n")
+    path = save(proto, tmp_path / "attention.onnx")
+    x = randn(96, 4, 6, seed=3)
+    calib = save_npz(tmp_path / "calib.npz", x=x[:64])
+    evaluation = save_npz(tmp_path / "eval.npz", x=x[64:])
+    out = tmp_path / "out.onnx"
+    report = prune(
+        PruneConfig(
+            input=path, output=out, sparsity=0.5, method="magnitude", structure=structure, calibration=calib,
+            evaluation=evaluation, speed_runs=0,
+        )
+    )  # fmt: skip
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert [(n.name, n.op_type) for n in written.graph.node] == [(n.name, n.op_type) for n in proto.graph.node]
+    assert written.opset_import == proto.opset_import and written.ir_version == proto.ir_version
+    before = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    changed = {name for name in before if after[name].shape != before[name].shape}
+    assert report.pruning.structure == structure
+    heads_gone = 6 - after["wq"].shape[1]
+    assert heads_gone % 2 == 0  # a head is removed whole: its 2 channels of Q, K and V
+    assert after["wq"].shape == after["wk"].shape == after["wv"].shape
+    if structure == "unstructured":
+        assert not changed and (after["w1"] == 0).any()
+    elif structure == "heads":
+        assert heads_gone > 0 and changed == {"wq", "wk", "wv", "bq", "bk", "bv", "wo"}
+    elif structure == "ffn":
+        assert heads_gone == 0 and changed and not changed & {"wq", "wk", "wv"}
+    else:
+        assert heads_gone > 0 and {"w1", "w2"} & changed
+    # the head count written in two of the splits, and the merged width, follow the heads kept
+    kept_width = after["wq"].shape[1]
+    assert after["shape_q"][2] == after["shape_v"][2] == kept_width // 2 and after["merge"][2] == kept_width
