@@ -186,11 +186,17 @@ def make_pruner(config: PruneConfig, job: Job, estimator: Estimator, source: Sou
         progress,
         spill_folder=config.output.parent,
         pattern=parse_pattern(config.pattern),
-        evaluate=loss_evaluator(config, job) if ALLOCATORS.get(config.allocation).needs_evaluation else None,
+        evaluate=loss_evaluator(config, job) if _evaluates(config) else None,
         channels=job.channels,
         latency=job.latency,
         speedup=config.target_speedup,
     )
+
+
+def _evaluates(config: PruneConfig) -> bool:
+    """Whether the pruner measures held-out losses: for the sensitivity allocation, and for
+    --target-speedup's choice of widths (each group's widths measured, not summed)."""
+    return ALLOCATORS.get(config.allocation).needs_evaluation or config.target_speedup is not None
 
 
 def loss_evaluator(config: PruneConfig, job: Job) -> Callable[[], float]:

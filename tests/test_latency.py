@@ -24,6 +24,7 @@ from onnxprune.structure.latency import (
     GroupCost,
     LatencyTable,
     alone_limit,
+    choose_by_losses,
     choose_for_latency,
     latency_groups,
     measure_table,
@@ -137,7 +138,30 @@ def search(measured):
     table = _Timed(hand_table(graph, (1.0, 1.0)), measured=measured)
     constraint = ChannelConstraint(graph, "global", table, speedup=1.25)
     totals = {c: float(i) for i, c in enumerate(sorted(graph.classes()))}
-    return constraint, totals, constraint._for_speedup(table, totals, 1.25, frozenset())
+    removed = constraint._for_speedup(
+        table, lambda target_ms: choose_for_latency(graph, totals, table, target_ms), 1.25, frozenset()
+    )
+    return constraint, totals, removed
+
+
+def test_the_choice_by_measured_losses_is_the_knapsack_over_the_groups_widths():
+    graph = trace_channels(mlp((6, 8, 8, 2)))
+    (a, a_spaces), (b, b_spaces) = latency_groups(graph)
+    groups = [GroupCost(a, a_spaces, (0, 2, 4), (0.0, 2.0, 4.0)), GroupCost(b, b_spaces, (0, 2, 4), (0.0, 1.0, 4.0))]
+    table = LatencyTable(10.0, groups, 1, 1, 1, b"", {}, graph)
+    totals = {c: float(i) for i, c in enumerate(sorted(graph.classes()))}  # group a's 8 classes first
+    losses = [{2: 0.1, 4: 1.0}, {2: 0.05, 4: 0.3}]
+    # 4 ms to save: a's 4 (loss 1.0), b's 4 (0.3), a's 2 and b's 4 (0.4), a's 4 and b's 2 (1.05)
+    removed, predicted = choose_by_losses(graph, totals, table, losses, 6.0)
+    assert removed == set(sorted(b, key=totals.get)[:4]) and predicted == 6.0
+    # the additive greedy on the same saliencies takes a's four (the smallest saliency per ms)
+    assert choose_for_latency(graph, totals, table, 6.0)[0] == set(sorted(a, key=totals.get)[:4])
+    # 2 ms: b's 2 save 1 ms only, a's 2 save 2 (loss 0.1)
+    removed, predicted = choose_by_losses(graph, totals, table, losses, 8.0)
+    assert removed == set(sorted(a, key=totals.get)[:2]) and predicted == 8.0
+    # out of reach: the widths that save the most (the largest measured count of each group)
+    removed, predicted = choose_by_losses(graph, totals, table, losses, 1.0)
+    assert predicted == 2.0 and len(removed) == 8
 
 
 def test_a_choice_measured_short_of_its_goal_is_searched_deeper_then_between():
@@ -166,6 +190,7 @@ def test_a_step_of_a_schedule_aims_at_its_share_of_the_speed_up():
 
     class Pruner:  # what ChannelConstraint.masks reads
         views = []
+        evaluate = None  # the additive choice
 
         def masks(self):
             return {}

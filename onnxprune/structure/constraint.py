@@ -4,7 +4,7 @@ removed class (so the torch model computes what the physically smaller graph com
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..allocators.base import Allocator
 from .graph import ChannelGraph
-from .latency import LatencyTable, choose_for_latency
+from .latency import LatencyTable, choose_by_losses, choose_for_latency
 from .remove import class_totals, keep_masks
 from .select import choose_classes, removed_classes
 
@@ -24,6 +24,10 @@ SPEED_ROUNDS = 4
 
 if TYPE_CHECKING:
     from ..oneshot import Pruner, Scored
+
+
+# a target latency in ms -> (the classes to remove, their predicted latency)
+Chooser = Callable[[float], tuple[set[int], float]]
 
 
 def step_goal(sparsity: float, speedup: float) -> float:
@@ -58,7 +62,16 @@ class ChannelConstraint(Allocator):
         totals = class_totals(self.graph, values)
         if self.latency is not None and self.speedup is not None:
             goal = step_goal(sparsity, self.speedup)
-            self.removed = self._for_speedup(self.latency, totals, goal, already)
+            table = self.latency
+            # each group's widths measured on held-out samples where the pruner can evaluate
+            losses = group_losses(pruner, self.graph, table, totals, shapes, already) if pruner.evaluate else None
+
+            def choose(target_ms: float) -> tuple[set[int], float]:
+                if losses is None:
+                    return choose_for_latency(self.graph, totals, table, target_ms, already)
+                return choose_by_losses(self.graph, totals, table, losses, target_ms, already)
+
+            self.removed = self._for_speedup(table, choose, goal, already)
         else:
             self.removed = choose_classes(self.graph, totals, shapes, sparsity, self.allocation, already)
         masks = keep_masks(self.graph, shapes, self.removed)
@@ -72,7 +85,11 @@ class ChannelConstraint(Allocator):
         return out
 
     def _for_speedup(
-        self, table: LatencyTable, totals: dict[int, float], goal: float, already: frozenset[int]
+        self,
+        table: LatencyTable,
+        choose: Callable[[float], tuple[set[int], float]],
+        goal: float,
+        already: frozenset[int],
     ) -> set[int]:
         """The least salient classes whose removal is measured at least `goal` times faster. The
         latency table predicts additively, which is only a model (a convolution's cost falls with
@@ -86,7 +103,7 @@ class ChannelConstraint(Allocator):
         short: float | None = None  # the deepest target whose choice fell short
         deepest: set[int] = set(already)
         for _ in range(SPEED_ROUNDS):
-            removed, predicted = choose_for_latency(self.graph, totals, table, target_ms, already)
+            removed, predicted = choose(target_ms)
             measured = table.speedup_of(removed)
             self.rounds.append(
                 {
@@ -107,3 +124,44 @@ class ChannelConstraint(Allocator):
             else:
                 target_ms *= measured / goal
         return met[1] if met is not None else deepest
+
+
+def group_losses(
+    pruner: Pruner,
+    graph: ChannelGraph,
+    table: LatencyTable,
+    totals: Mapping[int, float],
+    shapes: Mapping[str, tuple[int, ...]],
+    already: frozenset[int],
+) -> list[dict[int, float]]:
+    """Per latency group, its measured loss increase on held-out calibration samples with each
+    of the table's counts of its classes gone (its least salient first, the other groups as
+    before this step; masks only, the weights put back after)."""
+    views = pruner.views
+    originals = [view.read().clone() for view in views]
+
+    def loss_without(removed: set[int]) -> float:
+        masks = keep_masks(graph, shapes, removed)
+        for view, original in zip(views, originals):
+            mask = masks.get(view.target.name)
+            keep = (
+                torch.ones_like(original, dtype=torch.bool)
+                if mask is None
+                else view.to_canonical(torch.from_numpy(np.ascontiguousarray(mask)).reshape(-1))
+            )
+            view.write(torch.where(keep.to(original.device), original, 0.0))
+        return pruner.evaluate()  # type: ignore[misc]
+
+    gone = {graph.find(r) for r in already}
+    base = loss_without(set(gone))
+    curves = []
+    with pruner.progress.task("latency choice: loss of each group's widths", len(table.groups)) as task:
+        for group in table.groups:
+            order = sorted((c for c in group.classes if c not in gone), key=lambda c: (totals.get(c, 0.0), c))
+            done = len(group.classes) - len(order)
+            curve = {n: loss_without(gone | set(order[: n - done])) - base for n in group.counts if n > done}
+            curves.append(curve)
+            task.advance()
+    for view, original in zip(views, originals):
+        view.write(original)
+    return curves

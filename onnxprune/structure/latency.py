@@ -14,7 +14,7 @@ model."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -29,6 +29,7 @@ FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of a group's removable classes, timed for 
 TABLE_SECONDS = 0.25  # of dense runs per timed variant, at least
 MIN_TABLE_RUNS = 10  # whatever the speed section's --speed-runs (which may be 0)
 MAX_TABLE_RUNS = 500
+LOSS_BINS = 400  # latency steps of the knapsack in choose_by_losses
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,40 @@ def measure_table(
     return LatencyTable(dense_ms, table, threads, batch_size, runs, model, feeds, graph, dense)
 
 
+class _Choice:
+    """A choice being built: the classes taken, each layer's channels left (every layer keeps
+    one), and how many of each group's classes are gone."""
+
+    def __init__(self, graph: ChannelGraph, table: LatencyTable, already: frozenset[int]):
+        self.members = membership(graph)
+        self.left = [space.size for space in graph.spaces]
+        self.removed: set[int] = set()
+        self.table = table
+        self.done = [0] * len(table.groups)
+        self.group_of = {c: i for i, g in enumerate(table.groups) for c in g.classes}
+        for root in sorted({graph.find(r) for r in already} & set(self.group_of)):
+            self.take(root)
+
+    def fits(self, root: int) -> bool:
+        return all(self.left[i] - count >= 1 for i, count in self.members[root].items())
+
+    def take(self, root: int) -> None:
+        for index, count in self.members[root].items():
+            self.left[index] -= count
+        self.removed.add(root)
+        self.done[self.group_of[root]] += 1
+
+    def queues(self, totals: Mapping[int, float]) -> list[list[int]]:
+        """Each group's classes not taken, least salient first."""
+        return [
+            sorted((c for c in g.classes if c not in self.removed), key=lambda c: (totals.get(c, 0.0), c))
+            for g in self.table.groups
+        ]
+
+    def predicted(self) -> float:
+        return self.table.dense_ms - sum(g.saving(n) for g, n in zip(self.table.groups, self.done))
+
+
 def choose_for_latency(
     graph: ChannelGraph,
     totals: Mapping[int, float],
@@ -153,35 +188,17 @@ def choose_for_latency(
     before stay; then, one at a time, the class whose saliency per millisecond saved is smallest
     among each group's next cheapest. Stops early when no class can go (every layer keeps one
     channel); returns the choice and its predicted latency."""
-    members = membership(graph)
-    left = [space.size for space in graph.spaces]
-    removed: set[int] = set()
-    done = [0] * len(table.groups)
-    group_of = {c: i for i, g in enumerate(table.groups) for c in g.classes}
-
-    def fits(root: int) -> bool:
-        return all(left[i] - count >= 1 for i, count in members[root].items())
-
-    def take(root: int) -> None:
-        for index, count in members[root].items():
-            left[index] -= count
-        removed.add(root)
-        done[group_of[root]] += 1
-
-    for root in sorted({graph.find(r) for r in already} & set(group_of)):
-        take(root)
-    queues = [
-        sorted((c for c in g.classes if c not in removed), key=lambda c: (totals.get(c, 0.0), c)) for g in table.groups
-    ]
+    choice = _Choice(graph, table, already)
+    queues = choice.queues(totals)
     heads = [0] * len(queues)
-    predicted = table.dense_ms - sum(g.saving(n) for g, n in zip(table.groups, done))
+    predicted = choice.predicted()
     while predicted > target_ms:
         best, best_score = None, np.inf
         for index, queue in enumerate(queues):
-            if heads[index] >= len(queue) or not fits(queue[heads[index]]):
+            if heads[index] >= len(queue) or not choice.fits(queue[heads[index]]):
                 continue
             group = table.groups[index]
-            gain = group.saving(done[index] + 1) - group.saving(done[index])
+            gain = group.saving(choice.done[index] + 1) - group.saving(choice.done[index])
             # a flat stretch of the measured curve is crossed last, but still crossed if needed
             score = totals.get(queue[heads[index]], 0.0) / max(gain, 1e-9)
             if score < best_score:
@@ -189,10 +206,50 @@ def choose_for_latency(
         if best is None:
             break
         group = table.groups[best]
-        predicted -= group.saving(done[best] + 1) - group.saving(done[best])
-        take(queues[best][heads[best]])
+        predicted -= group.saving(choice.done[best] + 1) - group.saving(choice.done[best])
+        choice.take(queues[best][heads[best]])
         heads[best] += 1
-    return removed, predicted
+    return choice.removed, predicted
+
+
+def choose_by_losses(
+    graph: ChannelGraph,
+    totals: Mapping[int, float],
+    table: LatencyTable,
+    losses: Sequence[Mapping[int, float]],
+    target_ms: float,
+    already: frozenset[int] = frozenset(),
+) -> tuple[set[int], float]:
+    """The classes to remove for a predicted latency of at most `target_ms` with the smallest
+    summed loss increase, each group's removal measured as a whole (`losses[g]`: count of the
+    group's classes gone -> measured loss increase, its least salient classes first; ZipLM's
+    and SPDY's choice, not an additive sum of single classes): a knapsack over the groups'
+    widths on the latency saved, in LOSS_BINS steps. Where the target cannot be predicted met,
+    the widths that save the most. Returns the choice and its predicted latency."""
+    choice = _Choice(graph, table, already)
+    need = table.dense_ms - target_ms
+    unit = max(need, 1e-9) / LOSS_BINS
+    # best[s]: (summed loss, the counts chosen so far) with s bins of latency saved, capped
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for group, done, curve in zip(table.groups, choice.done, losses):
+        options = [(done, 0.0)] + [(n, loss) for n, loss in sorted(curve.items()) if n > done]
+        step: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for bins, (total, counts) in best.items():
+            for count, loss in options:
+                saved = min(LOSS_BINS, bins + int(group.saving(count) / unit))
+                candidate = (total + loss, (*counts, count))
+                if saved not in step or candidate[0] < step[saved][0]:
+                    step[saved] = candidate
+        best = step
+    _, counts = best[max(best)]  # LOSS_BINS when the target can be met
+    queues = choice.queues(totals)
+    for index, (queue, count) in enumerate(zip(queues, counts)):
+        for root in queue:
+            if choice.done[index] >= count:
+                break
+            if choice.fits(root):
+                choice.take(root)
+    return choice.removed, choice.predicted()
 
 
 def _without(model: bytes, graph: ChannelGraph, removed: set[int]) -> bytes:
