@@ -216,7 +216,8 @@ def main() -> None:
             methods = [m for m in args.methods if m not in OURS_ON or model in OURS_ON[m][0]]
             runs = [(sparsity, method, None) for sparsity in args.sparsities for method in methods]
             speedups = SPEEDUPS.get(model, ()) if args.speedups is None else args.speedups
-            runs += [(0.0, method, speedup) for speedup in speedups for method in methods if method in OURS]
+            ours = [m for m in methods if m in OURS or m in OURS_ON]
+            runs += [(0.0, method, speedup) for speedup in speedups for method in ours]
             for sparsity, method, speedup in runs:
                 k = key(model, sparsity, method, speedup)
                 if k in results and not args.redo:
