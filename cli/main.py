@@ -90,8 +90,9 @@ _SHARED = [
         help="What is removed. unstructured: single weights set to zero (same shapes: smaller once compressed, "
         "not faster in onnxruntime); channels: whole output channels of Conv/Gemm/MatMul layers (and FFN "
         "neurons) with every row, column, bias and per-channel constant they touch, found through the graph "
-        "(residual Adds tie channels, Concat offsets them, depthwise convolutions carry them): the written model "
-        "is smaller and faster. With channels --sparsity is the fraction of the removable parameters removed "
+        "(residual Adds tie channels, Concat offsets them, depthwise convolutions carry them) and whole attention "
+        "heads: the written model is smaller and faster; heads: attention heads only; ffn: channels without the "
+        "heads. With channels, heads or ffn --sparsity is the fraction of the removable parameters removed "
         "and --allocation is global, layer or auto; the report lists what could not be traced.",
     ),
     click.option(
@@ -463,9 +464,11 @@ def main() -> None:
 @click.option(
     "--target-speedup",
     type=float,
-    help="With --structure channels, instead of --sparsity: remove the least salient channels until the output "
+    help="With --structure channels (or heads, ffn), instead of --sparsity: remove channels until the output "
     "is measured this many times faster in onnxruntime (--speed-batch, --speed-threads). A latency table of the "
-    "removable channels is timed first; a target that removing every removable channel does not reach stops "
+    "removable channels is timed first, each group's widths are scored on held-out calibration samples, and the "
+    "widths with the smallest summed loss increase for the speed are kept; a target that removing every "
+    "removable channel does not reach stops "
     "with exit 11 before any pruning.",
 )
 @click.option(

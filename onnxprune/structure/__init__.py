@@ -55,26 +55,29 @@ class Channels(Structure):
         return trace_channels(proto, feeds)
 
 
+class _Filtered(Channels):
+    """The traced channels, attention heads only (`heads` True) or all but them (False)."""
+
+    heads: ClassVar[bool]
+
+    def trace(self, proto: ModelProto, feeds: dict[str, np.ndarray]) -> ChannelGraph | None:
+        graph = trace_channels(proto, feeds)
+        graph.keep_only(self.heads, f"--structure {self.name}: {'not ' if self.heads else ''}an attention head")
+        return graph
+
+
 @register
-class Heads(Channels):
+class Heads(_Filtered):
     name = "heads"
     summary = "whole attention heads (Q/K/V rows, output projection columns); other channels stay"
-
-    def trace(self, proto: ModelProto, feeds: dict[str, np.ndarray]) -> ChannelGraph | None:
-        graph = trace_channels(proto, feeds)
-        graph.keep_only(True, "--structure heads: not an attention head")
-        return graph
+    heads = True
 
 
 @register
-class Ffn(Channels):
+class Ffn(_Filtered):
     name = "ffn"
     summary = "whole channels and FFN neurons as `channels`, attention heads left whole"
-
-    def trace(self, proto: ModelProto, feeds: dict[str, np.ndarray]) -> ChannelGraph | None:
-        graph = trace_channels(proto, feeds)
-        graph.keep_only(False, "--structure ffn: an attention head")
-        return graph
+    heads = False
 
 
 DEFAULT_STRUCTURE = "unstructured"
