@@ -154,11 +154,11 @@ def render(results: dict[str, dict]) -> str:
         "fraction of each chain's channels, so compare at equal parameters or speed, not at equal labels). "
         "Speed-up: onnxruntime CPU latency of the original over the pruned file, same process, same feeds "
         "and threads, 30 interleaved pairs of runs after 3 warm-up, the speed-up the median of the pairs' ratios, "
-        "onnxruntime's idle threads not spinning, batch given per model. One seed each. The CNN and MiniLM rows "
-        "were measured alone on the machine after the timing fix of commit cbc6308 (before it, idle threads "
-        "spinning in the other session made the same pair of CNN files measure anywhere from 0.8x to 2.2x); "
-        "the PP-OCR rows are older (spinning threads, other jobs on the cores): their quality stands, their "
-        f"speed-ups are not reliable ({platform.machine()}, {os.cpu_count()} cores).",
+        "onnxruntime's idle threads not spinning, batch given per model. One seed each unless the spread is "
+        "listed. Every row was measured alone on the machine after the timing fix of commit cbc6308 (before it, "
+        "idle threads spinning in the other session made the same pair of CNN files measure anywhere from 0.8x "
+        "to 2.2x); even so, on this 2-core VM the same CNN choice measured 1.65x-2.01x over five runs, so read "
+        f"speed-ups to about ±15% ({platform.machine()}, {os.cpu_count()} cores).",
         "",
     ]
     for model in MODELS:
