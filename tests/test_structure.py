@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
 from onnxprune.structure import STRUCTURES
-from onnxprune.structure.remove import class_totals, keep_masks, remove_channels
+from onnxprune.structure.remove import class_totals, keep_masks, kept_biases, remove_channels
 from onnxprune.structure.select import EntryCounter
 from onnxprune.structure.trace import trace_channels
 
@@ -174,6 +174,11 @@ def test_depthwise_block_carries_channels_through_and_updates_group():
     np.testing.assert_allclose(
         ort_run(smaller, {"x": x})[0], ort_run(masked(proto, graph, removed), {"x": x})[0], rtol=1e-4, atol=1e-5
     )
+    # a bias the statistics correction adds to the depthwise Conv (PaddlePaddle's have none) goes
+    # with its channels: 6 values, channels 0, 3 and 4 removed (onnxruntime refused the model before)
+    added = [("yd", "wd", np.arange(6.0)), ("out", "w2", np.arange(4.0))]
+    cut = kept_biases(graph, removed, added)
+    assert list(cut[0][2]) == [1.0, 2.0, 5.0] and list(cut[1][2]) == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_flatten_and_constant_reshape_repeat_channels_over_the_merged_positions():

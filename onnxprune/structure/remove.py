@@ -95,14 +95,16 @@ def kept_biases(
     graph: ChannelGraph, removed: Iterable[int], added: Sequence[tuple[str, str, np.ndarray]]
 ) -> list[tuple[str, str, np.ndarray]]:
     """New biases (node output, weight, values over the node's full outputs) cut to the outputs
-    that stay: a node whose weight starts a traced space loses the removed classes' entries."""
+    that stay: a node whose weight starts a traced space, or a depthwise Conv carrying removed
+    channels, loses the removed classes' entries."""
     removed = {graph.find(r) for r in removed}
-    spaces = {space.weight: space for space in graph.spaces}
+    outputs: dict[str, Sequence[int]] = {s.weight: range(s.start, s.start + s.size) for s in graph.spaces}
+    # a depthwise Conv's outputs are its input's channels: they go with them
+    outputs.update({e.initializer: e.labels for e in graph.edits if e.node in graph.groups and e.axis == 0})
     out = []
     for output, weight, values in added:
-        space = spaces.get(weight)
-        if space is not None and len(values) == space.size:
-            labels = range(space.start, space.start + space.size)
+        labels = outputs.get(weight)
+        if labels is not None and len(values) == len(labels):
             values = values[[k for k, e in enumerate(labels) if graph.find(e) not in removed]]
         out.append((output, weight, values))
     return out
