@@ -74,20 +74,12 @@ class ChannelConstraint(Allocator):
             self.removed = self._for_speedup(table, choose, goal, already)
         else:
             self.removed = choose_classes(self.graph, totals, shapes, sparsity, self.allocation, already)
-        masks = keep_masks(self.graph, shapes, self.removed)
-        out = {}
-        for i, view in enumerate(views):
-            mask = masks.get(view.target.name)
-            if mask is None:
-                out[i] = torch.ones(view.numel, dtype=torch.bool)
-            else:
-                out[i] = view.to_canonical(torch.from_numpy(np.ascontiguousarray(mask)).reshape(-1))
-        return out
+        return dict(enumerate(canonical_keeps(self.graph, views, shapes, self.removed)))
 
     def _for_speedup(
         self,
         table: LatencyTable,
-        choose: Callable[[float], tuple[set[int], float]],
+        choose: Chooser,
         goal: float,
         already: frozenset[int],
     ) -> set[int]:
@@ -141,27 +133,35 @@ def group_losses(
     originals = [view.read().clone() for view in views]
 
     def loss_without(removed: set[int]) -> float:
-        masks = keep_masks(graph, shapes, removed)
-        for view, original in zip(views, originals):
-            mask = masks.get(view.target.name)
-            keep = (
-                torch.ones_like(original, dtype=torch.bool)
-                if mask is None
-                else view.to_canonical(torch.from_numpy(np.ascontiguousarray(mask)).reshape(-1))
-            )
+        for view, original, keep in zip(views, originals, canonical_keeps(graph, views, shapes, removed)):
             view.write(torch.where(keep.to(original.device), original, 0.0))
         return pruner.evaluate()  # type: ignore[misc]
 
     gone = {graph.find(r) for r in already}
-    base = loss_without(set(gone))
     curves = []
-    with pruner.progress.task("latency choice: loss of each group's widths", len(table.groups)) as task:
-        for group in table.groups:
-            order = sorted((c for c in group.classes if c not in gone), key=lambda c: (totals.get(c, 0.0), c))
-            done = len(group.classes) - len(order)
-            curve = {n: loss_without(gone | set(order[: n - done])) - base for n in group.counts if n > done}
-            curves.append(curve)
-            task.advance()
-    for view, original in zip(views, originals):
-        view.write(original)
+    try:
+        base = loss_without(set(gone))
+        with pruner.progress.task("latency choice: loss of each group's widths", len(table.groups)) as task:
+            for group in table.groups:
+                order = sorted((c for c in group.classes if c not in gone), key=lambda c: (totals.get(c, 0.0), c))
+                done = len(group.classes) - len(order)
+                curve = {n: loss_without(gone | set(order[: n - done])) - base for n in group.counts if n > done}
+                curves.append(curve)
+                task.advance()
+    finally:  # the weights are put back even when an evaluation fails
+        for view, original in zip(views, originals):
+            view.write(original)
     return curves
+
+
+def canonical_keeps(graph: ChannelGraph, views, shapes: Mapping[str, tuple[int, ...]], removed) -> list[Tensor]:
+    """Each view's keep-mask (canonical layout, flat) with the `removed` classes gone."""
+    masks = keep_masks(graph, shapes, removed)
+    keeps = []
+    for view in views:
+        mask = masks.get(view.target.name)
+        if mask is None:
+            keeps.append(torch.ones(view.numel, dtype=torch.bool))
+        else:
+            keeps.append(view.to_canonical(torch.from_numpy(np.ascontiguousarray(mask)).reshape(-1)))
+    return keeps
