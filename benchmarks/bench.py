@@ -179,7 +179,7 @@ report = prune(PruneConfig(input={str(model)!r}, output={str(out)!r}, force=True
     block_size={run.block_size}, damp={run.damp!r}, schedule={run.schedule!r}, prune_steps={run.prune_steps},
     finetune_steps={run.finetune_steps}, lr={run.lr or 1e-4}, seed={run.seed}, calibration={str(calib)!r},
     evaluation={str(evaluation)!r}, progress="off", max_memory={run.max_memory!r}, scope={run.allocation!r},
-    refine_masks=False, solve_weights=False, correct_statistics="off"))
+    scale_update=False, refine_masks=False, solve_weights=False, correct_statistics="off"))
 q, f = report.validation.quality, report.fisher
 curve = (f.estimator.get("auxiliary_loss") or []) if f else []
 print(json.dumps({{

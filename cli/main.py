@@ -293,6 +293,14 @@ _SHARED = [
         "data after each pruning step and write them back.",
     ),
     click.option(
+        "--scale-update/--no-scale-update",
+        default=_default("scale_update"),
+        show_default=True,
+        help="After each pruning step of an estimator that updates the surviving weights at once "
+        "(woodfisher, fishleg), scale that update by 0, 0.25, 0.5, 0.75 or 1, whichever leaves the "
+        "smallest loss on held-out calibration samples.",
+    ),
+    click.option(
         "--refine-masks/--no-refine-masks",
         default=_default("refine_masks"),
         show_default=True,

@@ -156,7 +156,7 @@ def _pruning(report: Report) -> str:
         r = p.repair
         html.append(f"<h2>Repair after pruning ({r['layers']} layers, {r['samples']} calibration samples)</h2>")
         steps = [
-            [s["step"], s["addition"], f"{s['changed']:,}", f"{s['loss_before']:.4g}", f"{s['loss_after']:.4g}",
+            [s["step"], _pass_name(s), f"{s['changed']:,}", f"{s['loss_before']:.4g}", f"{s['loss_after']:.4g}",
              "kept" if s["kept"] else "undone", f"{s['seconds']:.1f}"]
             for s in r["steps"]
         ]  # fmt: skip
@@ -282,3 +282,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Collec
 
 def _image(png: bytes, alt: str) -> str:
     return f"<p><img alt='{escape(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>"
+
+
+def _pass_name(step: dict) -> str:
+    """A repair pass as the table names it (the update pass with the fraction it kept)."""
+    return step["addition"] + (f" × {step['scale']:g}" if "scale" in step else "")

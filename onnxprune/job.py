@@ -253,7 +253,9 @@ def make_repairer(
         # stay)
         settings = replace(settings, refine_masks=False)
     calibration = job.calibration
-    if not repair_passes(settings) or calibration is None or calibration.synthetic or len(calibration) < min_samples:
+    if calibration is None or calibration.synthetic or len(calibration) < min_samples:
+        return None
+    if not repair_passes(settings, pruner):
         return None
     samples, held = repair_data(config, calibration)
     evaluate = loss_evaluator(config, replace(job, calibration=held))

@@ -152,6 +152,10 @@ class Pruner:
         self.views = [TensorView(t, model.tensors[t.name]) for t in targets]
         self.keep = [torch.ones(v.numel, dtype=torch.bool, device=v.param.device) for v in self.views]
         self.records: list[StepRecord] = []
+        # with keep_updates, the compensation of the last step by tensor (new minus the masked
+        # old values), for the repair's update scaling; one copy of the weights while it is held
+        self.keep_updates = False
+        self.updates: dict[int, Tensor] = {}
         self.plan: MemoryPlan | None = None
         self._cleanup = ExitStack()
         self._spill: Path | None = None
@@ -255,6 +259,7 @@ class Pruner:
             return record
 
         updates: dict[int, Tensor] = {}
+        self.updates = {}
         recollect = self.estimator.compensates and self.plan is not None and not self.plan.keep_statistics
         for g, group in enumerate(self.groups, 1):
             if recollect:
@@ -268,6 +273,8 @@ class Pruner:
             started = time.perf_counter()
             for i in self._tracked(group, f"updates, {scored.label}", g):
                 new = self._prune_tensor(i, stats[i], forced(i), pattern, previous[i])
+                if self.keep_updates and self.updates_at_once:
+                    self.updates[i] = new - torch.where(self.keep[i], self.views[i].read(), 0.0)
                 if recollect:
                     updates[i] = new
                 else:
@@ -280,6 +287,13 @@ class Pruner:
         record = StepRecord(scored.number, sparsity, timer["gradients"], timer["estimator"], collections)
         self.records.append(record)
         return record
+
+    @property
+    def updates_at_once(self) -> bool:
+        """Whether a step updates the survivors of every tensor at once from statistics taken
+        before it (an OBS update that can be scaled afterwards): not for layer-by-layer estimators,
+        whose later layers are fitted to the earlier ones' updates, nor for whole channels."""
+        return self.estimator.compensates and not self.estimator.sequential and not self.structured
 
     def _prune_tensor(
         self, i: int, stats: Statistics | None, forced: Tensor, pattern: tuple[int, int] | None, previous: Tensor

@@ -15,6 +15,9 @@ with P = X_pᵀX_p and C = X_pᵀX_d (sums over rows; `Moments`). Three things a
   min ‖X_p w_S − X_d w₀‖² + λ‖w_S − w_cur,S‖² per row (λ = 0: `numpy.linalg.lstsq`).
 - `affine_correction`: per output channel, a scale and shift that give the pruned layer's output
   the dense output's mean (and variance) on the calibration rows (statistics correction).
+
+`scaled_update` (a fraction of an estimator's update of the survivors) is the one function here
+that works on whole flat tensors rather than a layer's moments.
 """
 
 from __future__ import annotations
@@ -175,3 +178,9 @@ def affine_correction(
         usable = (var > 1e-6 * dense_var) & (var > 0) & (dense_var > 0)
         scale = torch.where(usable, (dense_var / var.clamp_min(1e-300)).sqrt(), scale)
     return scale, dense_mean - scale * mean
+
+
+def scaled_update(values: Tensor, update: Tensor, scale: float) -> Tensor:
+    """`values` (an estimator's result: the survivors with its whole `update` added) with only
+    `scale` of the update; pruned entries, where the update is 0, stay 0."""
+    return values - (1.0 - scale) * update

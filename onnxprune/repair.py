@@ -1,5 +1,10 @@
-"""Repair after each pruning step, for any estimator: mask refinement, optimal weights for the
-fixed mask, and statistics correction (maths in reconstruct.py).
+"""Repair after each pruning step, for any estimator: the estimator's own update of the survivors
+scaled back where that helps, mask refinement, optimal weights for the fixed mask, and statistics
+correction (maths in reconstruct.py).
+
+The update scaling (woodfisher, fishleg: estimators that update every tensor's survivors at once
+from statistics taken before the step) tries fractions of that update and keeps the one with the
+lowest held-out loss; the other additions follow.
 
 Each addition is one pass over the layers whose inputs can be captured (MatMul, Gemm, 1-D/2-D
 Conv weights used directly), in network order, so every layer is repaired on the inputs of the
@@ -34,7 +39,7 @@ from .errors import NonFiniteError
 from .finetune import batchnorm_statistics
 from .oneshot import Pruner, TensorView
 from .progress import Progress
-from .reconstruct import Moments, affine_correction, output_moments, refine_masks, solve_masked
+from .reconstruct import Moments, affine_correction, output_moments, refine_masks, scaled_update, solve_masked
 from .repair_layers import Corrections, Layer, find_layers
 from .settings import settings_from
 
@@ -51,6 +56,7 @@ STATISTICS_MODES = ("auto", "off", "mean", "variance")
 
 # The PruneConfig fields the repair reads (their defaults and meaning are documented there).
 REPAIR_READS = (
+    "scale_update",
     "refine_masks",
     "solve_weights",
     "correct_statistics",
@@ -67,12 +73,18 @@ def repair_settings(config: PruneConfig, **changes: object) -> Any:
     return replace(settings_from(REPAIR_READS, config), **changes)
 
 
-def repair_passes(settings: Any) -> tuple[str, ...]:
-    """The passes in the order they run: masks and weights alternating `repair_rounds` times,
-    then the statistics correction."""
+# the fractions of an estimator's update the update pass tries besides the whole (1)
+UPDATE_SCALES = (0.0, 0.25, 0.5, 0.75)
+
+
+def repair_passes(settings: Any, pruner: Pruner | None = None) -> tuple[str, ...]:
+    """The passes in the order they run: the update scaling (where `pruner`'s estimator updates
+    the survivors at once), masks and weights alternating `repair_rounds` times, then the
+    statistics correction."""
+    scaled = settings.scale_update and (pruner is None or pruner.updates_at_once)
     alternating = [name for name, on in (("masks", settings.refine_masks), ("weights", settings.solve_weights)) if on]
     statistics = ("statistics",) if settings.correct_statistics != "off" else ()
-    return tuple(alternating * settings.repair_rounds) + statistics
+    return ("update",) * scaled + tuple(alternating * settings.repair_rounds) + statistics
 
 
 @dataclass
@@ -82,9 +94,10 @@ class PassRecord:
     loss_before: float
     loss_after: float
     kept: bool
-    layers: int
-    changed: int  # swaps (masks), weights moved (weights), units corrected (statistics)
+    layers: int  # layers repaired (update: tensors)
+    changed: int  # swaps (masks), weights moved (weights, update), units corrected (statistics)
     seconds: float
+    scale: float | None = None  # update: the fraction of the estimator's update kept
 
 
 @dataclass
@@ -118,10 +131,16 @@ class Repairer:
         self._ids = {id(t): name for name, t in tracked.items()}
         self._dense_grams: dict[str, Tensor] = {}
         self._relevant: list[dict[str, Tensor]] | None = None  # per batch, per layer: the rows the outputs read
+        self.pruner.keep_updates = "update" in self.passes
+
+    @property
+    def passes(self) -> tuple[str, ...]:
+        """The passes that run: those over layers only where some layer's inputs can be captured."""
+        return tuple(p for p in repair_passes(self.settings, self.pruner) if p == "update" or self.layers)
 
     @property
     def active(self) -> bool:
-        return bool(self.layers and repair_passes(self.settings))
+        return bool(self.passes)
 
     def dense_weight(self, layer: Layer) -> Tensor:
         view = self.pruner.views[layer.view]
@@ -133,8 +152,34 @@ class Repairer:
         if not self.active:
             return
         loss = self.evaluate()
-        for addition in repair_passes(self.settings):
-            loss = self._pass(label, addition, before, loss)
+        for addition in self.passes:
+            if addition == "update":
+                loss = self._scale_update(label, loss)
+            else:
+                loss = self._pass(label, addition, before, loss)
+
+    def _scale_update(self, label: str, loss: float) -> float:
+        """Keep the fraction of the step's update (UPDATE_SCALES or all of it) with the lowest
+        held-out loss (`loss`: with all of it); ties keep the larger fraction."""
+        started = time.perf_counter()
+        views, updates = self.pruner.views, self.pruner.updates
+        self.pruner.updates = {}
+        whole = {i: views[i].read().clone() for i in updates}  # read() can share the parameter's memory
+        losses = {1.0: loss}
+        for scale in UPDATE_SCALES if updates else ():
+            for i, update in updates.items():
+                views[i].write(scaled_update(whole[i], update, scale))
+            losses[scale] = self.evaluate()
+        chosen = min(losses, key=lambda s: (losses[s], -s))
+        for i, update in updates.items():
+            views[i].write(scaled_update(whole[i], update, chosen))
+        moved = sum(int(torch.count_nonzero(u)) for u in updates.values()) if chosen != 1.0 else 0
+        seconds = time.perf_counter() - started
+        record = PassRecord(label, "update", loss, losses[chosen], chosen != 1.0, len(updates), moved, seconds, chosen)
+        self.records.append(record)
+        listed = ", ".join(f"{s:g}: {v:.4g}" for s, v in sorted(losses.items()))
+        log.info("%s: update scaled by %g (held-out loss by scale: %s)", label, chosen, listed)
+        return losses[chosen]
 
     # ---------------------------------------------------------------- one pass
 
@@ -387,7 +432,7 @@ class Repairer:
 
     def report(self) -> dict:
         return {
-            "passes": list(repair_passes(self.settings)),
+            "passes": list(self.passes),
             "statistics": self.settings.correct_statistics,
             "samples": len(self.samples),
             "layers": len(self.layers),
@@ -404,6 +449,7 @@ class Repairer:
                     "kept": r.kept,
                     "changed": r.changed,
                     "seconds": round(r.seconds, 3),
+                    **({"scale": r.scale} if r.scale is not None else {}),
                 }
                 for r in self.records
             ],

@@ -311,6 +311,12 @@ def repair_lines(repair: dict) -> list[str]:
     ]
     for s in repair["steps"]:
         verdict = "kept" if s["kept"] else "undone"
+        if s["addition"] == "update":
+            lines.append(
+                f"  {s['step']}, update: {s['scale']:g} of the estimator's update kept; held-out loss "
+                f"{s['loss_before']:.4g} -> {s['loss_after']:.4g} ({s['seconds']:.1f} s)"
+            )
+            continue
         lines.append(
             f"  {s['step']}, {s['addition']}: {s['changed']:,} {what[s['addition']]}; held-out loss "
             f"{s['loss_before']:.4g} -> {s['loss_after']:.4g} ({verdict}, {s['seconds']:.1f} s)"

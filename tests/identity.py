@@ -6,7 +6,8 @@ imported from its own folder; the written models' bytes and the reports' fields 
 
 tests/test_identity.py (slow) runs it with a `git archive` of a pinned commit as BEFORE and this
 checkout as AFTER. Fields that measure time, memory, paths or the machine are left out, and so
-are the fields a refactor may add (ADDED).
+are the fields a refactor may add (ADDED). Behaviour added on purpose since the pinned commit is
+switched off in the later tree by AFTER_FLAGS, so the comparison still covers everything else.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from onnxprune_cli.main import main
 sys.argv = ["onnxprune", *sys.argv[1:]]
 main()
 """
+# the update scaling (a repair pass added after the redesign, on by default) switched off
+AFTER_FLAGS = ["--no-scale-update"]
 CLI = "import sys; from onnxprune_cli.main import main; sys.argv = ['onnxprune', *sys.argv[1:]]; main()"
 # (and every field named *seconds); paths are compared with the work folder written as <out>
 VOLATILE = {"timings", "peak_memory_bytes", "environment", "memory_budget_bytes"}  # the last: 80% of free memory
@@ -67,6 +70,8 @@ ADDED = {
     "speed_threads",
     "speedup",
     "target_speedup",
+    # the update scaling's setting
+    "scale_update",
 }
 
 
@@ -80,16 +85,17 @@ def _env(tree: Path, shim: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{shim}", "HF_HUB_OFFLINE": "1"}
 
 
-def run_tree(tree: Path, out: Path, runs: tuple[str, ...] = (*RUNS, "resumed")) -> None:
-    """The `runs` (every one of RUNS and the resumed run), on the sources in `tree`, writing under `out`."""
+def run_tree(tree: Path, out: Path, runs: tuple[str, ...] = (*RUNS, "resumed"), flags: tuple[str, ...] = ()) -> None:
+    """The `runs` (every one of RUNS and the resumed run), on the sources in `tree`, writing under
+    `out`, each with `flags` added."""
     out.mkdir(parents=True, exist_ok=True)
     env = _env(tree, out / "shim")
     for name in runs:
         if name in RUNS:
-            args = [a.format(out=out) for a in RUNS[name]]
+            args = [a.format(out=out) for a in RUNS[name]] + list(flags)
             subprocess.run([sys.executable, "-c", CLI, *args, "-q"], env=env, cwd=tree, check=True)
     if "resumed" in runs:
-        resumed = [a.format(out=out).replace("gradual.onnx", "resumed.onnx") for a in RUNS["gradual"]]
+        resumed = [a.format(out=out).replace("gradual.onnx", "resumed.onnx") for a in RUNS["gradual"]] + list(flags)
         stopped = subprocess.run([sys.executable, "-c", INTERRUPT, *resumed, "-q"], env=env, cwd=tree)
         if stopped.returncode == 0 or not (out / "resumed.onnx.ckpt").exists():
             raise RuntimeError(f"the run to resume did not stop with a checkpoint (exit {stopped.returncode})")
@@ -142,7 +148,7 @@ def main(before_tree: str, after_tree: str, work: str) -> int:
     results = []
     for tree, folder in ((before_tree, "before"), (after_tree, "after")):
         out = Path(work) / folder
-        run_tree(Path(tree).resolve(), out)
+        run_tree(Path(tree).resolve(), out, flags=tuple(AFTER_FLAGS) if folder == "after" else ())
         results.append(outcome(out))
     found = differences(*results)
     print("\n".join(found) if found else f"identical: {', '.join(sorted(results[0]))}")

@@ -16,6 +16,7 @@ from onnxprune.bridge.bindings import write_back
 from onnxprune.bridge.convert import convert
 from onnxprune.data import Dataset, InputSpec, input_specs, load_dataset, split
 from onnxprune.estimators import ESTIMATORS
+from onnxprune.estimators.magnitude import Magnitude
 from onnxprune.graph_edit import add_biases
 from onnxprune.job import repair_data
 from onnxprune.oneshot import Pruner
@@ -26,13 +27,14 @@ from onnxprune.reconstruct import (
     output_moments,
     reconstruction_error,
     refine_masks,
+    scaled_update,
     solve_masked,
 )
-from onnxprune.repair import Repairer, repair_passes, repair_settings
+from onnxprune.repair import UPDATE_SCALES, Repairer, repair_passes, repair_settings
 
 from builders import model, ort_run, randn, save, save_npz, tensor
 
-OFF = dict(refine_masks=False, solve_weights=False, correct_statistics="off")
+OFF = dict(scale_update=False, refine_masks=False, solve_weights=False, correct_statistics="off")
 
 
 def moments_of(pruned: np.ndarray, dense: np.ndarray) -> Moments:
@@ -254,8 +256,9 @@ def test_repair_settings_are_the_configs():
     config = PruneConfig(input="in.onnx", output="out.onnx", sparsity=0.5, repair_rounds=3, repair_damp=0.5)
     settings = repair_settings(config)
     assert settings.repair_damp == 0.5 and settings.repair_samples == config.repair_samples
-    assert repair_passes(settings) == ("masks", "weights") * 3 + ("statistics",)
-    assert repair_passes(repair_settings(config, refine_masks=False, correct_statistics="off")) == ("weights",) * 3
+    assert repair_passes(settings) == ("update",) + ("masks", "weights") * 3 + ("statistics",)
+    off = repair_settings(config, scale_update=False, refine_masks=False, correct_statistics="off")
+    assert repair_passes(off) == ("weights",) * 3
 
 
 def repaired(proto: onnx.ModelProto, x: np.ndarray, sparsity: float, settings, losses=None):
@@ -383,3 +386,90 @@ def test_repair_is_reported_and_off_switches_work(tmp_path):
     )
     # the repair never loses on the held-out samples it is judged on; on this model it wins on the evaluation data too
     assert on.validation.outputs[0].cosine >= off.validation.outputs[0].cosine
+
+
+# ------------------------------------------------------------------------------ update scaling
+
+
+def test_scaled_update_by_hand():
+    # survivors 1.5 and -2 after an update of +0.5 and +1; the two pruned entries stay 0
+    values, update = torch.tensor([0.0, 1.5, 0.0, -2.0]), torch.tensor([0.0, 0.5, 0.0, 1.0])
+    assert scaled_update(values, update, 0.0).tolist() == [0.0, 1.0, 0.0, -3.0]
+    assert scaled_update(values, update, 0.5).tolist() == [0.0, 1.25, 0.0, -2.5]
+    assert scaled_update(values, update, 1.0).tolist() == values.tolist()
+
+
+SHIFT = 0.75
+
+
+class ShiftedMagnitude(Magnitude):
+    """Magnitude's mask with a known update of the survivors (+SHIFT each), applied at once like
+    an OBS update."""
+
+    compensates = True
+
+    def prune(self, weight, keep, stats, forced, pattern=None):
+        return torch.where(keep, weight + SHIFT, 0.0), keep
+
+
+def test_the_update_pass_keeps_the_fraction_with_the_lowest_held_out_loss():
+    proto = two_layer()
+    torch_model = convert(proto)
+    targets = torch_model.prunable
+    specs = [InputSpec("x", np.dtype("float32"), ("N", 6))]
+    x = np.abs(randn(60, 6, seed=3))
+    data = Dataset({"x": x}, None, "test")
+    with torch.no_grad():
+        dense_y = torch_model(torch.from_numpy(x))[0].clone()
+        dense = {t.name: torch_model.tensors[t.name].detach().clone() for t in targets}
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return float(((torch_model(torch.from_numpy(x))[0] - dense_y) ** 2).mean())
+
+    settings = settings_with(refine_masks=False, solve_weights=False, correct_statistics="off")
+    with Pruner(torch_model, targets, ShiftedMagnitude(), "layer", None, 1 << 30, Progress(False)) as pruner:
+        repairer = Repairer(
+            settings, torch_model, pruner, data, specs, held_out_loss, torch.device("cpu"), Progress(False)
+        )
+        assert repairer.passes == ("update",)
+        before = list(pruner.keep)
+        pruner.step(0.5, "step", last=True)
+        keep = list(pruner.keep)
+        repairer.after_step("step", before)
+        record = repairer.report()["steps"][0]
+        chosen = [v.read().clone() for v in pruner.views]
+        # the loss at each fraction, computed by hand: magnitude's survivors plus that much of SHIFT
+        by_hand = {}
+        for scale in (*UPDATE_SCALES, 1.0):
+            for view, k in zip(pruner.views, keep):
+                view.write(torch.where(k, view.to_canonical(dense[view.target.name].reshape(-1)) + scale * SHIFT, 0.0))
+            by_hand[scale] = held_out_loss()
+        best = min(by_hand, key=by_hand.get)
+        expected = [torch.where(k, view.to_canonical(dense[view.target.name].reshape(-1)) + best * SHIFT, 0.0)
+                    for view, k in zip(pruner.views, keep)]  # fmt: skip
+        repairer.close()
+    for got, want in zip(chosen, expected):
+        torch.testing.assert_close(got, want)
+    assert record["addition"] == "update" and record["scale"] == best
+    assert record["loss_before"] == pytest.approx(by_hand[1.0]) and record["loss_after"] == pytest.approx(by_hand[best])
+    assert record["loss_after"] <= record["loss_before"] and record["kept"] == (best != 1.0)
+    assert best < 1.0  # a shift of 0.75 on every survivor is worse than none of it on this model
+    assert record["changed"] == sum(int(k.sum()) for k in keep)  # every survivor moved
+
+
+def test_the_update_pass_runs_only_for_estimators_that_update_at_once(tmp_path):
+    source = save(two_layer(), tmp_path / "in.onnx")
+    calib = save_npz(tmp_path / "calib.npz", x=np.abs(randn(100, 6, seed=9)))
+    base = dict(input=source, sparsity=0.5, calibration=calib, progress="off", damp=1e-3, scope="layer")
+    woodfisher = prune(PruneConfig(output=tmp_path / "wf.onnx", method="woodfisher", **base))
+    steps = woodfisher.pruning.repair["steps"]
+    assert woodfisher.pruning.repair["passes"][0] == "update" and steps[0]["addition"] == "update"
+    assert steps[0]["scale"] in (*UPDATE_SCALES, 1.0) and steps[0]["loss_after"] <= steps[0]["loss_before"]
+    # layer by layer (SparseGPT fits each layer to the updates before it) and magnitude: no update pass
+    for method in ("sparsegpt", "magnitude"):
+        report = prune(PruneConfig(output=tmp_path / f"{method}.onnx", method=method, **base))
+        assert "update" not in report.pruning.repair["passes"]
+        assert all("scale" not in s for s in report.pruning.repair["steps"])
+    off = prune(PruneConfig(output=tmp_path / "off.onnx", method="woodfisher", scale_update=False, **base))
+    assert "update" not in off.pruning.repair["passes"]
