@@ -252,6 +252,10 @@ def make_repairer(
         # the statistics correction, which gives the consumers of removed channels their mean back,
         # stay)
         settings = replace(settings, refine_masks=False)
+    if config.schedule == "gradual":
+        # fine-tuning between steps recovers from what one step's held-out loss sees: WoodFisher on
+        # a digits MLP at 95% in 8 steps kept 0.897 with the update scaled at each step, 0.950 without
+        settings = replace(settings, scale_update=False)
     calibration = job.calibration
     if calibration is None or calibration.synthetic or len(calibration) < min_samples:
         return None

@@ -473,3 +473,7 @@ def test_the_update_pass_runs_only_for_estimators_that_update_at_once(tmp_path):
         assert all("scale" not in s for s in report.pruning.repair["steps"])
     off = prune(PruneConfig(output=tmp_path / "off.onnx", method="woodfisher", scale_update=False, **base))
     assert "update" not in off.pruning.repair["passes"]
+    # a gradual schedule fine-tunes between steps: no update scaling there
+    gradual = dict(schedule="gradual", prune_steps=2)
+    stepped = prune(PruneConfig(output=tmp_path / "gradual.onnx", method="woodfisher", **gradual, **base))
+    assert "update" not in stepped.pruning.repair["passes"] and len(stepped.pruning.repair["steps"]) > 0
