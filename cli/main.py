@@ -298,7 +298,7 @@ _SHARED = [
         show_default=True,
         help="After each pruning step of an estimator that updates the surviving weights at once "
         "(woodfisher, fishleg), scale that update by 0, 0.25, 0.5, 0.75 or 1, whichever leaves the "
-        "smallest loss on held-out calibration samples.",
+        "smallest loss on held-out calibration samples (not under --schedule gradual).",
     ),
     click.option(
         "--refine-masks/--no-refine-masks",

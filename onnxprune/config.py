@@ -171,7 +171,8 @@ class PruneConfig:
     # scale_update: before those, the OBS update an estimator applied to the survivors at once
     # (woodfisher, fishleg) is scaled back to the fraction of UPDATE_SCALES (0 to 1) with the
     # lowest held-out loss: far from the dense weights the quadratic model it extrapolates can be
-    # wrong (magika at 80%: WoodFisher's update took the held-out loss from 0.44 to 0.99).
+    # wrong (magika at 80%: WoodFisher's update took the held-out loss from 0.44 to 0.99). Off
+    # under a gradual schedule (job.make_repairer).
     scale_update: bool = True
     refine_masks: bool = True
     solve_weights: bool = True
