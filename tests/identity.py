@@ -53,7 +53,7 @@ sys.argv = ["onnxprune", *sys.argv[1:]]
 main()
 """
 # the update scaling (a repair pass added after the redesign, on by default) switched off
-AFTER_FLAGS = ["--no-scale-update"]
+AFTER_FLAGS = ("--no-scale-update",)
 CLI = "import sys; from onnxprune_cli.main import main; sys.argv = ['onnxprune', *sys.argv[1:]]; main()"
 # (and every field named *seconds); paths are compared with the work folder written as <out>
 VOLATILE = {"timings", "peak_memory_bytes", "environment", "memory_budget_bytes"}  # the last: 80% of free memory
@@ -148,7 +148,7 @@ def main(before_tree: str, after_tree: str, work: str) -> int:
     results = []
     for tree, folder in ((before_tree, "before"), (after_tree, "after")):
         out = Path(work) / folder
-        run_tree(Path(tree).resolve(), out, flags=tuple(AFTER_FLAGS) if folder == "after" else ())
+        run_tree(Path(tree).resolve(), out, flags=AFTER_FLAGS if folder == "after" else ())
         results.append(outcome(out))
     found = differences(*results)
     print("\n".join(found) if found else f"identical: {', '.join(sorted(results[0]))}")

@@ -24,8 +24,8 @@ def test_same_models_and_reports_as_before_the_redesign(tmp_path):
         tar.extractall(tmp_path / "before", filter="data")
     runs = {}
     for name, tree in (("before", tmp_path / "before"), ("after", ROOT)):
-        flags = identity.AFTER_FLAGS if name == "after" else []
-        identity.run_tree(tree, tmp_path / f"{name}-runs", flags=tuple(flags))
+        flags = identity.AFTER_FLAGS if name == "after" else ()
+        identity.run_tree(tree, tmp_path / f"{name}-runs", flags=flags)
         runs[name] = identity.outcome(tmp_path / f"{name}-runs")
     assert len([n for n in runs["before"] if n.endswith(".onnx")]) == 7  # demo, 4 sweep models, gradual, resumed
     assert identity.differences(runs["before"], runs["after"]) == []
