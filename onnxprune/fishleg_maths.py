@@ -205,3 +205,67 @@ def summed_update(theta: KronFactors, w: Tensor, pruned: Tensor, support: Tensor
         z = torch.where(pruned, w / q_diagonal(theta), torch.zeros_like(w))
         new = w - q_apply(theta, z) * support
     return torch.where(pruned | ~support, torch.zeros_like(new), new)
+
+
+def kron_parts(theta: KronFactors) -> tuple[Tensor, Tensor]:
+    """The dense row and column factors P = RᵀR (m×m) and S = LLᵀ (n×n) of Q, so that
+    Q_(i,j),(k,l) = A_ij A_kl P_ik S_jl (block-diagonal, padding cut off)."""
+    m, n = theta.A.shape
+    rows = torch.block_diag(*(theta.R.transpose(1, 2) @ theta.R))[:m, :m]
+    cols = torch.block_diag(*(theta.L @ theta.L.transpose(1, 2)))[:n, :n]
+    return rows, cols
+
+
+def rectangle_saliency(w: Tensor, a: Tensor, rows: Tensor, cols: Tensor, row_factor, col_factor) -> Tensor:
+    """OBS saliency of removing the rectangle R×C of W together, ½ w_Gᵀ (Q_GG)⁻¹ w_G with
+    Q_GG = diag(a_G) (P_RR ⊗ S_CC) diag(a_G): ½ tr(P_RR⁻¹ Ṽ S_CC⁻¹ Ṽᵀ), Ṽ = (W / A)[R, C].
+    `row_factor`, `col_factor`: Cholesky factors of P_RR and S_CC."""
+    v = (w / a)[rows][:, cols]
+    left = torch.cholesky_solve(v, row_factor)  # P_RR⁻¹ Ṽ
+    both = torch.cholesky_solve(left.T, col_factor).T  # P_RR⁻¹ Ṽ S_CC⁻¹
+    return 0.5 * (both * v).sum()
+
+
+def entries_saliency(w: Tensor, a: Tensor, rows: Tensor, cols: Tensor, p: Tensor, s: Tensor) -> Tensor:
+    """The same for any set of entries (row i_k, column j_k): Q_GG built explicitly."""
+    scale = a[rows, cols]
+    q = scale[:, None] * scale[None, :] * p[rows][:, rows] * s[cols][:, cols]
+    x = w[rows, cols]
+    return 0.5 * x @ torch.linalg.solve(q, x)
+
+
+# a group that is not a rectangle of rows × columns is solved explicitly up to this many entries
+# (its Q_GG then takes 128 MiB); beyond, its single-entry saliencies are summed
+DENSE_GROUP_LIMIT = 4096
+
+
+def q_group_saliency(theta: KronFactors, w: Tensor, groups: list[Tensor]) -> Tensor:
+    """Per group of flat (row-major) entries of W [m, n], the OBS saliency of removing it
+    together under Q: whole rows or columns (a channel's rows, its consumers' columns) in closed
+    form through the Kronecker factors, each factor's Cholesky computed once per index set."""
+    theta = KronFactors(R=theta.R.detach().double(), L=theta.L.detach().double(), A=theta.A.detach().double())
+    w, a = w.double(), theta.A
+    n = w.shape[1]
+    p, s = kron_parts(theta)
+    factors: dict[tuple[str, bytes], Tensor] = {}
+
+    def factor(kind: str, matrix: Tensor, index: Tensor) -> Tensor:
+        key = (kind, index.numpy().tobytes())
+        if key not in factors:
+            factors[key] = torch.linalg.cholesky(matrix[index][:, index])
+        return factors[key]
+
+    values = []
+    for group in groups:
+        index = group.reshape(-1).cpu()
+        rows, cols = torch.unique(index // n), torch.unique(index % n)
+        if index.numel() == 0:
+            values.append(w.new_zeros(()))
+        elif rows.numel() * cols.numel() == torch.unique(index).numel():
+            values.append(rectangle_saliency(w, a, rows, cols, factor("rows", p, rows), factor("cols", s, cols)))
+        elif index.numel() <= DENSE_GROUP_LIMIT:
+            values.append(entries_saliency(w, a, index // n, index % n, p, s))
+        else:
+            diagonal = a * a * torch.outer(p.diagonal(), s.diagonal())
+            values.append((w * w / (2.0 * diagonal)).reshape(-1)[index].sum())
+    return torch.stack(values) if values else w.new_zeros(0)

@@ -87,3 +87,42 @@ def to_blocks(flat: Tensor, size: int) -> Tensor:
 def from_blocks(blocked: Tensor, numel: int) -> Tensor:
     """Inverse of `to_blocks`: [..., B, size] → [..., numel]."""
     return blocked.reshape(*blocked.shape[:-2], -1)[..., :numel]
+
+
+def obs_segment_saliency(w: Tensor, finv: Tensor, blocks: Tensor, positions: Tensor) -> Tensor:
+    """Loss increase of removing each segment S together: ½ w_Sᵀ (F⁻¹[S,S])⁻¹ w_S, for segments of
+    equal size s given by their block `blocks` [P] and their positions in it `positions` [P, s]."""
+    sub = finv[blocks[:, None, None], positions[:, :, None], positions[:, None, :]]  # [P, s, s]
+    ws = w[blocks[:, None], positions]  # [P, s]
+    z = torch.cholesky_solve(ws.unsqueeze(2), torch.linalg.cholesky(sub))
+    return 0.5 * (ws.unsqueeze(1) @ z).reshape(-1)
+
+
+def obs_group_saliency(w: Tensor, finv: Tensor, groups: list[Tensor], chunk_bytes: int = 1 << 26) -> Tensor:
+    """Per group of flat entries (indices into the unblocked weight of `w` [B, c]), the OBS
+    saliency of removing the whole group together under the block-diagonal F⁻¹ `finv` [B, c, c]:
+    the sum over the blocks it touches of ½ w_Sᵀ (F⁻¹[S,S])⁻¹ w_S, S its entries in that block
+    (blocks are independent, so the joint saliency adds up). Empty groups cost 0."""
+    size = w.shape[1]
+    totals = torch.zeros(len(groups), dtype=w.dtype, device=w.device)
+    if not groups or all(len(g) == 0 for g in groups):
+        return totals
+    flat = torch.cat([g.reshape(-1).to(w.device) for g in groups])
+    owner = torch.repeat_interleave(torch.arange(len(groups), device=w.device), torch.tensor([len(g) for g in groups]))
+    # one segment per (group, block): sorted so that each segment's entries are contiguous
+    key = (owner * w.shape[0] + flat // size) * size + flat % size
+    key, order = torch.sort(key)
+    flat, owner = flat[order], owner[order]
+    segment = key // size
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=w.device), segment[1:] != segment[:-1]])
+    start_at = torch.nonzero(starts).reshape(-1)
+    lengths = torch.diff(torch.cat([start_at, torch.tensor([len(flat)], device=w.device)]))
+    for s in torch.unique(lengths).tolist():
+        first = start_at[lengths == s]
+        step = max(1, chunk_bytes // (8 * s * s))  # a chunk's gathered sub-matrices stay small
+        for begin in range(0, len(first), step):
+            at = first[begin : begin + step]
+            entries = at.unsqueeze(1) + torch.arange(s, device=w.device)
+            values = obs_segment_saliency(w, finv, flat[at] // size, flat[entries] % size)
+            totals.index_add_(0, owner[at], values)
+    return totals

@@ -31,7 +31,7 @@ from .memory import DoesNotFit, MemoryPlan, human, plan_memory
 from .progress import Progress
 from .schedule import oneshot_targets
 from .structure import ChannelGraph
-from .structure.constraint import ChannelConstraint
+from .structure.constraint import ChannelConstraint, class_entries
 from .structure.latency import LatencyTable
 
 
@@ -61,6 +61,8 @@ class Scored:
     keep: list[Tensor]  # the masks the statistics were collected with
     scores: dict[int, Tensor] = field(default_factory=dict)
     stats: dict[int, Statistics | None] = field(default_factory=dict)
+    # whole channels, where the estimator scores groups: per tensor, each class's saliency
+    groups: dict[int, dict[int, float]] = field(default_factory=dict)
     timer: dict[str, float] = field(default_factory=lambda: {"gradients": 0.0, "estimator": 0.0})
     collections: int = 0
 
@@ -141,6 +143,7 @@ class Pruner:
         # whole channels: the allocation splits classes of channels, and the estimator updates
         # the survivors of exactly the masks chosen (it picks no entries of its own)
         self.structured = channels is not None
+        self.channels = channels
         self.allocator = (
             ChannelConstraint(channels, allocation, latency, speedup) if channels else ALLOCATORS.get(allocation)()
         )
@@ -224,6 +227,8 @@ class Pruner:
                     )
                 # already-pruned entries sort below every saliency (all are >= 0)
                 scored.scores[i] = torch.where(self.keep[i], s, -1.0)
+                if self.channels is not None:
+                    self._score_classes(scored, i, stats[i])
                 if (self.plan is None or self.plan.keep_statistics) and keep_for_update:
                     scored.stats[i] = stats[i]
                     if self._spill is not None and self.estimator.spills:
@@ -231,6 +236,16 @@ class Pruner:
             scored.timer["estimator"] += time.perf_counter() - started
             del stats
         return scored
+
+    def _score_classes(self, scored: Scored, i: int, stats: Statistics | None) -> None:
+        """Tensor i's saliency of each class of channels removed as a whole (entries pruned
+        before are fixed at zero and left out), where the estimator scores groups."""
+        entries = class_entries(cast(ChannelGraph, self.channels), self.views[i])
+        keep = self.keep[i].cpu()
+        groups = [index[keep[index]] for index in entries.values()]
+        values = self.estimator.group_scores(self.views[i].read(), stats, groups)
+        if values is not None:
+            scored.groups[i] = dict(zip(entries, values.tolist()))
 
     def apply(self, scored: Scored, sparsity: float, *, last: bool) -> StepRecord:
         """Select the masks for `sparsity` from `scored` and compensate the survivors; `last`:

@@ -197,6 +197,7 @@ def test_a_step_of_a_schedule_aims_at_its_share_of_the_speed_up():
 
     class Scored:
         scores = {}
+        groups = {}
 
     constraint.masks(Pruner(), Scored(), SPEED_SCHEDULE_END / 2, {})
     constraint.masks(Pruner(), Scored(), SPEED_SCHEDULE_END, {})

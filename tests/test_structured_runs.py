@@ -59,7 +59,7 @@ def cnn_files(tmp_path):
     return path, calib, evaluation, tmp_path
 
 
-@pytest.mark.parametrize("method", ["magnitude", "woodfisher", "sparsegpt", "wanda"])
+@pytest.mark.parametrize("method", ["magnitude", "woodfisher", "fishleg", "sparsegpt", "wanda"])
 def test_channels_are_removed_physically_and_the_graph_is_kept(cnn_files, method):
     path, calib, evaluation, tmp = cnn_files
     out = tmp / f"{method}.onnx"

@@ -107,6 +107,11 @@ class Estimator(ABC):
     def scores(self, weight: Tensor, stats: Any) -> Tensor:
         """Saliency of each entry of the flat `weight`; higher means keep."""
 
+    def group_scores(self, weight: Tensor, stats: Any, groups: list[Tensor]) -> Tensor | None:
+        """Saliency of removing each group of entries of the flat `weight` together (index
+        tensors); None where the estimator scores single entries only (their sum is used)."""
+        return None
+
     def compensate(self, weight: Tensor, keep: Tensor, stats: Any) -> Tensor:
         """New values for the flat `weight` given the keep-mask; pruned entries exactly zero."""
         return torch.where(keep, weight, torch.zeros_like(weight))

@@ -28,6 +28,7 @@ from ..fishleg_maths import (
     joint_update,
     kfac_factors,
     q_diagonal,
+    q_group_saliency,
     summed_update,
 )
 from .base import Estimator, MemoryNeed, register
@@ -239,6 +240,9 @@ class FishLegSurgeon(Estimator):
         diagonal = q_diagonal(stats.theta()).detach().double()
         w = weight.double().reshape(stats.shape)
         return (w * w / (2.0 * diagonal)).reshape(-1)
+
+    def group_scores(self, weight: Tensor, stats: KronLearner, groups: list[Tensor]) -> Tensor:
+        return q_group_saliency(stats.theta(), weight.reshape(stats.shape), groups)
 
     def compensate(self, weight: Tensor, keep: Tensor, stats: KronLearner) -> Tensor:
         if self.update == "none":

@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..obs import from_blocks, obs_joint_update, obs_saliency, obs_summed_update, to_blocks, woodbury_inverse
+from ..obs import (
+    from_blocks,
+    obs_group_saliency,
+    obs_joint_update,
+    obs_saliency,
+    obs_summed_update,
+    to_blocks,
+    woodbury_inverse,
+)
 from .base import Estimator, MemoryNeed, register, relative_damp
 
 # Gradients folded in per Woodbury step: the same result as Sherman-Morrison (chunk 1), and each
@@ -110,6 +118,11 @@ class WoodFisher(Estimator):
         finv = self.inverse(stats)
         w = to_blocks(weight.to(device=finv.device, dtype=torch.float64), self.block_size)
         return from_blocks(obs_saliency(w, finv), weight.numel())
+
+    def group_scores(self, weight: Tensor, stats: GradientRows, groups: list[Tensor]) -> Tensor:
+        finv = self.inverse(stats)
+        w = to_blocks(weight.to(device=finv.device, dtype=torch.float64), self.block_size)
+        return obs_group_saliency(w, finv, groups)
 
     def compensate(self, weight: Tensor, keep: Tensor, stats: GradientRows) -> Tensor:
         if self.update == "none":

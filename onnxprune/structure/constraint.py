@@ -1,6 +1,7 @@
-"""Structured masks inside a Pruner: the estimator's entry saliencies summed per class of
-channels, the classes chosen by the allocation, the keep-masks covering every entry of every
-removed class (so the torch model computes what the physically smaller graph computes)."""
+"""Structured masks inside a Pruner: the estimator's saliency of each class of channels (its
+OBS group saliency where the estimator has one, else its entry saliencies summed per class),
+the classes chosen by the allocation, the keep-masks covering every entry of every removed
+class (so the torch model computes what the physically smaller graph computes)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,12 @@ class ChannelConstraint(Allocator):
         }
         before = {name: mask.cpu().numpy() for name, mask in pruner.masks().items()}
         already = frozenset(removed_classes(self.graph, before))
-        totals = class_totals(self.graph, values)
+        # where the estimator scores whole groups (OBS group saliency) those replace the sums
+        grouped = {views[i].target.name for i in scored.groups}
+        totals = class_totals(self.graph, {n: v for n, v in values.items() if n not in grouped})
+        for group_totals in scored.groups.values():
+            for root, value in group_totals.items():
+                totals[root] += value
         if self.latency is not None and self.speedup is not None:
             goal = step_goal(sparsity, self.speedup)
             table = self.latency
@@ -152,6 +158,26 @@ def group_losses(
         for view, original in zip(views, originals):
             view.write(original)
     return curves
+
+
+def class_entries(graph: ChannelGraph, view) -> dict[int, Tensor]:
+    """Per removable class, the canonical flat indices of the entries of `view`'s tensor its
+    removal deletes (rows, columns or slices along any axis an edit cuts; each entry once)."""
+    classes = graph.classes()
+    numel, shape = view.numel, view.onnx_shape
+    # canonical position -> ONNX flat index, inverted: ONNX flat index -> canonical position
+    to_canonical = torch.empty(numel, dtype=torch.long)
+    to_canonical[view.to_canonical(torch.arange(numel))] = torch.arange(numel)
+    grid = np.arange(numel).reshape(shape)
+    parts: dict[int, list[np.ndarray]] = {}
+    for edit in graph.edits:
+        if edit.initializer != view.target.name:
+            continue
+        for position, element in enumerate(edit.labels):
+            root = graph.find(element)
+            if root in classes:
+                parts.setdefault(root, []).append(np.take(grid, position, axis=edit.axis).reshape(-1))
+    return {root: to_canonical[torch.from_numpy(np.unique(np.concatenate(p)))] for root, p in parts.items()}
 
 
 def canonical_keeps(graph: ChannelGraph, views, shapes: Mapping[str, tuple[int, ...]], removed) -> list[Tensor]:

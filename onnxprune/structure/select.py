@@ -1,6 +1,6 @@
-"""Which classes of channels a step removes: the entry saliencies of any estimator summed over
-each class (every row, column and depthwise row its removal deletes), then split across layers
-like an unstructured allocation: `global` one threshold on saliency per removed parameter,
+"""Which classes of channels a step removes: each class's saliency (over every row, column and
+depthwise row its removal deletes; see constraint.py), then split across layers like an
+unstructured allocation: `global` one threshold on saliency per removed parameter,
 `layer` the same fraction of every layer's removable channels. `--sparsity` is the fraction of
 the removable parameters removed (entries of pruned tensors that some removable class covers);
 every layer keeps at least one channel."""
