@@ -34,7 +34,8 @@ Exit codes:
   7  non-finite weights, gradients, scores or model outputs; nothing is written
   8  the Fisher statistics would exceed --max-memory; nothing is written
   9  a file could not be written (disk full, permissions); no partial file is left
-  10 the model with channels removed computes something else (--structure); nothing is written
+  10 the model with channels removed computes something else or fails to run (--structure);
+     nothing is written
   11 --target-speedup cannot be reached (measured); nothing is written
 """
 

@@ -13,7 +13,7 @@ from onnx import ModelProto
 from .bridge.bindings import PrunableTensor, read_tensor
 from .bridge.convert import TorchModel
 from .data import Dataset, InputSpec, run_batches
-from .errors import NonFiniteError
+from .errors import BrokenOutputError, CalibrationDataError, InvalidModelError, NonFiniteError, StructureError
 from .report import Conversion, Quality, TensorSparsity, Validation
 from .runtime import non_finite_output, torch_runner
 from .validate import (
@@ -56,11 +56,23 @@ def validate_file(
     reference: list[np.ndarray],
     headline: Headline,
     batch_size: int,
+    structured: bool = False,
 ) -> tuple[Validation, list[np.ndarray]]:
     """Run the written model in onnxruntime on the evaluation data and compare with the original;
-    NaN or infinity in its outputs is a NonFiniteError."""
-    written = OrtModel(path)
-    candidate = written.run(evaluation, specs, batch_size)
+    NaN or infinity in its outputs is a NonFiniteError. The original ran this data, so a written
+    model onnxruntime cannot load or run is ours to explain: with channels removed (`structured`)
+    a StructureError (a dependency the trace missed), otherwise a BrokenOutputError (a bug)."""
+    try:
+        written = OrtModel(path)
+        candidate = written.run(evaluation, specs, batch_size)
+    except (InvalidModelError, CalibrationDataError) as exc:
+        message = f"the pruned model fails in onnxruntime where the original ran ({exc}); nothing was written. "
+        if structured:
+            raise StructureError(
+                message + "A dependency the channel trace missed: please report it with the model; "
+                "--structure unstructured works meanwhile"
+            ) from None
+        raise BrokenOutputError(message + "This is a bug in onnxprune: please report it with the model") from None
     bad = non_finite_output(candidate, written.output_names)
     if bad:
         raise NonFiniteError(

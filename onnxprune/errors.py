@@ -71,6 +71,13 @@ class StructureError(OnnxPruneError):
     exit_code = 10
 
 
+class BrokenOutputError(OnnxPruneError):
+    """The written model fails in onnxruntime on data the original ran: a bug in onnxprune
+    (exit 1, as any bug, but with a message saying so); nothing is written."""
+
+    exit_code = 1
+
+
 class SpeedTargetError(OnnxPruneError):
     """--target-speedup cannot be reached: removing every removable channel is measured slower
     than the target; nothing is written (exit 11)."""

@@ -26,7 +26,7 @@ from .compare import check_conversion, measure_sparsity, validate_file
 from .config import PruneConfig, as_config
 from .data import feed_plan, iter_feeds, run_batches
 from .environment import environment
-from .errors import NonFiniteError, StructureError, UsageError
+from .errors import BrokenOutputError, NonFiniteError, StructureError, UsageError
 from .estimators import ESTIMATORS, Estimator
 from .finetune import Finetuner, batchnorm_statistics, make_finetuner, reestimate_batchnorm
 from .graph_edit import add_biases
@@ -346,11 +346,12 @@ def write_and_validate(
     with timed(timings, "validate"):
         log.info("validating %s in onnxruntime", path)
         try:
+            structured = job.channels is not None
             validation, candidate = validate_file(
-                path, job.evaluation, job.specs, job.reference, job.headline, config.eval_batch_size
+                path, job.evaluation, job.specs, job.reference, job.headline, config.eval_batch_size, structured
             )
-            agreement = _agreement(final, candidate, structured=job.channels is not None)
-        except (NonFiniteError, StructureError):
+            agreement = _agreement(final, candidate, structured)
+        except (NonFiniteError, StructureError, BrokenOutputError):
             for written in [path, *written_data_files(path, external=True)]:
                 written.unlink(missing_ok=True)
             raise

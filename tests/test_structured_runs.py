@@ -299,3 +299,31 @@ def test_every_structure_kind_prunes_an_attention_block_end_to_end(tmp_path, str
     # the head count written in two of the splits, and the merged width, follow the heads kept
     kept_width = after["wq"].shape[1]
     assert after["shape_q"][2] == after["shape_v"][2] == kept_width // 2 and after["merge"][2] == kept_width
+
+
+@pytest.mark.parametrize("structure, code", [("channels", 10), ("unstructured", 1)])
+def test_a_written_model_onnxruntime_cannot_run_is_our_error_not_the_data_and_nothing_stays(
+    cnn_files, monkeypatch, structure, code
+):
+    from onnxprune import compare
+    from onnxprune.errors import CalibrationDataError
+
+    path, calib, evaluation, tmp = cnn_files
+    out = tmp / "broken.onnx"
+
+    class BrokenWrittenModel(compare.OrtModel):
+        def run(self, dataset, specs, batch_size, limit=None):
+            if self.path != path:  # the original still runs: only what we wrote breaks
+                raise CalibrationDataError(
+                    "onnxruntime rejected the data from eval.npz on broken.onnx: shape (8) != (6)"
+                )
+            return super().run(dataset, specs, batch_size, limit)
+
+    monkeypatch.setattr(compare, "OrtModel", BrokenWrittenModel)
+    arguments = ["prune", str(path), str(out), "--sparsity", "0.5", "--structure", structure]
+    result = CliRunner().invoke(main, [*arguments, "--calib", str(calib), "--eval", str(evaluation)])
+    assert result.exit_code == code, result.output
+    assert "the pruned model fails in onnxruntime where the original ran" in result.output
+    assert ("channel trace missed" in result.output) == (structure == "channels")
+    assert not out.exists() and not (tmp / "broken.report.json").exists()
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".") or "broken" in p.name]
