@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..allocators.base import Allocator
 from .graph import ChannelGraph
-from .latency import LatencyTable, choose_by_losses, choose_for_latency
+from .latency import LatencyTable, choose_by_losses, choose_for_latency, least_salient
 from .remove import class_totals, keep_masks
 from .select import choose_classes, removed_classes
 
@@ -149,7 +149,7 @@ def group_losses(
         base = loss_without(set(gone))
         with pruner.progress.task("latency choice: loss of each group's widths", len(table.groups)) as task:
             for group in table.groups:
-                order = sorted((c for c in group.classes if c not in gone), key=lambda c: (totals.get(c, 0.0), c))
+                order = least_salient(group.classes, totals, gone)
                 done = len(group.classes) - len(order)
                 curve = {n: loss_without(gone | set(order[: n - done])) - base for n in group.counts if n > done}
                 curves.append(curve)

@@ -143,6 +143,11 @@ def measure_table(
     return LatencyTable(dense_ms, table, threads, batch_size, runs, model, feeds, graph, dense)
 
 
+def least_salient(classes, totals: Mapping[int, float], gone) -> list[int]:
+    """The `classes` not in `gone`, least salient first (ties by class, so choices repeat)."""
+    return sorted((c for c in classes if c not in gone), key=lambda c: (totals.get(c, 0.0), c))
+
+
 class _Choice:
     """A choice being built: the classes taken, each layer's channels left (every layer keeps
     one), and how many of each group's classes are gone."""
@@ -168,10 +173,7 @@ class _Choice:
 
     def queues(self, totals: Mapping[int, float]) -> list[list[int]]:
         """Each group's classes not taken, least salient first."""
-        return [
-            sorted((c for c in g.classes if c not in self.removed), key=lambda c: (totals.get(c, 0.0), c))
-            for g in self.table.groups
-        ]
+        return [least_salient(g.classes, totals, self.removed) for g in self.table.groups]
 
     def predicted(self) -> float:
         return self.table.dense_ms - sum(g.saving(n) for g, n in zip(self.table.groups, self.done))
