@@ -356,7 +356,7 @@ class Pruner:
     def _tracked(self, group: Sequence[int], label: str, number: int):
         """The group's tensors, counted on the progress display."""
         suffix = f", group {number}/{len(self.groups)}" if len(self.groups) > 1 else ""
-        with self.progress.task(f"{label}{suffix} (tensors)", len(group)) as task:
+        with self.progress.task(f"{label}{suffix}", len(group), "tensors") as task:
             for i in group:
                 yield i
                 task.advance()
@@ -380,7 +380,7 @@ class Pruner:
         if estimator.needs_activations:
             inputs = activation_source(source)
             started = time.perf_counter()
-            with self.progress.task(f"layer inputs, {label}{suffix} (samples)", inputs.count) as task:
+            with self.progress.task(f"layer inputs, {label}{suffix}", inputs.count, "samples") as task:
                 chosen = cast(dict[str, InputStatistics], {views[i].target.name: stats[i] for i in group})
                 inputs.collect(chosen, progress=task.advance)
             timer["gradients"] += time.perf_counter() - started
@@ -416,13 +416,16 @@ class Pruner:
             timer["estimator"] += time.perf_counter() - begun
 
         started, before = time.perf_counter(), timer["estimator"]
-        with self.progress.task(label, source.count) as task:
+        # counted in samples: each gradient row averages a micro-batch of them
+        with self.progress.task(label, source.count * source.micro_batch, "samples") as task:
+
+            def advance(rows: int) -> None:
+                task.advance(rows * source.micro_batch)
+
             if estimator.streams_gradients:
-                source.stream(
-                    list(index), lambda k, grads: add({n: g[None] for n, g in grads.items()}), masks, task.advance
-                )
+                source.stream(list(index), lambda k, grads: add({n: g[None] for n, g in grads.items()}), masks, advance)
             else:
-                rows = source.collect(list(index), masks, progress=task.advance)
+                rows = source.collect(list(index), masks, progress=advance)
         timer["gradients"] += time.perf_counter() - started - (timer["estimator"] - before)
         if not estimator.streams_gradients:
             add(rows)

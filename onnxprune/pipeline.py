@@ -279,7 +279,7 @@ def _run_phases(config: PruneConfig, job: Job, phases: list, run: RunState, prog
             reestimate_batchnorm(job.torch_model, job.calibration_data, job.specs, config.eval_batch_size, job.device)
         if run.trainer is not None and phase.finetune_steps:
             started = time.perf_counter()
-            with progress.task(f"fine-tuning after {phase.label}", phase.finetune_steps) as task:
+            with progress.task(f"fine-tuning after {phase.label}", phase.finetune_steps, "steps") as task:
                 run.trainer.run(phase.finetune_steps, run.pruner.masks(), task.advance)
             tuning_seconds += time.perf_counter() - started
         if len(phases) > 1:

@@ -191,7 +191,7 @@ class Repairer:
         saved_corrections = self.corrections.copy()
         by_node = {layer.node: layer for layer in self.layers}
         changed = 0
-        with self.progress.task(f"{addition} repair, {label} (layers)", len(self.layers)) as task:
+        with self.progress.task(f"{addition} repair, {label}", len(self.layers), "layers") as task:
 
             def repair(node: str, moments: Moments | None) -> None:
                 nonlocal changed

@@ -32,7 +32,7 @@ class Sensitivity(Allocator):
         numels = [view.numel for view in pruner.views]
         already = [int((~keep).sum()) for keep in scored.keep]
         curves = []
-        with pruner.progress.task(f"sensitivity, {scored.label} (tensors)", len(pruner.views)) as task:
+        with pruner.progress.task(f"sensitivity, {scored.label}", len(pruner.views), "tensors") as task:
             for i in range(len(pruner.views)):
                 curves.append(loss_curve(pruner, scored, i, already[i], base))
                 task.advance()

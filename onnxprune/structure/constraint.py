@@ -147,7 +147,7 @@ def group_losses(
     curves = []
     try:
         base = loss_without(set(gone))
-        with pruner.progress.task("latency choice: loss of each group's widths", len(table.groups)) as task:
+        with pruner.progress.task("latency choice: loss of each group's widths", len(table.groups), "groups") as task:
             for group in table.groups:
                 order = least_salient(group.classes, totals, gone)
                 done = len(group.classes) - len(order)
