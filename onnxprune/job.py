@@ -30,7 +30,7 @@ from .repair import Repairer, repair_passes, repair_settings
 from .report import Conversion, ModelInfo
 from .runtime import memory_budget, torch_runner
 from .schedule import SCHEDULES
-from .structure import STRUCTURES, ChannelGraph
+from .structure import DEFAULT_STRUCTURE, STRUCTURES, ChannelGraph
 from .structure.constraint import SPEED_SCHEDULE_END
 from .structure.latency import LatencyTable, measure_table
 from .validate import Headline, output_kind
@@ -194,9 +194,14 @@ def make_pruner(config: PruneConfig, job: Job, estimator: Estimator, source: Sou
 
 
 def _evaluates(config: PruneConfig) -> bool:
-    """Whether the pruner measures held-out losses: for the sensitivity allocation, and for
-    --target-speedup's choice of widths (each group's widths measured, not summed)."""
-    return ALLOCATORS.get(config.allocation).needs_evaluation or config.target_speedup is not None
+    """Whether the pruner measures held-out losses: for the sensitivity allocation, for
+    --target-speedup's choice of widths (each group's widths measured, not summed) and, removing
+    whole channels, for the choice between group and summed saliencies."""
+    return (
+        ALLOCATORS.get(config.allocation).needs_evaluation
+        or config.target_speedup is not None
+        or config.structure != DEFAULT_STRUCTURE
+    )
 
 
 def loss_evaluator(config: PruneConfig, job: Job) -> Callable[[], float]:

@@ -128,6 +128,7 @@ class Pruned:
     added_biases: list = field(default_factory=list)  # (node output, weight, values) for nodes given a bias
     removed: frozenset[int] = frozenset()  # the classes of channels removed (--structure channels)
     speed_rounds: tuple[dict, ...] = ()  # --target-speedup: each choice timed as a whole
+    rankings: tuple[dict, ...] = ()  # whole channels: group or summed saliencies, per step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,7 +240,9 @@ def prune_weights(resolved: Resolved, job: Job) -> Pruned:
             done, tuning_seconds = _run_phases(config, job, phases, run, progress)
             outcome = OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
             removed = removed_channels(job, pruner)
-            rounds = tuple(pruner.allocator.rounds) if isinstance(pruner.allocator, ChannelConstraint) else ()
+            channels = pruner.allocator if isinstance(pruner.allocator, ChannelConstraint) else None
+            rounds = tuple(channels.rounds) if channels is not None else ()
+            rankings = tuple(channels.rankings) if channels is not None else ()
             arrays, final = _final_values(config, job, run, outcome)
             added = repairer.fold(arrays) if repairer is not None else []
             repair = repairer.report() if repairer is not None else None
@@ -261,6 +264,7 @@ def prune_weights(resolved: Resolved, job: Job) -> Pruned:
         added_biases=added,
         removed=removed,
         speed_rounds=rounds,
+        rankings=rankings,
     )
 
 
@@ -395,6 +399,8 @@ def _channels(config: PruneConfig, job: Job, written: Written, pruned: Pruned) -
     if job.channels is None:
         return None
     described = describe(job.channels, written.layers)
+    if pruned.rankings:
+        described["rankings"] = list(pruned.rankings)
     if config.target_speedup is not None and job.latency is not None:
         target = {"target": config.target_speedup, "table": job.latency.summary(), "rounds": list(pruned.speed_rounds)}
         described["target_speedup"] = target

@@ -145,3 +145,65 @@ def test_fishleg_group_saliency_equals_the_dense_formula_for_rows_columns_and_an
     # one entry: the closed-form diagonal saliency the estimator scores entries with
     single = q_group_saliency(theta, w, [torch.tensor([9])])
     assert float(single) == pytest.approx(float(w.reshape(-1)[9] ** 2 / (2 * q_diagonal(theta).reshape(-1)[9])))
+
+
+@pytest.mark.parametrize("better", ["group", "summed"])
+def test_the_ranking_with_the_smaller_held_out_loss_removes_the_classes(better):
+    proto = mlp()
+    torch_model = convert(proto)
+    graph = trace_channels(proto)
+    config = PruneConfig(input="i.onnx", output="o.onnx", sparsity=0.5, block_size=6, damp=0.1)
+    estimator = ESTIMATORS.get("woodfisher")(config)
+    data = Dataset({"x": randn(40, 6, seed=4)}, None, "calib")
+    source = GradientSource(
+        torch_model,
+        data,
+        input_specs(proto),
+        FisherLoss(0, "logits", "logits", "sampled"),
+        24,
+        2,
+        0,
+        torch.device("cpu"),
+    )
+    w1 = torch_model.tensors["w1"]
+    wanted: dict[str, frozenset[int]] = {}
+    seen: list[frozenset[int]] = []
+
+    def evaluate() -> float:
+        # the held-out loss: 0 for the wanted neurons gone (rows of w1 zeroed), 1 for anything else
+        gone = frozenset(int(k) for k in torch.nonzero((w1.detach() == 0).all(dim=1)).reshape(-1))
+        seen.append(gone)
+        return 0.0 if gone == wanted["rows"] else 1.0
+
+    with Pruner(
+        torch_model, torch_model.prunable, estimator, "global", lambda _: source, 1 << 30, Progress(False),
+        evaluate=evaluate, channels=graph,
+    ) as pruner:  # fmt: skip
+        views = {v.target.name: (i, v) for i, v in enumerate(pruner.views)}
+        scored = pruner.score("step")
+        entry = {
+            v.target.name: v.to_onnx(scored.scores[i].clamp(min=0)).reshape(v.onnx_shape).numpy()
+            for name, (i, v) in views.items()
+        }
+        summed = class_totals(graph, entry)
+        grouped = {root: sum(scored.groups[i].get(root, 0.0) for i in scored.groups) for root in summed}
+
+        def rows(totals):  # the hidden neurons the 4 least salient classes are
+            least = sorted(totals, key=lambda root: (totals[root], root))[:4]
+            return frozenset(
+                graph.classes()[root][0] - graph.space_of(graph.classes()[root][0]).start for root in least
+            )
+
+        choices = {"group": rows(grouped), "summed": rows(summed)}
+        assert choices["group"] != choices["summed"]
+        wanted["rows"] = choices[better]
+        pruner.apply(scored, 0.5, last=True)
+        assert seen == [choices["group"], choices["summed"]]  # both measured, masks only
+        record = pruner.allocator.rankings[0]
+        assert record["chosen"] == better and not record["same"]
+        assert record["losses"] == {"group": float(better != "group"), "summed": float(better != "summed")}
+        gone = frozenset(int(k) for k in torch.nonzero(~pruner.masks()["w1"].all(dim=1)).reshape(-1))
+        assert gone == choices[better]
+        # the other trial's masks left no trace: the rows only it removed have their weights back
+        other = sorted(choices["summed" if better == "group" else "group"] - gone)
+        assert other and bool((w1.detach()[other] != 0).all())

@@ -5,6 +5,8 @@ class (so the torch model computes what the physically smaller graph computes)."
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
@@ -22,6 +24,8 @@ from .select import choose_classes, removed_classes
 SPEED_SCHEDULE_END = 0.9
 # timings of a whole choice in the search for the shallowest one that meets the goal
 SPEED_ROUNDS = 4
+
+log = logging.getLogger("onnxprune")
 
 if TYPE_CHECKING:
     from ..oneshot import Pruner, Scored
@@ -49,6 +53,7 @@ class ChannelConstraint(Allocator):
         self.latency, self.speedup = latency, speedup
         self.removed: set[int] = set()
         self.rounds: list[dict] = []  # with --target-speedup: each timed choice
+        self.rankings: list[dict] = []  # per step: group or summed saliencies, by held-out loss
 
     def masks(self, pruner: Pruner, scored: Scored, sparsity: float, timer: dict[str, float]) -> dict[int, Tensor]:
         views = pruner.views
@@ -66,6 +71,7 @@ class ChannelConstraint(Allocator):
         for group_totals in scored.groups.values():
             for root, value in group_totals.items():
                 totals[root] += value
+        summed = class_totals(self.graph, values) if scored.groups else None
         if self.latency is not None and self.speedup is not None:
             goal = step_goal(sparsity, self.speedup)
             table = self.latency
@@ -80,7 +86,29 @@ class ChannelConstraint(Allocator):
             self.removed = self._for_speedup(table, choose, goal, already)
         else:
             self.removed = choose_classes(self.graph, totals, shapes, sparsity, self.allocation, already)
+            if summed is not None and pruner.evaluate is not None:
+                other = choose_classes(self.graph, summed, shapes, sparsity, self.allocation, already)
+                self.removed = self._ranking(pruner, scored, shapes, self.removed, other)
         return dict(enumerate(canonical_keeps(self.graph, views, shapes, self.removed)))
+
+    def _ranking(self, pruner: Pruner, scored: Scored, shapes, group: set[int], summed: set[int]) -> set[int]:
+        """Of the classes chosen by group saliency and by summed entry saliencies, those whose
+        removal leaves the smaller held-out loss (masks only; ties: group saliency). Neither
+        ranks better everywhere: group saliency kept the CNN at 0.956 with 75% of its removable
+        parameters gone where the sums kept 0.947, but halving MiniLM's FFNs kept cosine 0.901
+        where the sums kept 0.941."""
+        if group == summed:
+            losses = None
+        else:
+            with masked_losses(pruner, self.graph, shapes) as loss_without:
+                losses = (loss_without(group), loss_without(summed))
+        chosen = "summed" if losses is not None and losses[1] < losses[0] else "group"
+        record = {"step": scored.number, "chosen": chosen, "same": losses is None}
+        if losses is not None:
+            record["losses"] = {"group": round(losses[0], 8), "summed": round(losses[1], 8)}
+        self.rankings.append(record)
+        log.info("step %d: classes ranked by %s saliency (held-out loss: %s)", scored.number, chosen, losses)
+        return summed if chosen == "summed" else group
 
     def _for_speedup(
         self,
@@ -135,17 +163,9 @@ def group_losses(
     """Per latency group, its measured loss increase on held-out calibration samples with each
     of the table's counts of its classes gone (its least salient first, the other groups as
     before this step; masks only, the weights put back after)."""
-    views = pruner.views
-    originals = [view.read().clone() for view in views]
-
-    def loss_without(removed: set[int]) -> float:
-        for view, original, keep in zip(views, originals, canonical_keeps(graph, views, shapes, removed)):
-            view.write(torch.where(keep.to(original.device), original, 0.0))
-        return pruner.evaluate()  # type: ignore[misc]
-
     gone = {graph.find(r) for r in already}
     curves = []
-    try:
+    with masked_losses(pruner, graph, shapes) as loss_without:
         base = loss_without(set(gone))
         with pruner.progress.task("latency choice: loss of each group's widths", len(table.groups), "groups") as task:
             for group in table.groups:
@@ -154,10 +174,26 @@ def group_losses(
                 curve = {n: loss_without(gone | set(order[: n - done])) - base for n in group.counts if n > done}
                 curves.append(curve)
                 task.advance()
-    finally:  # the weights are put back even when an evaluation fails
+    return curves
+
+
+@contextmanager
+def masked_losses(pruner: Pruner, graph: ChannelGraph, shapes: Mapping[str, tuple[int, ...]]):
+    """A function giving the held-out loss with a set of classes removed (masks only, from the
+    weights as they are now), the weights put back on exit, even when an evaluation fails."""
+    views = pruner.views
+    originals = [view.read().clone() for view in views]
+
+    def loss_without(removed: set[int]) -> float:
+        for view, original, keep in zip(views, originals, canonical_keeps(graph, views, shapes, removed)):
+            view.write(torch.where(keep.to(original.device), original, 0.0))
+        return pruner.evaluate()  # type: ignore[misc]
+
+    try:
+        yield loss_without
+    finally:
         for view, original in zip(views, originals):
             view.write(original)
-    return curves
 
 
 def class_entries(graph: ChannelGraph, view) -> dict[int, Tensor]:
