@@ -91,7 +91,9 @@ class ChannelConstraint(Allocator):
                 self.removed = self._ranking(pruner, scored, shapes, self.removed, other)
         return dict(enumerate(canonical_keeps(self.graph, views, shapes, self.removed)))
 
-    def _ranking(self, pruner: Pruner, scored: Scored, shapes, group: set[int], summed: set[int]) -> set[int]:
+    def _ranking(
+        self, pruner: Pruner, scored: Scored, shapes: Mapping[str, tuple[int, ...]], group: set[int], summed: set[int]
+    ) -> set[int]:
         """Of the classes chosen by group saliency and by summed entry saliencies, those whose
         removal leaves the smaller held-out loss (masks only; ties: group saliency). Neither
         ranks better everywhere: group saliency kept the CNN at 0.956 with 75% of its removable
