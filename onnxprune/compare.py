@@ -1,8 +1,9 @@
 """Outputs compared: the torch conversion against onnxruntime, the written model against the
-original, and the zeros counted in what was written."""
+original and against the final torch model, and the zeros counted in what was written."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -142,3 +143,32 @@ def measure_sparsity(pruned: ModelProto, targets: Sequence[PrunableTensor]) -> l
             )
         )
     return rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinalCheck:
+    """The final torch model's outputs on the first `samples` evaluation samples, taken when the
+    weights changed beyond the masks (fine-tuning, BatchNorm, folded corrections): the written
+    model is checked against them, not only against the dense reference."""
+
+    outputs: list[np.ndarray]
+    samples: int
+
+
+def written_agreement(final: FinalCheck | None, candidate: list[np.ndarray], structured: bool) -> float | None:
+    """The largest |final torch output − written model's output| (None without a FinalCheck);
+    with channels removed, a StructureError when they disagree beyond float rounding."""
+    if final is None:
+        return None
+    agreement = max(
+        float(np.abs(ours - got[: final.samples].astype(np.float64)).max()) if ours.size else 0.0
+        for ours, got in zip(final.outputs, candidate)
+    )
+    scale = max((float(np.abs(ours).max()) for ours in final.outputs if ours.size), default=1.0)
+    if structured and agreement > 1e-3 * max(1.0, scale):
+        raise StructureError(
+            f"the model with channels removed differs from the pruned torch model by {agreement:.3g} "
+            "(a dependency the channel trace missed); nothing was written. Please report it with the model; "
+            "--structure unstructured works meanwhile"
+        )
+    return agreement

@@ -22,7 +22,7 @@ from . import __version__
 from .bridge.bindings import release_payloads, write_back
 from .bridge.convert import convert
 from .checkpoint import RunState, checkpoint_state, fingerprint, resume, save_checkpoint
-from .compare import check_conversion, measure_sparsity, validate_file
+from .compare import FinalCheck, check_conversion, measure_sparsity, validate_file, written_agreement
 from .config import PruneConfig, as_config
 from .data import feed_plan, iter_feeds, run_batches
 from .environment import environment
@@ -101,16 +101,6 @@ def prune(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | N
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinalCheck:
-    """The final torch model's outputs on the first `samples` evaluation samples, taken when the
-    weights changed beyond the masks (fine-tuning, BatchNorm, folded corrections): the written
-    model is checked against them, not only against the dense reference."""
-
-    outputs: list[np.ndarray]
-    samples: int
-
-
-@dataclass(frozen=True, kw_only=True)
 class Pruned:
     """The outcome of the pruning stage: new tensor values and how they were reached."""
 
@@ -127,8 +117,8 @@ class Pruned:
     repair: dict | None = None  # the repair passes after each step (repair.py)
     added_biases: list = field(default_factory=list)  # (node output, weight, values) for nodes given a bias
     removed: frozenset[int] = frozenset()  # the classes of channels removed (--structure channels)
-    speed_rounds: tuple[dict, ...] = ()  # --target-speedup: each choice timed as a whole
-    rankings: tuple[dict, ...] = ()  # whole channels: group or summed saliencies, per step
+    # whole channels: the allocator, with the speed target's timed choices and each step's ranking
+    channels: ChannelConstraint | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,8 +231,6 @@ def prune_weights(resolved: Resolved, job: Job) -> Pruned:
             outcome = OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
             removed = removed_channels(job, pruner)
             channels = pruner.allocator if isinstance(pruner.allocator, ChannelConstraint) else None
-            rounds = tuple(channels.rounds) if channels is not None else ()
-            rankings = tuple(channels.rankings) if channels is not None else ()
             arrays, final = _final_values(config, job, run, outcome)
             added = repairer.fold(arrays) if repairer is not None else []
             repair = repairer.report() if repairer is not None else None
@@ -263,8 +251,7 @@ def prune_weights(resolved: Resolved, job: Job) -> Pruned:
         repair=repair,
         added_biases=added,
         removed=removed,
-        speed_rounds=rounds,
-        rankings=rankings,
+        channels=channels,
     )
 
 
@@ -354,7 +341,7 @@ def write_and_validate(
             validation, candidate = validate_file(
                 path, job.evaluation, job.specs, job.reference, job.headline, config.eval_batch_size, structured
             )
-            agreement = _agreement(final, candidate, structured)
+            agreement = written_agreement(final, candidate, structured)
         except (NonFiniteError, StructureError, BrokenOutputError):
             for written in [path, *written_data_files(path, external=True)]:
                 written.unlink(missing_ok=True)
@@ -375,34 +362,19 @@ def write_and_validate(
     )
 
 
-def _agreement(final: FinalCheck | None, candidate: list[np.ndarray], structured: bool) -> float | None:
-    """The largest |final torch output − written model's output| (None without a FinalCheck);
-    with channels removed, a StructureError when they disagree beyond float rounding."""
-    if final is None:
-        return None
-    agreement = max(
-        float(np.abs(ours - got[: final.samples].astype(np.float64)).max()) if ours.size else 0.0
-        for ours, got in zip(final.outputs, candidate)
-    )
-    scale = max((float(np.abs(ours).max()) for ours in final.outputs if ours.size), default=1.0)
-    if structured and agreement > 1e-3 * max(1.0, scale):
-        raise StructureError(
-            f"the model with channels removed differs from the pruned torch model by {agreement:.3g} "
-            "(a dependency the channel trace missed); nothing was written. Please report it with the model; "
-            "--structure unstructured works meanwhile"
-        )
-    return agreement
-
-
 def _channels(config: PruneConfig, job: Job, written: Written, pruned: Pruned) -> dict | None:
     """The report's account of removed channels, with the speed target's table and rounds."""
     if job.channels is None:
         return None
     described = describe(job.channels, written.layers)
-    if pruned.rankings:
-        described["rankings"] = list(pruned.rankings)
+    if pruned.channels is not None and pruned.channels.rankings:
+        described["rankings"] = list(pruned.channels.rankings)
     if config.target_speedup is not None and job.latency is not None:
-        target = {"target": config.target_speedup, "table": job.latency.summary(), "rounds": list(pruned.speed_rounds)}
+        target = {
+            "target": config.target_speedup,
+            "table": job.latency.summary(),
+            "rounds": list(pruned.channels.rounds) if pruned.channels else [],
+        }
         described["target_speedup"] = target
     return described
 
