@@ -144,6 +144,7 @@ class Pruner:
         # the survivors of exactly the masks chosen (it picks no entries of its own)
         self.structured = channels is not None
         self.channels = channels
+        self._class_entries: dict[int, dict[int, Tensor]] = {}  # per view: the graph does not change
         self.allocator = (
             ChannelConstraint(channels, allocation, latency, speedup) if channels else ALLOCATORS.get(allocation)()
         )
@@ -240,7 +241,9 @@ class Pruner:
     def _score_classes(self, scored: Scored, i: int, stats: Statistics | None) -> None:
         """Tensor i's saliency of each class of channels removed as a whole (entries pruned
         before are fixed at zero and left out), where the estimator scores groups."""
-        entries = class_entries(cast(ChannelGraph, self.channels), self.views[i])
+        if i not in self._class_entries:
+            self._class_entries[i] = class_entries(cast(ChannelGraph, self.channels), self.views[i])
+        entries = self._class_entries[i]
         keep = self.keep[i].cpu()
         groups = [index[keep[index]] for index in entries.values()]
         values = self.estimator.group_scores(self.views[i].read(), stats, groups)

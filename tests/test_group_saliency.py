@@ -67,24 +67,29 @@ def mlp():
     )
 
 
-def test_a_structured_woodfisher_step_removes_the_least_salient_groups_by_hand():
+def woodfisher_on_mlp():
+    """The MLP converted, its channel graph, WoodFisher (blocks of 6: a w1 row is a block) and a
+    gradient source over 40 inputs."""
     proto = mlp()
     torch_model = convert(proto)
-    graph = trace_channels(proto)
-    assert len(graph.classes()) == 8  # the hidden neurons; fc2's outputs are the graph's
-    config = PruneConfig(input="i.onnx", output="o.onnx", sparsity=0.5, block_size=6, damp=0.1)  # a w1 row is a block
-    estimator = ESTIMATORS.get("woodfisher")(config)
+    config = PruneConfig(input="i.onnx", output="o.onnx", sparsity=0.5, block_size=6, damp=0.1)
     data = Dataset({"x": randn(40, 6, seed=4)}, None, "calib")
-    source = GradientSource(
-        torch_model,
-        data,
-        input_specs(proto),
-        FisherLoss(0, "logits", "logits", "sampled"),
-        24,
-        2,
-        0,
-        torch.device("cpu"),
-    )
+    loss = FisherLoss(0, "logits", "logits", "sampled")
+    source = GradientSource(torch_model, data, input_specs(proto), loss, 24, 2, 0, torch.device("cpu"))
+    return torch_model, trace_channels(proto), ESTIMATORS.get("woodfisher")(config), source
+
+
+def summed_entry_saliencies(graph, views, scored):
+    """Per class, the estimator's single-entry saliencies summed (what the sums rank by)."""
+    entry = {
+        v.target.name: v.to_onnx(scored.scores[i].clamp(min=0)).reshape(v.onnx_shape).numpy() for i, v in views.values()
+    }
+    return class_totals(graph, entry)
+
+
+def test_a_structured_woodfisher_step_removes_the_least_salient_groups_by_hand():
+    torch_model, graph, estimator, source = woodfisher_on_mlp()
+    assert len(graph.classes()) == 8  # the hidden neurons; fc2's outputs are the graph's
     targets = torch_model.prunable
     with Pruner(
         torch_model, targets, estimator, "global", lambda _: source, 1 << 30, Progress(False), channels=graph
@@ -108,11 +113,7 @@ def test_a_structured_woodfisher_step_removes_the_least_salient_groups_by_hand()
                 expected[root] = expected.get(root, 0.0) + value
         least = sorted(expected, key=lambda root: (expected[root], root))[:4]
         # the single-entry saliencies summed per class would remove other neurons here
-        entry = {
-            v.target.name: v.to_onnx(scored.scores[i].clamp(min=0)).reshape(v.onnx_shape).numpy()
-            for name, (i, v) in views.items()
-        }
-        summed = class_totals(graph, entry)
+        summed = summed_entry_saliencies(graph, views, scored)
         assert set(sorted(summed, key=lambda root: (summed[root], root))[:4]) != set(least)
         pruner.apply(scored, 0.5, last=True)
         shapes = {name: tuple(v.onnx_shape) for name, (_, v) in views.items()}
@@ -149,22 +150,7 @@ def test_fishleg_group_saliency_equals_the_dense_formula_for_rows_columns_and_an
 
 @pytest.mark.parametrize("better", ["group", "summed"])
 def test_the_ranking_with_the_smaller_held_out_loss_removes_the_classes(better):
-    proto = mlp()
-    torch_model = convert(proto)
-    graph = trace_channels(proto)
-    config = PruneConfig(input="i.onnx", output="o.onnx", sparsity=0.5, block_size=6, damp=0.1)
-    estimator = ESTIMATORS.get("woodfisher")(config)
-    data = Dataset({"x": randn(40, 6, seed=4)}, None, "calib")
-    source = GradientSource(
-        torch_model,
-        data,
-        input_specs(proto),
-        FisherLoss(0, "logits", "logits", "sampled"),
-        24,
-        2,
-        0,
-        torch.device("cpu"),
-    )
+    torch_model, graph, estimator, source = woodfisher_on_mlp()
     w1 = torch_model.tensors["w1"]
     wanted: dict[str, frozenset[int]] = {}
     seen: list[frozenset[int]] = []
@@ -181,11 +167,7 @@ def test_the_ranking_with_the_smaller_held_out_loss_removes_the_classes(better):
     ) as pruner:  # fmt: skip
         views = {v.target.name: (i, v) for i, v in enumerate(pruner.views)}
         scored = pruner.score("step")
-        entry = {
-            v.target.name: v.to_onnx(scored.scores[i].clamp(min=0)).reshape(v.onnx_shape).numpy()
-            for name, (i, v) in views.items()
-        }
-        summed = class_totals(graph, entry)
+        summed = summed_entry_saliencies(graph, views, scored)
         grouped = {root: sum(scored.groups[i].get(root, 0.0) for i in scored.groups) for root in summed}
 
         def rows(totals):  # the hidden neurons the 4 least salient classes are

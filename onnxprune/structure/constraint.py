@@ -71,7 +71,6 @@ class ChannelConstraint(Allocator):
         for group_totals in scored.groups.values():
             for root, value in group_totals.items():
                 totals[root] += value
-        summed = class_totals(self.graph, values) if scored.groups else None
         if self.latency is not None and self.speedup is not None:
             goal = step_goal(sparsity, self.speedup)
             table = self.latency
@@ -86,7 +85,8 @@ class ChannelConstraint(Allocator):
             self.removed = self._for_speedup(table, choose, goal, already)
         else:
             self.removed = choose_classes(self.graph, totals, shapes, sparsity, self.allocation, already)
-            if summed is not None and pruner.evaluate is not None:
+            if scored.groups and pruner.evaluate is not None:
+                summed = class_totals(self.graph, values)
                 other = choose_classes(self.graph, summed, shapes, sparsity, self.allocation, already)
                 self.removed = self._ranking(pruner, scored, shapes, self.removed, other)
         return dict(enumerate(canonical_keeps(self.graph, views, shapes, self.removed)))
