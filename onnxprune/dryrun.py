@@ -14,6 +14,7 @@ from .errors import MemoryBudgetError
 from .estimators import METHOD_AUTO, Estimator
 from .job import load_inputs, make_estimator, schedule_phases, select_targets, trace_structure
 from .masks import prune_count
+from .memory import plan_parts, resident_bytes
 from .oneshot import TensorView, plan_statistics
 from .report import DryRun, MemoryEstimate, PlannedTensor, size_text
 from .reporting import data_info, model_info
@@ -37,7 +38,8 @@ def plan(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | No
     memory = None
     if estimator.needs_gradients and config.method != METHOD_AUTO:
         views = [TensorView(t, torch_model.tensors[t.name]) for t in targets]
-        memory = _memory_estimate(config, views, estimator, len(phases))
+        weights = sum(t.numel() * t.element_size() for t in torch_model.tensors.values())
+        memory = _memory_estimate(config, views, estimator, len(phases), weights)
     params = sum(t.numel for t in targets)
     return DryRun(
         tool_version=__version__,
@@ -64,17 +66,26 @@ def plan(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | No
     )
 
 
-def _memory_estimate(config: PruneConfig, views: list[TensorView], estimator: Estimator, phases: int) -> MemoryEstimate:
-    """The statistics' memory plan of a dry run (or why they do not fit)."""
+def _memory_estimate(
+    config: PruneConfig, views: list[TensorView], estimator: Estimator, phases: int, model_bytes: int
+) -> MemoryEstimate:
+    """The statistics' memory plan of a dry run (or why they do not fit), its parts, and the
+    process around it."""
     budget = memory_budget(config)
     disk_free = shutil.disk_usage(config.output.parent if str(config.output.parent) else ".").free
+    # the rest of the process: what is resident now (model, data, torch, the converted model),
+    # and an onnxruntime session of the model, which the run keeps for the reference outputs
+    process = resident_bytes() + model_bytes
     try:
         chosen = plan_statistics(views, estimator, config.num_grads, budget, disk_free)
     except MemoryBudgetError as exc:
-        return MemoryEstimate(0, budget, 0, "none", 0, False, str(exc))
+        return MemoryEstimate(0, budget, 0, "none", 0, False, str(exc), process_bytes=process, total_bytes=process)
+    parts = plan_parts([estimator.memory(v.shape, config.num_grads) for v in views], chosen)
     return MemoryEstimate(
-        chosen.estimate, budget, len(chosen.groups), chosen.storage, chosen.passes * phases, True, None
-    )
+        chosen.estimate, budget, len(chosen.groups), chosen.storage, chosen.passes * phases, True, None,
+        kept_bytes=parts.kept, building_bytes=parts.building, scratch_bytes=parts.scratch,
+        process_bytes=process, total_bytes=process + chosen.estimate,
+    )  # fmt: skip
 
 
 def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
@@ -116,6 +127,12 @@ def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
             f"{m.groups} group(s), statistics kept in {m.statistics_storage}, "
             f"{m.gradient_collections} gradient collection(s)"
         )
+        if m.fits:
+            lines.append(
+                f"  kept until the update {size_text(m.kept_bytes)}, building the largest group "
+                f"{size_text(m.building_bytes)}, finalising scratch {size_text(m.scratch_bytes)}; the rest of the "
+                f"process about {size_text(m.process_bytes)}: peak about {size_text(m.total_bytes)}"
+            )
         if m.problem:
             lines.append(f"would fail (exit 8): {m.problem}")
     for name, data in (("calibration", plan.calibration), ("evaluation", plan.evaluation)):

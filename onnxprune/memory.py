@@ -1,10 +1,11 @@
 """Memory: what is available, what a run would need, and how to split the work to fit.
 
-The second-order statistics dominate: gradient rows (N × numel) while they are collected, block
-inverses (numel × block size) after; estimators that only sum squares stream the rows and hold
-none. Tensors are processed in groups that fit the budget; when the inverses of all tensors
-cannot be kept until the masks are known (global selection needs every score first), each
-group's gradients are collected again for the weight update.
+The second-order statistics dominate: block Gram matrices, then inverses, of numel × block size
+(WoodFisher, which streams the gradient rows), or gradient rows (N × numel) while they are
+collected (FishLeg); estimators that only sum squares stream the rows and hold none. Tensors
+are processed in groups that fit the budget; when the inverses of all tensors cannot be kept
+until the masks are known (global selection needs every score first), they are spilled to disk
+or each group's gradients are collected again for the weight update.
 """
 
 from __future__ import annotations
@@ -58,6 +59,27 @@ def peak_bytes() -> int:
 
 
 @dataclass(frozen=True)
+class MemoryParts:
+    """Where a plan's estimate goes: statistics kept until the update, what the largest group
+    needs beyond them while it is built, and the largest finalising scratch."""
+
+    kept: int
+    building: int
+    scratch: int
+
+
+def plan_parts(needs: Sequence[MemoryNeed], plan: MemoryPlan) -> MemoryParts:
+    """The parts of `plan.estimate` for the people reading a dry run (they add up to it when
+    the statistics stay in memory, and bound it otherwise)."""
+    if not needs or not plan.groups:
+        return MemoryParts(0, 0, 0)
+    kept = sum(n.kept for n in needs) if plan.storage == "memory" else max(n.kept for n in needs)
+    building = max(sum(needs[i].peak - needs[i].kept for i in g) for g in plan.groups)
+    scratch = max(n.scratch for n in needs)
+    return MemoryParts(kept, building, scratch)
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """Which tensors are processed together, and where their statistics wait for the weight
     update: "memory", "disk" (spilled next to the output, memory-mapped back), "recompute"
@@ -92,34 +114,43 @@ DISK_MARGIN = 1.2
 
 
 def plan_memory(needs: Sequence[MemoryNeed], budget: int, compensates: bool, disk_free: int = 0) -> MemoryPlan:
-    """Greedy groups of consecutive tensors whose statistics fit `budget` together; the kept
-    statistics stay in memory if they fit beside the largest group, else go to disk if it has
-    room, else are recomputed."""
+    """Greedy groups of consecutive tensors whose statistics are built together within `budget`
+    (a tensor's `peak` includes what it keeps). The kept statistics of earlier groups stay in
+    memory while later groups are built if everything fits that way; else they go to disk if it
+    has room, else they are recomputed for the update."""
     if not needs:
         return MemoryPlan((), "none", 0, budget)
-    worst = max(range(len(needs)), key=lambda i: needs[i].peak)
-    if needs[worst].peak > budget:
-        raise DoesNotFit(worst, needs[worst].peak)
+    worst = max(range(len(needs)), key=lambda i: needs[i].alone)
+    if needs[worst].alone > budget:
+        raise DoesNotFit(worst, needs[worst].alone)
     kept_total = sum(n.kept for n in needs)
-    if not compensates:
-        storage = "none"
-    elif kept_total + needs[worst].peak <= budget:
-        storage = "memory"
-    elif disk_free >= DISK_MARGIN * kept_total:
-        storage = "disk"
-    else:
-        storage = "recompute"
-    room = budget - (kept_total if storage == "memory" else 0)
+    try:
+        groups, estimate = _grouped(needs, budget, resident=compensates)
+        storage = "memory" if compensates else "none"
+    except DoesNotFit:
+        storage = "disk" if disk_free >= DISK_MARGIN * kept_total else "recompute"
+        groups, estimate = _grouped(needs, budget, resident=False)  # every tensor fits alone
+    return MemoryPlan(groups, storage, estimate, budget, kept_total if storage == "disk" else 0)
+
+
+def _grouped(needs: Sequence[MemoryNeed], budget: int, resident: bool) -> tuple[tuple[tuple[int, ...], ...], int]:
+    """Consecutive groups and the largest memory any of them needs (its peaks, plus the kept
+    statistics of the groups before it when they stay `resident`); DoesNotFit when a tensor does
+    not fit beside what is resident."""
     groups: list[tuple[int, ...]] = []
     current: list[int] = []
-    load = 0
+    load = scratch = kept_before = estimate = 0
     for i, need in enumerate(needs):
-        if current and load + need.peak > room:
+        if current and kept_before + load + need.peak + max(scratch, need.scratch) > budget:
             groups.append(tuple(current))
-            current, load = [], 0
+            if resident:
+                kept_before += sum(needs[j].kept for j in current)
+            current, load, scratch = [], 0, 0
+        if kept_before + need.alone > budget:
+            raise DoesNotFit(i, kept_before + need.alone)
         current.append(i)
         load += need.peak
+        scratch = max(scratch, need.scratch)
+        estimate = max(estimate, kept_before + load + scratch)
     groups.append(tuple(current))
-    largest = max(sum(needs[i].peak for i in g) for g in groups)
-    resident = kept_total if storage == "memory" else 0
-    return MemoryPlan(tuple(groups), storage, largest + resident, budget, kept_total if storage == "disk" else 0)
+    return tuple(groups), estimate

@@ -479,11 +479,11 @@ def _suggestion(estimator: Estimator, shape: tuple[int, int], count: int, budget
         while size > 8:
             size //= 2
             blocked.block_size = size
-            fits = estimator.memory(shape, count).peak <= budget
+            fits = estimator.memory(shape, count).alone <= budget
             blocked.block_size = original
             if fits:
                 return f"try --block-size {size}"
     for fewer in (count // 2, count // 4, count // 8):
-        if fewer >= 8 and estimator.memory(shape, fewer).peak <= budget:
+        if fewer >= 8 and estimator.memory(shape, fewer).alone <= budget:
             return f"try --num-grads {fewer}"
     return "raise --max-memory or exclude the largest tensors with --exclude"

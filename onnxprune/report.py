@@ -195,6 +195,12 @@ class MemoryEstimate:
     gradient_collections: int  # over the whole run
     fits: bool
     problem: str | None  # why it does not fit, with a suggestion (the run would exit 8)
+    # the parts of estimate_bytes, and the rest of the process (memory.md in the README)
+    kept_bytes: int = 0
+    building_bytes: int = 0
+    scratch_bytes: int = 0
+    process_bytes: int = 0
+    total_bytes: int = 0
 
 
 @dataclass(frozen=True)

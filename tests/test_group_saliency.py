@@ -100,7 +100,7 @@ def test_a_structured_woodfisher_step_removes_the_least_salient_groups_by_hand()
         for name in ("w1", "w2"):
             i, view = views[name]
             entries = class_entries(graph, view)
-            dense = torch.block_diag(*estimator.inverse(scored.stats[i]))[: view.numel, : view.numel]
+            dense = torch.block_diag(*estimator.inverse(scored.stats[i]).double())[: view.numel, : view.numel]
             w = view.read().double()
             for root, index in entries.items():
                 # hidden neuron k: row k of w1 (canonical = ONNX), row k of w2 = canonical column k

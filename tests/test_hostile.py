@@ -535,15 +535,18 @@ def test_failure_at_any_point_of_saving_leaves_the_previous_output_and_no_tempor
 def test_non_finite_gradients_are_exit_7_naming_the_tensor(tmp_path, monkeypatch):
     path = save(base_model(), tmp_path / "m.onnx")
     calib = save_npz(tmp_path / "c.npz", x=randn(64, 6, seed=3), labels=np.arange(64) % 3)
-    real = GradientSource.collect
+    real = GradientSource.stream
 
-    def poisoned(self, names, masks, progress=None):
-        rows = real(self, names, masks, progress)
-        if "w2" in rows:
-            rows["w2"][0, 0] = float("inf")
-        return rows
+    def poisoned(self, names, consume, masks=None, progress=None):
+        # every estimator's gradients pass here (collected rows are streamed into their matrix)
+        def consume_poisoned(k, grads):
+            if k == 0 and "w2" in grads:
+                grads["w2"][0] = float("inf")
+            consume(k, grads)
 
-    monkeypatch.setattr(GradientSource, "collect", poisoned)
+        return real(self, names, consume_poisoned, masks, progress)
+
+    monkeypatch.setattr(GradientSource, "stream", poisoned)
     result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5", "--calib", calib, "--num-grads", "8")
     assert result.exit_code == 7, result.stderr
     assert "gradients of 'w2' contain NaN or infinite values; nothing was written" in result.stderr

@@ -12,7 +12,7 @@ from onnxprune.bridge.bindings import write_back
 from onnxprune.bridge.convert import convert
 from onnxprune.data import Dataset, input_specs
 from onnxprune.errors import MemoryBudgetError
-from onnxprune.estimators import ESTIMATORS
+from onnxprune.estimators import ESTIMATORS, woodfisher
 from onnxprune.estimators.base import MemoryNeed
 from onnxprune.gradients import FisherLoss, GradientSource
 from onnxprune.masks import prune_count
@@ -108,11 +108,17 @@ def test_masked_coordinates_stay_exactly_zero_across_recomputation_steps():
         assert bool((history[-1][1][~history[-1][0]] == 0).all())
 
 
-def test_statistics_spilled_or_collected_again_give_the_same_result_as_kept_in_memory(tmp_path):
+def test_statistics_spilled_or_collected_again_give_the_same_result_as_kept_in_memory(tmp_path, monkeypatch):
     _, _, _, roomy = run(budget=2**30)
     assert roomy.plan.storage == "memory" and len(roomy.plan.groups) == 1
+    # rows folded one at a time and one block per float64 chunk: the inverses dominate what each
+    # tensor needs, so a budget can hold either tensor alone but not w2 beside w1's kept inverse
+    monkeypatch.setattr(woodfisher, "FOLD_ROWS", 1)
+    monkeypatch.setattr(woodfisher, "CHUNK_BYTES", 8 * 8 * 8)
     estimator = ESTIMATORS.get("woodfisher")(PruneConfig(input="i", output="o", sparsity=0.5, block_size=8))
-    tight_budget = estimator.memory((16, 6), 32).peak + 100
+    w1, w2 = estimator.memory((16, 6), 32), estimator.memory((4, 16), 32)
+    tight_budget = w1.alone + 100
+    assert w1.kept + w2.alone > tight_budget >= w2.alone
     _, _, _, again = run(budget=tight_budget)  # no spill folder: recompute
     assert again.plan.storage == "recompute" and len(again.plan.groups) == 2
     assert again.steps[0].collections == 4  # two groups, each collected twice
@@ -148,15 +154,20 @@ def test_diagonal_fisher_streams_its_gradients_in_one_group_with_the_result_of_c
 def test_plan_memory_by_hand():
     needs = [MemoryNeed(peak=40, kept=10), MemoryNeed(peak=30, kept=10), MemoryNeed(peak=50, kept=20)]
     roomy = plan_memory(needs, 1000, compensates=True)
-    assert roomy.groups == ((0, 1, 2),) and roomy.storage == "memory" and roomy.estimate == 120 + 40
-    # 90 bytes: the kept inverses (40) plus the largest single need (50) fit; groups get 50 each
-    tight = plan_memory(needs, 90, compensates=True)
-    assert tight.storage == "memory" and tight.groups == ((0,), (1,), (2,))
-    # 60 bytes: keeping every inverse does not fit: to disk if it has 1.2 x 40 free, else recompute
+    # built together: the peaks add up (each includes what it keeps)
+    assert roomy.groups == ((0, 1, 2),) and roomy.storage == "memory" and roomy.estimate == 120
+    # 75 bytes: 0 and 1 together (70), then 2 beside what they keep (20 + 50)
+    tight = plan_memory(needs, 75, compensates=True)
+    assert tight.storage == "memory" and tight.groups == ((0, 1), (2,)) and tight.estimate == 70
+    # 60 bytes: 2 does not fit beside the 10 that 0 keeps (60 would be 0 and 1 alone, then 10 + 50):
+    # 0 then 1 then 2, keeping 10 + 10 beside 2's 50 is 70: to disk if it has 1.2 x 40 free, else recompute
+    assert plan_memory(needs, 65, compensates=True).storage == "recompute"
     assert plan_memory(needs, 60, compensates=True, disk_free=48).storage == "disk"
     tighter = plan_memory(needs, 60, compensates=True, disk_free=47)
     assert tighter.storage == "recompute" and tighter.groups == ((0,), (1,), (2,)) and tighter.passes == 6
-    assert plan_memory(needs, 60, compensates=False).storage == "none"
+    assert tighter.estimate == 50
+    nothing_kept = plan_memory(needs, 60, compensates=False)
+    assert nothing_kept.storage == "none" and nothing_kept.groups == ((0,), (1,), (2,))
     with pytest.raises(DoesNotFit) as caught:
         plan_memory(needs, 45, compensates=True)
     assert caught.value.index == 2
@@ -167,7 +178,7 @@ def test_exit_8_when_one_tensor_does_not_fit_with_a_suggestion(tmp_path):
     path = save(m, tmp_path / "m.onnx")
     data = save_npz(tmp_path / "c.npz", x=randn(20, 6, seed=1))
     estimator = ESTIMATORS.get("woodfisher")(PruneConfig(input="i", output="o", sparsity=0.5, block_size=16))
-    budget = estimator.memory((16, 6), 64).peak + 1  # w1 (16x6) fits with 16-wide blocks, not with 64
+    budget = estimator.memory((16, 6), 64).alone + 1  # w1 (16x6) fits with 16-wide blocks, not with 64
     with pytest.raises(MemoryBudgetError, match=r"tensor 'w1'.*try --block-size (16|32)\b") as caught:
         prune(
             PruneConfig(

@@ -44,10 +44,18 @@ class SpillableStatistics(Statistics, Protocol):
 
 @dataclass(frozen=True)
 class MemoryNeed:
-    """Bytes an estimator needs for one tensor: while building its statistics, and kept after."""
+    """Bytes an estimator needs for one tensor: while building its statistics (`peak`, which
+    includes what is `kept` after), and `scratch` for a moment while it is finalised (one tensor
+    at a time, so a group needs its largest scratch, not their sum)."""
 
     peak: int = 0
     kept: int = 0
+    scratch: int = 0
+
+    @property
+    def alone(self) -> int:
+        """What the tensor needs processed on its own."""
+        return self.peak + self.scratch
 
 
 def relative_damp(value: float | str) -> float:
