@@ -4,7 +4,7 @@ the statistics source, the Pruner, the repair, the held-out loss and the calibra
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +28,7 @@ from .onnx_io import LoadedModel, external_data_name, load_model
 from .progress import Progress
 from .repair import Repairer, repair_passes, repair_settings
 from .report import Conversion, ModelInfo
+from .reuse import ScoreCache
 from .runtime import memory_budget, torch_runner
 from .schedule import SCHEDULES
 from .structure import DEFAULT_STRUCTURE, STRUCTURES, ChannelGraph
@@ -59,6 +60,8 @@ class Job:
     device: torch.device
     channels: ChannelGraph | None = None  # the removable groups, for --structure channels
     latency: LatencyTable | None = None  # measured savings of removing channels, for --target-speedup
+    # the first step's statistics, from the searches' trials to the run (copies of the job share it)
+    scores: ScoreCache = field(default_factory=ScoreCache)
 
     @property
     def calibration_data(self) -> Dataset:
@@ -173,9 +176,12 @@ def fisher_loss(config: PruneConfig, job: Job, estimator: Estimator) -> FisherLo
     return choose_loss(job.headline, job.reference, job.torch_model.output_names, job.calibration_data, fisher)
 
 
-def make_pruner(config: PruneConfig, job: Job, estimator: Estimator, source: Source, progress: Progress) -> Pruner:
+def make_pruner(
+    config: PruneConfig, job: Job, estimator: Estimator, source: Source, progress: Progress, reuse: str = "take"
+) -> Pruner:
     """A Pruner over the job's targets for a config whose damping and allocation are resolved
-    (statistics spill, when they must, next to the output)."""
+    (statistics spill, when they must, next to the output); `reuse`: "offer" for a search's
+    trial (its first-step statistics shared with the others), "take" for the run."""
     return Pruner(
         job.torch_model,
         job.targets,
@@ -190,6 +196,8 @@ def make_pruner(config: PruneConfig, job: Job, estimator: Estimator, source: Sou
         channels=job.channels,
         latency=job.latency,
         speedup=config.target_speedup,
+        cache=job.scores,
+        reuse=reuse,
     )
 
 

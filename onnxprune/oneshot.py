@@ -8,13 +8,14 @@ memory plan decides which tensors are processed together.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence, cast
+from typing import Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -24,98 +25,28 @@ from .activations import ActivationSource, InputStatistics
 from .allocators import ALLOCATORS, PatternConstraint
 from .bridge.bindings import PrunableTensor
 from .bridge.convert import TorchModel
-from .errors import MemoryBudgetError, NonFiniteError
+from .errors import NonFiniteError
 from .estimators.base import Estimator, SpillableStatistics, Statistics
 from .gradients import GradientSource
-from .memory import DoesNotFit, MemoryPlan, human, plan_memory
+from .memory import MemoryPlan, human, resident_bytes
 from .progress import Progress
+from .reuse import ScoreCache, reuse_key
 from .schedule import oneshot_targets
 from .structure import ChannelGraph
 from .structure.constraint import ChannelConstraint, class_entries
 from .structure.latency import LatencyTable
+from .views import (  # noqa: F401  (re-exported: the pruner's pieces)
+    OneShotResult,
+    Scored,
+    Source,
+    StepRecord,
+    TensorView,
+    activation_source,
+    gradient_source,
+    plan_statistics,
+)
 
-
-@dataclass(frozen=True)
-class StepRecord:
-    step: int
-    sparsity: float
-    gradient_seconds: float
-    estimator_seconds: float
-    collections: int  # gradient collections this step (groups, twice when statistics are re-collected)
-
-
-@dataclass
-class OneShotResult:
-    arrays: dict[str, np.ndarray]
-    steps: list[StepRecord] = field(default_factory=list)
-    plan: MemoryPlan | None = None
-
-
-@dataclass
-class Scored:
-    """One step's scores (and the statistics the update needs), taken at fixed weights and masks."""
-
-    number: int
-    label: str
-    source: Source
-    keep: list[Tensor]  # the masks the statistics were collected with
-    scores: dict[int, Tensor] = field(default_factory=dict)
-    stats: dict[int, Statistics | None] = field(default_factory=dict)
-    # whole channels, where the estimator scores groups: per tensor, each class's saliency
-    groups: dict[int, dict[int, float]] = field(default_factory=dict)
-    timer: dict[str, float] = field(default_factory=lambda: {"gradients": 0.0, "estimator": 0.0})
-    collections: int = 0
-
-
-Source = GradientSource | ActivationSource | None
-
-
-def activation_source(source: Source) -> ActivationSource:
-    """The source of an estimator that reads layer inputs (an internal error otherwise)."""
-    if not isinstance(source, ActivationSource):
-        raise TypeError(f"the estimator reads layer inputs; its source is a {type(source).__name__}")
-    return source
-
-
-def gradient_source(source: Source) -> GradientSource:
-    """The source of an estimator that reads gradients (an internal error otherwise)."""
-    if not isinstance(source, GradientSource):
-        raise TypeError(f"the estimator reads gradients; its source is a {type(source).__name__}")
-    return source
-
-
-class TensorView:
-    """A model weight seen flat in canonical order."""
-
-    def __init__(self, target: PrunableTensor, param: Tensor):
-        self.target, self.param = target, param
-        # canonical = the ONNX layout with its first two axes swapped (no index arrays: for a
-        # 1 GiB tensor they would take 2 GiB each)
-        self.swapped = target.swapped
-        self.onnx_shape = tuple(param.shape)
-        self.canonical_shape = (self.onnx_shape[1], self.onnx_shape[0], *self.onnx_shape[2:]) if self.swapped else None
-        self.numel = param.numel()
-        self.shape = target.matrix_shape()
-        self.kernel = target.kernel  # N:M groups run across input channels at each kernel position
-
-    def to_canonical(self, flat: Tensor) -> Tensor:
-        """ONNX-flat → canonical (works on [..., numel] rows too)."""
-        return self._swap(flat, self.onnx_shape) if self.swapped else flat
-
-    def to_onnx(self, flat: Tensor) -> Tensor:
-        return self._swap(flat, self.canonical_shape) if self.canonical_shape is not None else flat
-
-    @staticmethod
-    def _swap(flat: Tensor, shape: tuple[int, ...]) -> Tensor:
-        lead = flat.shape[:-1]
-        return flat.reshape(*lead, *shape).transpose(len(lead), len(lead) + 1).reshape(*lead, -1)
-
-    def read(self) -> Tensor:
-        return self.to_canonical(self.param.detach().reshape(-1).float())
-
-    def write(self, flat: Tensor) -> None:
-        with torch.no_grad():
-            self.param.copy_(self.to_onnx(flat.to(self.param.device)).reshape(self.param.shape).to(self.param.dtype))
+log = logging.getLogger("onnxprune")
 
 
 class Pruner:
@@ -138,13 +69,19 @@ class Pruner:
         channels: ChannelGraph | None = None,
         latency: LatencyTable | None = None,
         speedup: float | None = None,
+        cache: ScoreCache | None = None,
+        reuse: str = "take",
     ):
         self.estimator, self.sources, self.progress = estimator, sources, progress
+        # the first step's statistics, shared with the searches' trials (reuse.py): a trial
+        # offers them ("offer": reads or fills the cache), the run takes them ("take")
+        self.cache, self.reuse = cache, reuse
         # whole channels: the allocation splits classes of channels, and the estimator updates
         # the survivors of exactly the masks chosen (it picks no entries of its own)
         self.structured = channels is not None
         self.channels = channels
         self._class_entries: dict[int, dict[int, Tensor]] = {}  # per view: the graph does not change
+        self.allocation = allocation
         self.allocator = (
             ChannelConstraint(channels, allocation, latency, speedup) if channels else ALLOCATORS.get(allocation)()
         )
@@ -166,12 +103,23 @@ class Pruner:
         if (estimator.needs_gradients or estimator.needs_activations) and sources is None:
             raise ValueError(f"{estimator.name} needs calibration statistics")
         if estimator.needs_gradients and sources is not None:
-            disk_free = shutil.disk_usage(spill_folder).free if spill_folder is not None else 0
-            self.plan = plan_statistics(self.views, estimator, sources(0).count, budget, disk_free)
-            if self.plan.storage == "disk":
-                folder = tempfile.TemporaryDirectory(prefix=".onnxprune-statistics-", dir=spill_folder)
-                self._spill = Path(self._cleanup.enter_context(folder))
+            self._plan_memory(sources(0).count, budget, spill_folder)
         self.groups = self.plan.groups if self.plan else (tuple(range(len(self.views))),)
+
+    def _plan_memory(self, count: int, budget: int, spill_folder: Path | None) -> None:
+        """The statistics' memory plan (and the spill folder, when it says disk)."""
+        disk_free = shutil.disk_usage(spill_folder).free if spill_folder is not None else 0
+        plan = self.plan = plan_statistics(self.views, self.estimator, count, budget, disk_free)
+        log.debug(
+            "memory: statistics %s planned (%d group(s), %s), %s resident before them",
+            human(plan.estimate),
+            len(plan.groups),
+            plan.storage,
+            human(resident_bytes()),
+        )
+        if plan.storage == "disk":
+            folder = tempfile.TemporaryDirectory(prefix=".onnxprune-statistics-", dir=spill_folder)
+            self._spill = Path(self._cleanup.enter_context(folder))
 
     def __enter__(self) -> Pruner:
         return self
@@ -202,7 +150,30 @@ class Pruner:
         """Statistics and saliencies at the current weights and masks. One `Scored` serves any
         number of `apply` calls from these same weights (a sweep over sparsities)."""
         number = len(self.records) + 1
-        scored = Scored(number, label, self.sources(number) if self.sources is not None else None, list(self.keep))
+        source = self.sources(number) if self.sources is not None else None
+        key = self._reuse_key(number, source)
+        shared = None
+        if self.cache is not None:
+            shared = self.cache.get(key) if self.reuse == "offer" else self.cache.take(key)
+        if shared is not None:
+            return replace(shared, number=number, label=label, source=source, keep=list(self.keep))
+        scored = self._score(Scored(number, label, source, list(self.keep)))
+        if self.reuse == "offer" and self.cache is not None and key is not None:
+            scored.shared = key
+            self.cache.put(key, scored)
+        return scored
+
+    def _reuse_key(self, number: int, source: Source) -> str | None:
+        """The cache key of this step's statistics: only at the first step, before anything is
+        pruned, with statistics kept in memory (not spilled to a folder this pruner removes)."""
+        if self.cache is None or number != 1 or not all(bool(k.all()) for k in self.keep):
+            return None
+        if self.plan is not None and self.plan.storage == "disk":
+            return None
+        return reuse_key(self.estimator, source, [v.target.name for v in self.views])
+
+    def _score(self, scored: Scored) -> Scored:
+        label = scored.label
         if self.estimator.needs_output_gradients:
             started = time.perf_counter()
             names = [v.target.name for v in self.views]
@@ -253,6 +224,41 @@ class Pruner:
     def apply(self, scored: Scored, sparsity: float, *, last: bool) -> StepRecord:
         """Select the masks for `sparsity` from `scored` and compensate the survivors; `last`:
         the schedule's final step (where an N:M pattern is complete)."""
+        outcome = self._applied_key(scored, sparsity, last)
+        cache = self.cache if outcome is not None else None
+        if cache is not None and outcome in cache.applied:
+            record = self._reapply(scored, sparsity, *cache.applied[outcome])
+        else:
+            record = self._apply(scored, sparsity, last=last)
+            if cache is not None and self.reuse == "offer":
+                cache.applied[outcome] = ([k.clone() for k in self.keep], [v.read().clone() for v in self.views])
+        if cache is not None and self.reuse == "take":
+            cache.clear()  # the run has what it needed
+        return record
+
+    def _applied_key(self, scored: Scored, sparsity: float, last: bool) -> tuple | None:
+        """Where a trial's outcome from shared statistics can stand for this apply: the same
+        statistics, allocation and sparsity (masks chosen by entries, no pattern)."""
+        if scored.shared is None or self.structured or self.pattern is not None:
+            return None
+        return (scored.shared, self.allocation, float(sparsity), last)
+
+    def _reapply(self, scored: Scored, sparsity: float, keep: list[Tensor], values: list[Tensor]) -> StepRecord:
+        """A trial's masks and compensated weights, written as `_apply` would have."""
+        self.keep = [k.clone() for k in keep]
+        self.updates = {}
+        if self.keep_updates and self.updates_at_once:
+            self.updates = {
+                i: values[i] - torch.where(self.keep[i], view.read(), 0.0) for i, view in enumerate(self.views)
+            }
+        for view, value in zip(self.views, values):
+            view.write(value.clone())
+        timer = scored.timer
+        record = StepRecord(scored.number, sparsity, timer["gradients"], timer["estimator"], scored.collections)
+        self.records.append(record)
+        return record
+
+    def _apply(self, scored: Scored, sparsity: float, *, last: bool) -> StepRecord:
         timer = dict(scored.timer)
         collections = scored.collections
         pattern = (self.pattern.n, self.pattern.m) if self.pattern is not None and last else None
@@ -278,7 +284,9 @@ class Pruner:
 
         updates: dict[int, Tensor] = {}
         self.updates = {}
-        recollect = self.estimator.compensates and self.plan is not None and not self.plan.keep_statistics
+        # statistics shared from a search's trial are all kept, whatever this pruner's plan says
+        kept = bool(scored.stats) and all(i in scored.stats for i in range(len(self.views)))
+        recollect = self.estimator.compensates and self.plan is not None and not self.plan.keep_statistics and not kept
         for g, group in enumerate(self.groups, 1):
             if recollect:
                 # the same rows as for the scores: the update needs how the newly pruned weights
@@ -454,36 +462,3 @@ def prune_oneshot(
         for step, step_sparsity in enumerate(oneshot_targets(sparsity, steps), 1):
             pruner.step(step_sparsity, f"step {step}/{steps}", last=step == steps)
         return OneShotResult(arrays=pruner.arrays(), steps=pruner.records, plan=pruner.plan)
-
-
-def plan_statistics(
-    views: Sequence[TensorView], estimator: Estimator, count: int, budget: int, disk_free: int
-) -> MemoryPlan:
-    needs = [estimator.memory(v.shape, count) for v in views]
-    try:
-        return plan_memory(needs, budget, estimator.compensates, disk_free)
-    except DoesNotFit as failure:
-        view = views[failure.index]
-        raise MemoryBudgetError(
-            f"{estimator.name} needs about {human(failure.need)} for tensor {view.target.name!r} "
-            f"({view.numel:,} weights, {count} gradients), more than the {human(budget)} allowed "
-            f"(--max-memory); {_suggestion(estimator, view.shape, count, budget)}"
-        ) from None
-
-
-def _suggestion(estimator: Estimator, shape: tuple[int, int], count: int, budget: int) -> str:
-    if "block_size" in estimator.reads:  # WoodFisher, SparseGPT: try smaller blocks
-        blocked: Any = estimator
-        size = blocked.block_size
-        original = size
-        while size > 8:
-            size //= 2
-            blocked.block_size = size
-            fits = estimator.memory(shape, count).alone <= budget
-            blocked.block_size = original
-            if fits:
-                return f"try --block-size {size}"
-    for fewer in (count // 2, count // 4, count // 8):
-        if fewer >= 8 and estimator.memory(shape, fewer).alone <= budget:
-            return f"try --num-grads {fewer}"
-    return "raise --max-memory or exclude the largest tensors with --exclude"

@@ -119,7 +119,7 @@ def trial_losses(config: PruneConfig, job: Job, trials: Sequence[tuple[str, Prun
     for label, trial in trials:
         estimator = ESTIMATORS.get(trial.method)(trial)
         source = statistics_source(trial, trial_job, estimator)
-        with make_pruner(trial, trial_job, estimator, source, Progress(False)) as pruner:
+        with make_pruner(trial, trial_job, estimator, source, Progress(False), reuse="offer") as pruner:
             repairer = make_repairer(config, job, pruner, Progress(False), repair, min_samples=0)
             before = list(pruner.keep)
             try:

@@ -14,9 +14,11 @@ from onnx import helper, numpy_helper
 from onnxprune import PruneConfig, prune
 from onnxprune.allocation import choose_sparsities, exact_counts
 from onnxprune.estimators.base import DAMP_GRID, DEFAULT_DAMP
+from onnxprune.gradients import GradientSource
 from onnxprune.masks import prune_count
 from onnxprune.pipeline import prepare
 from onnxprune.report import format_human
+from onnxprune.reuse import ScoreCache
 from onnxprune.searches import resolve_damping
 
 from builders import MODELS, model, ort_run, randn, save, save_npz, tensor
@@ -190,3 +192,25 @@ def test_auto_allocation_never_picks_per_layer_for_sparsegpt_on_the_cnn_and_the_
     assert damping["allocation"] == chosen
     assert damping["losses"][damping["grid"].index(1e-3)] == min(search["losses"])
     assert report.validation.accuracy_after > 0.9
+
+
+def test_allocation_trials_and_the_run_share_one_set_of_statistics(tmp_path, monkeypatch):
+    # WoodFisher, allocation auto at a fixed damping: the candidates differ only in the masks chosen
+    # from the same saliencies, so one gradient collection serves every trial and the run
+    path, calib, evaluation = rescaled_mlp(tmp_path)
+    settings = dict(input=path, sparsity=0.5, method="woodfisher", damp=1e-3, num_grads=32, block_size=8,
+                    calibration=calib, evaluation=evaluation, progress="off")  # fmt: skip
+    collections = []
+    stream = GradientSource.stream
+    monkeypatch.setattr(GradientSource, "stream", lambda self, *a, **k: collections.append(1) or stream(self, *a, **k))
+    shared = prune(PruneConfig(output=tmp_path / "shared.onnx", **settings))
+    search = shared.pruning.allocation_search
+    assert search["candidates"] == ["global", "layer", "magnitude"] and len(collections) == 1
+    # the same run computing everything again (no cache) writes exactly the same weights
+    collections.clear()
+    monkeypatch.setattr(ScoreCache, "get", lambda self, key: None)
+    fresh = prune(PruneConfig(output=tmp_path / "fresh.onnx", **settings))
+    assert len(collections) == len(search["candidates"]) + 1
+    assert fresh.pruning.allocation_search == search
+    first, second = weights(tmp_path / "shared.onnx"), weights(tmp_path / "fresh.onnx")
+    assert all(np.array_equal(first[k], second[k]) for k in first)
