@@ -448,15 +448,22 @@ def main() -> None:
     parser.add_argument("--only", choices=["cnn", "minilm", "peers"])
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md from results")
     parser.add_argument("--redo", metavar="METHOD", help="measure this method's runs again (after it changed)")
+    parser.add_argument("--model", choices=sorted(MODEL_FILES), help="only this model's runs")
+    parser.add_argument("--steps", type=int, help="only runs with this many recomputation steps")
     args = parser.parse_args()
     results = load_results()
     if not args.render:
         if (args.only in (None, "minilm", "peers")) and not MODEL_FILES["minilm"][0].exists():
             subprocess.run([sys.executable, str(MODELS / "make_minilm.py"), "--exporter", "legacy"], check=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        measured_now: set[str] = set()  # --redo measures a run once per invocation (tables share runs)
         for run in grid(args.only):
-            if run.key in results and "error" not in results[run.key] and run.method != args.redo:
+            if (args.model and run.model != args.model) or (args.steps and run.steps != args.steps):
                 continue
+            redo = run.method == args.redo and run.key not in measured_now
+            if run.key in results and "error" not in results[run.key] and not redo:
+                continue
+            measured_now.add(run.key)
             started = time.perf_counter()
             print(f"== {run}", file=sys.stderr, flush=True)
             value = measure(run)
