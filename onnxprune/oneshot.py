@@ -157,6 +157,8 @@ class Pruner:
             shared = self.cache.get(key) if self.reuse == "offer" else self.cache.take(key)
         if shared is not None:
             return replace(shared, number=number, label=label, source=source, keep=list(self.keep))
+        if self.cache is not None:
+            self.cache.clear()  # one set of statistics at a time: the old entry goes before the new is built
         scored = self._score(Scored(number, label, source, list(self.keep)))
         if self.reuse == "offer" and self.cache is not None and key is not None:
             scored.shared = key
