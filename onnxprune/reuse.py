@@ -28,7 +28,6 @@ class ScoreCache:
 
     key: str | None = None
     scored: Any = None
-    hits: int = 0
     # what a trial's apply made from the shared statistics, by (key, allocation, sparsity, last):
     # the keep-masks and compensated weights, so that the run choosing that trial repeats nothing
     applied: dict = field(default_factory=dict)
@@ -37,7 +36,6 @@ class ScoreCache:
         """The entry for `key` (None when absent), left in the cache."""
         if key is None or key != self.key:
             return None
-        self.hits += 1
         return self.scored
 
     def take(self, key: str | None) -> Any:

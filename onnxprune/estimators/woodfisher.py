@@ -83,8 +83,7 @@ class BlockGram:
             self.gram = torch.zeros(blocks, self.block_size, self.block_size)
         count = max(1, self.count)
         diagonal = self.gram.diagonal(dim1=1, dim2=2).sum(dtype=torch.float64).item()
-        mean_diagonal = diagonal / (count * self.numel) if self.numel else 0.0
-        self.damping = damp * mean_diagonal if mean_diagonal > 0 else damp
+        self.damping = damping_of(diagonal / (count * self.numel) if self.numel else 0.0, damp)
         for part in chunks(self.gram):
             fisher = part.double() / count
             fisher.diagonal(dim1=1, dim2=2).add_(self.damping)
@@ -104,21 +103,29 @@ class BlockGram:
 def relative_damping(grads: Tensor, damp: float) -> float:
     """λ = damp · mean(diag F), with diag F the mean squared gradient; `damp` itself when the
     tensor gets no gradient at all."""
-    mean_diagonal = float((grads.double() ** 2).mean()) if grads.numel() else 0.0
+    return damping_of(float((grads.double() ** 2).mean()) if grads.numel() else 0.0, damp)
+
+
+def damping_of(mean_diagonal: float, damp: float) -> float:
+    """λ = damp · mean(diag F); `damp` itself when the tensor gets no gradient at all."""
     return damp * mean_diagonal if mean_diagonal > 0 else damp
+
+
+def chunk_blocks(size: int) -> int:
+    """How many c×c blocks (c = `size`) make about CHUNK_BYTES in float64."""
+    return max(1, CHUNK_BYTES // (8 * size * size))
 
 
 def chunks(blocked: Tensor) -> list[Tensor]:
     """Views of consecutive blocks of `blocked` [B, c, c], each about CHUNK_BYTES in float64."""
-    size = blocked.shape[-1]
-    step = max(1, CHUNK_BYTES // (8 * size * size))
+    step = chunk_blocks(blocked.shape[-1])
     return [blocked[start : start + step] for start in range(0, blocked.shape[0], step)]
 
 
 def blockwise(function: Callable[..., Tensor], w: Tensor, finv: Tensor, *extra: Tensor) -> Tensor:
     """`function(w, finv, *extra)` over chunks of blocks, so that its float64 temporaries stay
     about CHUNK_BYTES (results concatenated)."""
-    step = len(chunks(finv)[0]) if len(finv) else 1
+    step = chunk_blocks(finv.shape[-1])
     parts = []
     for start in range(0, w.shape[0], step):
         end = start + step
