@@ -13,6 +13,7 @@ from typing import Iterator
 import click
 
 from onnxprune.allocators import CHOICES as ALLOCATIONS
+from onnxprune.augment import AUGMENTATIONS
 from onnxprune.config import DEVICES, FISHLEG_INITS, OBS_UPDATES, PROGRESS, PruneConfig
 from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO
 from onnxprune.finetune import BATCHNORM_MODES, OPTIMIZERS
@@ -284,6 +285,22 @@ _SHARED = [
         default=_default("temperature"),
         show_default=True,
         help="Distillation temperature for class scores (fine-tuning without labels).",
+    ),
+    click.option(
+        "--augment",
+        type=click.Choice(AUGMENTATIONS.names()),
+        default=_default("augment"),
+        show_default=True,
+        help="Distillation batches perturbed at each step, the original model run on them for the "
+        "targets: tokens replaces --augment-rate of the token ids (special tokens and padding kept); "
+        "auto does so where the model takes token ids; none trains on the calibration samples as they are.",
+    ),
+    click.option(
+        "--augment-rate",
+        type=click.FloatRange(min=0, max=1, min_open=True),
+        default=_default("augment_rate"),
+        show_default=True,
+        help="Share of the token ids --augment replaces in each batch.",
     ),
     click.option(
         "--batchnorm",

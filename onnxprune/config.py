@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .allocators import ALLOCATORS
 from .allocators import AUTO as ALLOCATION_AUTO
+from .augment import AUGMENTATIONS
 from .errors import UsageError
 from .estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO
 from .finetune import BATCHNORM_MODES, OPTIMIZERS
@@ -197,6 +198,11 @@ class PruneConfig:
     batch_size: int = 32
     optimizer: str = "adam"
     temperature: float = 2.0  # distillation temperature for class scores
+    # Distillation batches perturbed afresh at each step, the dense model run on them (augment.py):
+    # auto replaces 30% of the tokens where the model takes token ids (MiniLM, FFN halved, 300
+    # steps: held-out cosine 0.9445 on the calibration sentences as they are, 0.9505 so)
+    augment: str = "auto"
+    augment_rate: float = 0.3
     batchnorm: str = "frozen"  # frozen: keep the running statistics; reestimate: recompute them
     # Gradual runs save a checkpoint after each pruning step (default: <output>.ckpt, removed when
     # the run succeeds); `resume` continues from it.
@@ -295,6 +301,7 @@ class PruneConfig:
                 raise UsageError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
         SCHEDULES.get(self.schedule)
         OPTIMIZERS.get(self.optimizer)
+        AUGMENTATIONS.get(self.augment)
         for pattern in self.exclude:
             try:
                 re.compile(pattern)
@@ -326,6 +333,8 @@ class PruneConfig:
             raise UsageError("speed_runs and speed_threads must be >= 0")
         if not self.lr > 0 or not self.temperature > 0:
             raise UsageError("the learning rate and the temperature must be positive")
+        if not 0.0 < self.augment_rate <= 1.0:
+            raise UsageError(f"augment_rate must be in (0, 1], got {self.augment_rate}")
 
     def _check_numbers_or_auto(self) -> None:
         """`damp` and `mix`: "auto" or a number in range, stored as float."""

@@ -7,9 +7,11 @@ that only look like parameters) keeps its value, so the written graph stays the 
 The loss follows the headline output: cross-entropy against the calibration labels when they are
 class indices for a classifier output; otherwise distillation from the dense model's outputs on
 the calibration data (KL divergence at a temperature for class scores, mean squared error for
-anything else). The model runs in inference mode throughout (Dropout off, BatchNorm on its
-running statistics); BatchNorm statistics are either kept (`frozen`) or re-estimated on the
-calibration data after each pruning step and written back (`reestimate`).
+anything else); distillation batches can be perturbed afresh at each step with the dense model
+run on them in onnxruntime for the targets (augment.py). The model runs in inference mode
+throughout (Dropout off, BatchNorm on its running statistics); BatchNorm statistics are either
+kept (`frozen`) or re-estimated on the calibration data after each pruning step and written back
+(`reestimate`).
 
 Masks are enforced twice: gradients of pruned entries are zeroed before the optimiser sees them
 (so its moments stay zero there) and the weights are multiplied by their masks after every step.
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .augment import Augmenter, make_augmenter
 from .bridge.convert import TorchModel
 from .data import Dataset, InputSpec, feed_plan, iter_feeds
 from .errors import NonFiniteError
@@ -49,6 +53,15 @@ OPTIMIZERS.register("adam")(lambda params, lr: torch.optim.Adam(params, lr=lr))
 OPTIMIZERS.register("sgd")(lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9))
 
 BATCHNORM_MODES = ("frozen", "reestimate")
+AUGMENT_STREAM = 7  # the augmentation's random stream, apart from the batches' permutations
+
+
+@dataclass(frozen=True)
+class Augmented:
+    """Distillation on perturbed batches: how to perturb, and the dense model to run on them."""
+
+    augmenter: Augmenter
+    model: Path
 
 
 # ------------------------------------------------------------------------------ losses (pure)
@@ -205,15 +218,18 @@ class Finetuner:
         data: Dataset,
         specs: Sequence[InputSpec],
         loss: FinetuneLoss,
-        teacher: np.ndarray | None,
+        teacher: np.ndarray | Augmented | None,
         optimizer: str,
         lr: float,
         batch_size: int,
         seed: int,
         device: torch.device,
     ):
+        """`teacher`: the dense model's outputs on the calibration data, or how to perturb each
+        batch and where the dense model is to run on it (None for cross-entropy)."""
         self.model, self.tensors, self.data, self.specs, self.loss = model, tensors, data, specs, loss
         self.teacher, self.batch_size, self.seed, self.device = teacher, batch_size, seed, device
+        self._dense: OrtModel | None = None  # open only while `run` trains on augmented batches
         self.optimizer = OPTIMIZERS.get(optimizer)(list(tensors.values()), lr)
         self.step_count = 0
         self.curve: list[float] = []  # mean loss per optimiser step
@@ -228,6 +244,8 @@ class Finetuner:
         params = list(self.tensors.values())
         for p in params:
             p.requires_grad_(True)
+        if isinstance(self.teacher, Augmented):
+            self._dense = OrtModel(self.teacher.model)
         try:
             for _ in range(steps):
                 indices = batch_indices(len(self.data), self.batch_size, self.step_count, self.seed)
@@ -250,6 +268,7 @@ class Finetuner:
                 if progress is not None:
                     progress(1)
         finally:
+            self._dense = None
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
@@ -259,20 +278,37 @@ class Finetuner:
             for name, mask in masks.items():
                 self.tensors[name].mul_(mask.to(self.tensors[name].dtype))
 
-    def _loss(self, indices: np.ndarray) -> Tensor:
+    def _batch(self, indices: np.ndarray) -> tuple[Dataset, np.ndarray]:
+        """The step's batch and its targets: labels, the dense outputs on the calibration samples,
+        or those on the batch perturbed with the step's own seed (a resumed run draws the same)."""
         batch = self.data.take(indices, "fine-tuning batch")
         targets = self.data.labels if self.loss.kind == "cross-entropy" else self.teacher
+        if isinstance(targets, Augmented):
+            rng = np.random.default_rng([self.seed, self.step_count, AUGMENT_STREAM])
+            arrays = targets.augmenter.perturb(batch.arrays, rng)
+            batch = replace(batch, arrays=arrays, source="augmented fine-tuning batch")
+            if self._dense is None:
+                raise RuntimeError("the dense model for augmented batches is open only during run()")
+            return batch, self._dense.run(batch, self.specs, len(indices))[self.loss.output]
         if targets is None:
             raise ValueError(f"the {self.loss.kind} fine-tuning loss has no targets")
+        return batch, np.asarray(targets[indices])
+
+    def _loss(self, indices: np.ndarray) -> Tensor:
+        batch, targets = self._batch(indices)
         total = torch.zeros((), device=self.device)
         for output, samples in batch_outputs(self.model, batch, self.specs, self.plan, self.loss.output, self.device):
-            chosen = indices[samples]
-            target = torch.from_numpy(np.asarray(targets[chosen]))
+            target = torch.from_numpy(np.asarray(targets[samples]))
             if self.loss.kind == "cross-entropy":
                 target = target.reshape(-1)
             target = target.to(self.device)
             total = total + self.loss.per_sample(output.float(), target.float()).sum()
         return total / len(indices)
+
+    @property
+    def augmentation(self) -> str:
+        """How the batches are perturbed, for the report ("none": as they are)."""
+        return self.teacher.augmenter.description if isinstance(self.teacher, Augmented) else "none"
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "step": self.step_count, "curve": list(self.curve)}
@@ -297,13 +333,19 @@ def make_finetuner(
     if config.finetune_steps <= 0 or calibration is None:
         return None
     loss = choose_finetune_loss(headline, reference, torch_model.output_names, calibration, config.temperature)
-    teacher = None
+    teacher: np.ndarray | Augmented | None = None
     if loss.kind != "cross-entropy":
-        # a session of its own: keeping the reference's alive through pruning would hold a
-        # second copy of the weights the whole time
-        teacher = OrtModel(config.input).run(calibration, specs, config.eval_batch_size)[loss.output]
+        augmenter = make_augmenter(config.augment, calibration, config.augment_rate)
+        if augmenter is not None:
+            teacher = Augmented(augmenter, config.input)
+        else:
+            # a session of its own: keeping the reference's alive through pruning would hold a
+            # second copy of the weights the whole time
+            teacher = OrtModel(config.input).run(calibration, specs, config.eval_batch_size)[loss.output]
     tensors = trainable_tensors(torch_model, [t.name for t in targets])
     log.info("fine-tuning: %s", loss.describe())
+    if isinstance(teacher, Augmented):
+        log.info("fine-tuning batches augmented: %s", teacher.augmenter.description)
     return Finetuner(
         torch_model,
         tensors,

@@ -226,7 +226,9 @@ def _schedule(report: Report) -> str:
     if t is not None:
         html.append(
             f"<p>Fine-tuning: {t.steps} steps of {escape(t.optimizer)} (lr {t.lr:g}, batch {t.batch_size}) on "
-            f"{t.trained_tensors} tensors in {t.seconds:.1f} s; BatchNorm {escape(t.batchnorm)}. {escape(t.loss)}</p>"
+            f"{t.trained_tensors} tensors in {t.seconds:.1f} s; BatchNorm {escape(t.batchnorm)}. {escape(t.loss)}"
+            + (f"; batches augmented: {escape(t.augmentation)}" if t.augmentation != "none" else "")
+            + "</p>"
         )
         if t.loss_curve:
             figure = curve_figure({"loss": t.loss_curve}, "optimiser step (thinned)", "training loss")

@@ -160,6 +160,7 @@ class Finetune:
     batch_size: int
     trained_tensors: int
     batchnorm: str  # frozen or reestimate (with the number of layers re-estimated)
+    augmentation: str  # how distillation batches were perturbed ("none": as they are)
     loss_curve: tuple[float, ...]  # mean loss per optimiser step, thinned to at most 200 points
     seconds: float
 
@@ -438,6 +439,8 @@ def _schedule_lines(report: Report) -> list[str]:
             f"BatchNorm {tuned.batchnorm}"
         )
         lines.append(f"  {tuned.loss}")
+        if tuned.augmentation != "none":
+            lines.append(f"  batches augmented: {tuned.augmentation}")
     if s.torch_vs_onnxruntime_max_abs_error is not None:
         error = s.torch_vs_onnxruntime_max_abs_error
         lines.append(f"written model vs the final torch model in onnxruntime: max abs error {error:.2e}")

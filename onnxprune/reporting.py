@@ -151,6 +151,7 @@ def finetune_info(
         batch_size=config.batch_size,
         trained_tensors=len(trainer.tensors),
         batchnorm=bn,
+        augmentation=trainer.augmentation,
         loss_curve=tuple(round(v, 6) for v in trainer.curve[::stride]),
         seconds=round(seconds, 3),
     )

@@ -72,6 +72,10 @@ ADDED = {
     "target_speedup",
     # the update scaling's setting
     "scale_update",
+    # issue 17: distillation on augmented batches (settings, and how the report says it was done)
+    "augment",
+    "augment_rate",
+    "augmentation",
 }
 
 
