@@ -162,7 +162,10 @@ def render(results: dict[str, dict]) -> str:
         "listed. Every row was measured alone on the machine after the timing fix of commit cbc6308 (before it, "
         "idle threads spinning in the other session made the same pair of CNN files measure anywhere from 0.8x "
         "to 2.2x); even so, on this 2-core VM the same CNN choice measured 1.65x-2.01x over five runs, so read "
-        f"speed-ups to about ±15% ({platform.machine()}, {os.cpu_count()} cores).",
+        f"speed-ups to about ±15% ({platform.machine()}, {os.cpu_count()} cores). "
+        "`+ fine-tuning`: 300 steps at the defaults; MiniLM's 50% row distils on batches with 30% of the "
+        "token ids replaced (`--augment auto`, commit a914166; 0.9445 in the run before it, on the sentences "
+        "as they are); the CNN and PP-OCR rows train on their labels, which augmentation does not touch.",
         "",
         "¹ measured before each step chose between the OBS group saliency of each class of channels and "
         "its entry saliencies summed (by held-out loss); these rows ranked classes by the sums only.",
