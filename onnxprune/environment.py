@@ -23,7 +23,7 @@ def environment() -> dict[str, object]:
     import onnxruntime
     import torch
 
-    from . import __version__
+    from . import __version__, distributed
 
     cuda = torch.cuda.is_available()
     runtime = next(
@@ -46,6 +46,7 @@ def environment() -> dict[str, object]:
         "onnx2torch": _version("onnx2torch"),
         "numpy": numpy.__version__,
         "executable": sys.executable,
+        "ranks": distributed.describe(),
     }
 
 

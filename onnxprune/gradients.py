@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import distributed
 from .bridge.convert import TorchModel
 from .data import Dataset, FeedPlan, InputSpec, feed_plan, iter_feeds
 from .errors import UsageError
@@ -143,6 +144,8 @@ class GradientSource:
                 rows[name][k] = flat
 
         self.stream(names, store, masks, progress)
+        for matrix in rows.values():
+            distributed.sum_over_ranks(matrix)  # each row from the one rank that computed it
         return rows
 
     def stream(
@@ -154,13 +157,15 @@ class GradientSource:
     ) -> None:
         """Hand gradient k of each weight (flat float32, ONNX layout, pruned entries 0; weights
         the loss does not reach are left out) to `consume(k, grads)` as it is computed, so that
-        statistics that only accumulate (squares) never hold all N rows."""
+        statistics that only accumulate (squares) never hold all N rows. On a torchrun rank, only
+        the rank's own share of the gradients (`distributed.owned`): the caller sums what it
+        accumulated over the ranks."""
         params = [self.model.tensors[name] for name in names]
         previous = [p.requires_grad for p in params]
         try:
             for p in params:
                 p.requires_grad_(True)
-            for k in range(self.count):
+            for k in distributed.owned(self.count):
                 grads = torch.autograd.grad(self._loss(k), params, allow_unused=True)
                 flats = {}
                 for name, g in zip(names, grads):

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import distributed
 from .activations import ActivationSource, InputStatistics
 from .allocators import ALLOCATORS, PatternConstraint
 from .bridge.bindings import PrunableTensor
 from .bridge.convert import TorchModel
 from .errors import NonFiniteError
-from .estimators.base import Estimator, SpillableStatistics, Statistics
+from .estimators.base import Estimator, SpillableStatistics, Statistics, StreamedStatistics
 from .gradients import GradientSource
 from .memory import MemoryPlan, human, resident_bytes
 from .progress import Progress
@@ -429,8 +430,10 @@ class Pruner:
             timer["estimator"] += time.perf_counter() - begun
 
         started, before = time.perf_counter(), timer["estimator"]
-        # counted in samples: each gradient row averages a micro-batch of them
-        with self.progress.task(label, source.count * source.micro_batch, "samples") as task:
+        # counted in samples: each gradient row averages a micro-batch of them (on a torchrun
+        # rank, the rank's own share)
+        own = len(distributed.owned(source.count))
+        with self.progress.task(label, own * source.micro_batch, "samples") as task:
 
             def advance(rows: int) -> None:
                 task.advance(rows * source.micro_batch)
@@ -439,6 +442,11 @@ class Pruner:
                 source.stream(list(index), lambda k, grads: add({n: g[None] for n, g in grads.items()}), masks, advance)
             else:
                 rows = source.collect(list(index), masks, progress=advance)
+        if estimator.streams_gradients and distributed.world() > 1:
+            for i in group:
+                target = stats[i]
+                if target is not None:
+                    cast(StreamedStatistics, target).sum_over_ranks()
         timer["gradients"] += time.perf_counter() - started - (timer["estimator"] - before)
         if not estimator.streams_gradients:
             add(rows)

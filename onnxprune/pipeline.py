@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .bridge.bindings import release_payloads, write_back
 from .bridge.convert import convert
 from .checkpoint import RunState, checkpoint_state, fingerprint, resume, save_checkpoint
@@ -75,26 +75,36 @@ def prune(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | N
     (keyword names are PruneConfig's fields). Returns the `Report`. Raises an OnnxPruneError
     subclass (with its exit code) on anything the user can fix. A failed accuracy gate is not an
     exception: the output and report are written and `report.gate_failed` is True.
+
+    Started by `torchrun --nproc-per-node K`, the K processes share the gradients out
+    (distributed.py); rank 0 alone writes, and every rank returns its report.
     """
     config = as_config(config, output, settings)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    check_output_free(config)
-    job = prepare(config, device, timings)
-    with timed(timings, "prune"):
-        resolved = resolve(config, job)
-        pruned = prune_weights(resolved, job)
-    timings["finetune"] = round(pruned.tuning_seconds, 4)
-    written = write_and_validate(
-        config, job, pruned.arrays, pruned.added_biases, pruned.final, timings, removed=pruned.removed
-    )
-    config.checkpoint_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
-    timings["total"] = time.perf_counter() - started
-    report = build_report(config, job, resolved, pruned, written, timings)
-    publish(config, report)
-    return report
+    joined = distributed.join(device)  # under torchrun: statistics shared out over the ranks
+    try:
+        torch.manual_seed(config.seed)
+        check_output_free(config)
+        job = prepare(config, device, timings)
+        with timed(timings, "prune"):
+            resolved = resolve(config, job)
+            pruned = prune_weights(resolved, job)
+        timings["finetune"] = round(pruned.tuning_seconds, 4)
+        report = None
+        if distributed.is_writer():
+            written = write_and_validate(
+                config, job, pruned.arrays, pruned.added_biases, pruned.final, timings, removed=pruned.removed
+            )
+            config.checkpoint_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
+            timings["total"] = time.perf_counter() - started
+            report = build_report(config, job, resolved, pruned, written, timings)
+            publish(config, report)
+        return distributed.from_writer(report)
+    finally:
+        if joined:
+            distributed.leave()
 
 
 # ------------------------------------------------------------------------------ the records
@@ -205,7 +215,7 @@ def prune_weights(resolved: Resolved, job: Job) -> Pruned:
         config, job.torch_model, job.targets, job.calibration, job.specs, job.headline, job.reference, job.device
     )
     batchnorm = batchnorm_statistics(job.torch_model)
-    progress = Progress(progress_enabled(config.progress))
+    progress = Progress(progress_enabled(config.progress) and distributed.is_writer())
     log.info(
         "pruning %d tensors (%s params) with %s, %s allocation, %s schedule of %d step(s)%s",
         len(job.targets),
@@ -273,7 +283,7 @@ def _run_phases(config: PruneConfig, job: Job, phases: list, run: RunState, prog
             with progress.task(f"fine-tuning after {phase.label}", phase.finetune_steps, "steps") as task:
                 run.trainer.run(phase.finetune_steps, run.pruner.masks(), task.advance)
             tuning_seconds += time.perf_counter() - started
-        if len(phases) > 1:
+        if len(phases) > 1 and distributed.is_writer():
             save_checkpoint(config.checkpoint_path, checkpoint_state(fingerprint_, index + 1, run))
     return done, tuning_seconds
 

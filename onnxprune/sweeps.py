@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, distributed
 from .config import PruneConfig
 from .environment import environment
 from .errors import UsageError
@@ -133,6 +133,8 @@ def sweep(config: SweepConfig) -> SweepReport:
     """Prune the model at every sparsity with every method, validate each in onnxruntime, and
     write the sweep's JSON report and plot. Models are kept only with `keep_models`."""
     base = config.settings
+    if distributed.launched():
+        raise UsageError("onnxprune sweep does not run under torchrun; run it in one process (prune does)")
     started = time.perf_counter()
     device = resolve_device(base.device)
     _check_free(config)

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..obs import (
     from_blocks,
     obs_group_saliency,
@@ -74,6 +75,15 @@ class BlockGram:
             blocks = rows.shape[0]
             self.gram = rows.new_zeros(blocks, self.block_size, self.block_size)
         self.gram.baddbmm_(rows.transpose(1, 2), rows)
+
+    def sum_over_ranks(self) -> None:
+        """Every rank's Gram matrices and row count summed (before `finalise`)."""
+        self.fold()
+        if self.gram is None:  # a rank that computed no gradient
+            blocks = -(-self.numel // self.block_size)
+            self.gram = torch.zeros(blocks, self.block_size, self.block_size)
+        distributed.sum_over_ranks(self.gram)
+        self.count = distributed.count_over_ranks(self.count)
 
     def finalise(self, damp: float) -> Tensor:
         """F⁻¹ per block (float32), λ = damp · mean(diag F); the Gram matrices are overwritten."""

@@ -1,0 +1,131 @@
+"""Data-parallel statistics under torchrun (2 gloo processes on this machine): the same masks as
+one process, weights to float precision, one writer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxprune import distributed
+from onnxprune.bridge.bindings import read_tensor
+
+from builders import mlp, randn, save, save_npz
+
+CLI = "import sys; from onnxprune_cli.main import main; sys.argv = ['onnxprune', *sys.argv[1:]]; main()"
+
+
+def test_one_process_owns_every_item_and_sums_nothing():
+    import torch
+
+    assert distributed.world() == 1 and distributed.rank() == 0 and distributed.is_writer()
+    assert list(distributed.owned(5)) == [0, 1, 2, 3, 4]
+    t = torch.arange(4.0)
+    assert distributed.sum_over_ranks(t) is t and t.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert distributed.count_over_ranks(7) == 7
+    assert distributed.from_writer({"a": 1}) == {"a": 1}
+    assert distributed.describe() == "1 process"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_statistics(rank: int, port: int, folder: str) -> None:
+    """One gloo rank: the gradients it computes and the squares summed over both ranks."""
+    import torch
+    import torch.distributed as dist
+
+    from onnxprune.bridge.convert import convert
+    from onnxprune.data import Dataset, input_specs
+    from onnxprune.estimators.diagonal import SquaredGradients
+    from onnxprune.gradients import FisherLoss, GradientSource
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        proto = mlp(hidden=6, inputs=5, classes=3, seed=1)
+        data = Dataset({"x": randn(20, 5, seed=2)}, None, "test")
+        loss = FisherLoss(0, "logits", "logits", "sampled")
+        source = GradientSource(convert(proto), data, input_specs(proto), loss, 7, 2, 0, torch.device("cpu"))
+        seen: list[int] = []
+        squares = SquaredGradients(6 * 5)
+        source.stream(["w1"], lambda k, g: (seen.append(k), squares.update(g["w1"][None])))
+        squares.sum_over_ranks()
+        rows = source.collect(["w1"])["w1"]
+        torch.save({"seen": seen, "total": squares.total, "count": squares.count, "rows": rows},
+                   f"{folder}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_computes_its_share_of_the_gradients_and_the_sums_are_whole(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    from onnxprune.bridge.convert import convert
+    from onnxprune.data import Dataset, input_specs
+    from onnxprune.gradients import FisherLoss, GradientSource
+
+    mp.spawn(_rank_statistics, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert parts[0]["seen"] == [0, 2, 4, 6] and parts[1]["seen"] == [1, 3, 5]
+    proto = mlp(hidden=6, inputs=5, classes=3, seed=1)
+    data = Dataset({"x": randn(20, 5, seed=2)}, None, "test")
+    loss = FisherLoss(0, "logits", "logits", "sampled")
+    whole = GradientSource(convert(proto), data, input_specs(proto), loss, 7, 2, 0, torch.device("cpu")).collect(["w1"])
+    for part in parts:
+        assert torch.equal(part["rows"], whole["w1"])  # rows from the rank that computed them: exact
+        assert part["count"] == 7
+        torch.testing.assert_close(part["total"], (whole["w1"].double() ** 2).sum(0), rtol=1e-12, atol=1e-15)
+
+
+def _files(tmp_path):
+    model = save(mlp(hidden=24, inputs=10, classes=4, seed=3), tmp_path / "mlp.onnx")
+    x = randn(96, 10, seed=4)
+    labels = np.argmax(x[:, :4] + 0.3 * x[:, 4:8], axis=1).astype(np.int64)
+    calib = save_npz(tmp_path / "calib.npz", x=x, labels=labels)
+    return model, calib
+
+
+def _prune(args: list[str], ranks: int, cwd) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        command = [sys.executable, "-c", CLI, *args]
+    else:
+        # torchrun's own module, with a rendezvous of its own (--standalone: a free port)
+        runner = "import sys; from torch.distributed.run import main; main()"
+        script = cwd / "onnxprune_main.py"
+        script.write_text(CLI.replace("; ", "\n"))
+        command = [sys.executable, "-c", runner, "--standalone", f"--nproc-per-node={ranks}", str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("method", ["woodfisher", "diagonal-fisher", "fishleg"])
+def test_two_ranks_prune_as_one_process(tmp_path, method):
+    model, calib = _files(tmp_path)
+    outputs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"out{ranks}.onnx"
+        args = ["prune", str(model), str(out), "--sparsity", "0.7", "--method", method, "--calib", str(calib),
+                "--num-grads", "32", "--damp", "1e-3", "--allocation", "global", "--progress", "off",
+                "--json"]  # fmt: skip
+        done = _prune(args, ranks, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(done.stdout)  # one JSON document: rank 0's alone
+        assert report["environment"]["ranks"] == ("1 process" if ranks == 1 else "2 ranks (gloo)")
+        assert report["fisher"]["num_grads"] == 32
+        outputs[ranks] = (onnx.load(out), report)
+    (one, one_report), (two, two_report) = outputs[1], outputs[2]
+    for name in ("w1", "w2"):
+        a, b = read_tensor(one, name), read_tensor(two, name)
+        assert np.array_equal(a == 0, b == 0), f"{name}: masks differ"
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert two_report["validation"]["quality"]["after"] == pytest.approx(one_report["validation"]["quality"]["after"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".onnx") == ["mlp.onnx", "out1.onnx", "out2.onnx"]
