@@ -203,14 +203,19 @@ def _child(code: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def load_results() -> dict[str, dict]:
-    if not RESULTS.exists():
+def load_results(path: Path = RESULTS) -> dict[str, dict]:
+    """The latest row of each key in a results file (one JSON row per line)."""
+    if not path.exists():
         return {}
-    results = {}
-    for line in RESULTS.read_text().splitlines():
-        entry = json.loads(line)
-        results[entry["key"]] = entry
-    return results
+    return {entry["key"]: entry for entry in map(json.loads, path.read_text().splitlines())}
+
+
+def append_result(path: Path, results: dict[str, dict], row: dict) -> None:
+    """`row` recorded under its key, and appended to the results file at once (an interrupted
+    benchmark resumes after it)."""
+    results[row["key"]] = row
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
 
 
 def render(results: dict[str, dict]) -> str:
@@ -486,9 +491,7 @@ def main() -> None:
             print(f"== {run}", file=sys.stderr, flush=True)
             value = measure(run)
             print(f"   {value} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-            results[run.key] = {"key": run.key, **value}
-            with RESULTS.open("a") as handle:
-                handle.write(json.dumps(results[run.key]) + "\n")
+            append_result(RESULTS, results, {"key": run.key, **value})
             DOC.write_text(render(results))
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(render(results))

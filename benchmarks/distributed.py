@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from bench import append_result, load_results
 from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,12 +82,6 @@ def same_masks(a: Path, b: Path) -> dict:
     return {"mask_entries_differing": differing, "max_abs_weight_difference": largest}
 
 
-def load() -> dict[str, dict]:
-    if not RESULTS.exists():
-        return {}
-    return {(row := json.loads(line))["key"]: row for line in RESULTS.read_text().splitlines()}
-
-
 def render(results: dict[str, dict]) -> str:
     lines = [
         "# Data-parallel statistics: one process against two torchrun ranks",
@@ -129,7 +124,7 @@ def main() -> None:
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--render", action="store_true", help="only render docs/distributed.md")
     args = parser.parse_args()
-    results = load()
+    results = load_results(RESULTS)
     if not args.render:
         if not MODEL.exists():
             maker = ROOT / "models" / "make_minilm.py"
@@ -147,9 +142,7 @@ def main() -> None:
                 rows[2]["check"] = same_masks(Path(rows[1]["output"]), Path(rows[2]["output"]))
             for row in rows.values():
                 print(f"   {row}", flush=True)
-                results[row["key"]] = row
-                with RESULTS.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                append_result(RESULTS, results, row)
     DOC.write_text(render(results))
     print(f"wrote {DOC}")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import peers
 from bench import _child as run_child
+from bench import append_result, load_results
 from peers import PEERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,9 +314,7 @@ print(json.dumps({{
 
 
 def load() -> dict[str, dict]:
-    if not RESULTS.exists():
-        return {}
-    return {entry["key"]: entry for entry in map(json.loads, RESULTS.read_text().splitlines())}
+    return load_results(RESULTS)
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -447,9 +446,7 @@ def main() -> None:
                 print(f"== {case.key}", file=sys.stderr, flush=True)
                 value = {"key": case.key, "target": case.sparsity, **measure(case)}
                 print(f"   {value} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-                results[case.key] = value
-                with RESULTS.open("a") as handle:
-                    handle.write(json.dumps(value) + "\n")
+                append_result(RESULTS, results, value)
                 DOC.write_text(render(results))
     DOC.write_text(render(results))
     print(f"wrote {DOC}", file=sys.stderr)

@@ -21,6 +21,7 @@ import platform
 from pathlib import Path
 
 from bench import _child as run_child
+from bench import append_result
 from quality import FILES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,9 +270,7 @@ def main() -> None:
                 if method not in PEERS:
                     row["scoring"] = SCORING
                 print(f"   {row}", flush=True)
-                results[k] = row
-                with RESULTS.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                append_result(RESULTS, results, row)
     DOC.write_text(render(results))
     print(f"wrote {DOC}")
 

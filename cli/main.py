@@ -561,7 +561,9 @@ def prune_command(
     pruned weight tensors change. A JSON report is written next to the output and a short table
     is printed on stderr.
     """
-    if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 alone speaks
+    from onnxprune.distributed import launched_as_writer
+
+    if not launched_as_writer():  # torchrun's other ranks: rank 0 alone speaks
         quiet, as_json = True, False
     _configure_logging(quiet, verbose)
     from onnxprune import PruneConfig, plan, prune

@@ -48,6 +48,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launched_as_writer() -> bool:
+    """Whether the launcher made this process rank 0 (or started no ranks), before any group is
+    joined: the command line lets only that process print."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def join(device: torch.device) -> bool:
     """Join the launcher's process group (gloo for CPU, NCCL for CUDA; each rank on the GPU of its
     local rank); returns whether this call started it (and `leave` should end it)."""

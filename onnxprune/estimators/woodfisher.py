@@ -76,30 +76,32 @@ class BlockGram:
             self.gram = rows.new_zeros(blocks, self.block_size, self.block_size)
         self.gram.baddbmm_(rows.transpose(1, 2), rows)
 
-    def sum_over_ranks(self) -> None:
-        """Every rank's Gram matrices and row count summed (before `finalise`)."""
-        self.fold()
-        if self.gram is None:  # a rank that computed no gradient
-            blocks = -(-self.numel // self.block_size)
-            self.gram = torch.zeros(blocks, self.block_size, self.block_size)
-        distributed.sum_over_ranks(self.gram)
-        self.count = distributed.count_over_ranks(self.count)
-
-    def finalise(self, damp: float) -> Tensor:
-        """F⁻¹ per block (float32), λ = damp · mean(diag F); the Gram matrices are overwritten."""
+    def _folded(self) -> Tensor:
+        """The Gram matrices with every buffered row added (zeros where no row came: a tensor the
+        loss does not reach, or a torchrun rank that computed no gradient)."""
         self.fold()
         if self.gram is None:
             blocks = -(-self.numel // self.block_size)
             self.gram = torch.zeros(blocks, self.block_size, self.block_size)
+        return self.gram
+
+    def sum_over_ranks(self) -> None:
+        """Every rank's Gram matrices and row count summed (before `finalise`)."""
+        distributed.sum_over_ranks(self._folded())
+        self.count = distributed.count_over_ranks(self.count)
+
+    def finalise(self, damp: float) -> Tensor:
+        """F⁻¹ per block (float32), λ = damp · mean(diag F); the Gram matrices are overwritten."""
+        gram = self._folded()
         count = max(1, self.count)
-        diagonal = self.gram.diagonal(dim1=1, dim2=2).sum(dtype=torch.float64).item()
+        diagonal = gram.diagonal(dim1=1, dim2=2).sum(dtype=torch.float64).item()
         self.damping = damping_of(diagonal / (count * self.numel) if self.numel else 0.0, damp)
-        for part in chunks(self.gram):
+        for part in chunks(gram):
             fisher = part.double() / count
             fisher.diagonal(dim1=1, dim2=2).add_(self.damping)
             part.copy_(torch.cholesky_inverse(torch.linalg.cholesky(fisher)))
-        self.inverse, self.gram = self.gram, None
-        return self.inverse
+        self.inverse, self.gram = gram, None
+        return gram
 
     def spill(self, folder: Path) -> None:
         """Move the inverse to a file in `folder`, freeing its memory."""
