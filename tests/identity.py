@@ -57,7 +57,8 @@ main()
 AFTER_FLAGS: tuple[str, ...] = ()
 CLI = "import sys; from onnxprune_cli.main import main; sys.argv = ['onnxprune', *sys.argv[1:]]; main()"
 # (and every field named *seconds); paths are compared with the work folder written as <out>
-VOLATILE = {"timings", "peak_memory_bytes", "environment", "memory_budget_bytes"}  # the last: 80% of free memory
+# the last: 80% of free memory; latency and speedup: onnxruntime timed on a shared machine
+VOLATILE = {"timings", "peak_memory_bytes", "environment", "memory_budget_bytes", "latency", "speedup"}
 # fields a refactor may add to the report (a new name beside an unchanged old one)
 ADDED = {
     "allocation",
