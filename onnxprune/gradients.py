@@ -144,8 +144,6 @@ class GradientSource:
                 rows[name][k] = flat
 
         self.stream(names, store, masks, progress)
-        for matrix in rows.values():
-            distributed.sum_over_ranks(matrix)  # each row from the one rank that computed it
         return rows
 
     def stream(
@@ -156,31 +154,43 @@ class GradientSource:
         progress: Callable[[int], None] | None = None,
     ) -> None:
         """Hand gradient k of each weight (flat float32, ONNX layout, pruned entries 0; weights
-        the loss does not reach are left out) to `consume(k, grads)` as it is computed, so that
-        statistics that only accumulate (squares) never hold all N rows. On a torchrun rank, only
-        the rank's own share of the gradients (`distributed.owned`): the caller sums what it
-        accumulated over the ranks."""
+        the loss does not reach are left out) to `consume(k, grads)` in the order k = 0, 1, ...,
+        so that statistics that only accumulate (squares) never hold all N rows. On torchrun's
+        ranks each rank computes its own share (`distributed.owned`) and they exchange each
+        round's, so every rank consumes all N in that order; `progress` counts the rank's own."""
         params = [self.model.tensors[name] for name in names]
+        sizes = {name: p.numel() for name, p in zip(names, params)}
         previous = [p.requires_grad for p in params]
+        world = distributed.world()
         try:
             for p in params:
                 p.requires_grad_(True)
-            for k in distributed.owned(self.count):
-                grads = torch.autograd.grad(self._loss(k), params, allow_unused=True)
-                flats = {}
-                for name, g in zip(names, grads):
-                    if g is None:
-                        continue
-                    flat = g.detach().reshape(-1).float()
-                    if masks is not None and name in masks:
-                        flat = flat * masks[name].reshape(-1).to(flat.device, flat.dtype)
-                    flats[name] = flat
-                consume(k, flats)
-                if progress is not None:
+            for first in range(0, self.count, world):
+                k = first + distributed.rank()
+                mine = self._gradient(k, names, params, masks) if k < self.count else None
+                if mine is not None and progress is not None:
                     progress(1)
+                for offset, grads in enumerate(distributed.share(mine, sizes)):
+                    if grads is not None:
+                        consume(first + offset, grads)
         finally:
             for p, flag in zip(params, previous):
                 p.requires_grad_(flag)
+
+    def _gradient(
+        self, k: int, names: Sequence[str], params: Sequence[Tensor], masks: dict[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        """Gradient k of each weight the loss reaches, flat, masked."""
+        grads = torch.autograd.grad(self._loss(k), params, allow_unused=True)
+        flats = {}
+        for name, g in zip(names, grads):
+            if g is None:
+                continue
+            flat = g.detach().reshape(-1).float()
+            if masks is not None and name in masks:
+                flat = flat * masks[name].reshape(-1).to(flat.device, flat.dtype)
+            flats[name] = flat
+        return flats
 
     def _loss(self, k: int) -> Tensor:
         """Mean per-sample loss over micro-batch k (fixed-batch padding excluded)."""

@@ -27,7 +27,7 @@ from .allocators import ALLOCATORS, PatternConstraint
 from .bridge.bindings import PrunableTensor
 from .bridge.convert import TorchModel
 from .errors import NonFiniteError
-from .estimators.base import Estimator, SpillableStatistics, Statistics, StreamedStatistics
+from .estimators.base import Estimator, SpillableStatistics, Statistics
 from .gradients import GradientSource
 from .memory import MemoryPlan, human, resident_bytes
 from .progress import Progress
@@ -442,11 +442,6 @@ class Pruner:
                 source.stream(list(index), lambda k, grads: add({n: g[None] for n, g in grads.items()}), masks, advance)
             else:
                 rows = source.collect(list(index), masks, progress=advance)
-        if estimator.streams_gradients and distributed.world() > 1:
-            for i in group:
-                target = stats[i]
-                if target is not None:
-                    cast(StreamedStatistics, target).sum_over_ranks()
         timer["gradients"] += time.perf_counter() - started - (timer["estimator"] - before)
         if not estimator.streams_gradients:
             add(rows)

@@ -81,23 +81,26 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         ) from None
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise InvalidModelError(f"{path} is not an ONNX model: it has no graph or no IR version")
-    external_files = _load_external_data(proto, path.parent)
     _check(proto, path)
+    external_files = _load_external_data(proto, path.parent)
     return LoadedModel(proto=proto, path=path, external_files=frozenset(external_files))
 
 
 def _check(proto: ModelProto, path: Path) -> None:
+    """The ONNX checker on the model as parsed, before its external data is loaded: the checker
+    serialises what it is given (and, given a path, reads the file again), which for a model of
+    large weights would hold them two more times. Its external-data locations are resolved from
+    the model's folder, as the checker does for a path."""
+    previous = os.getcwd()
     try:
-        if tensor_bytes(proto) < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(proto)
-        else:
-            # The checker serialises a proto it is given; for large models let it read the
-            # file itself (its external data was already validated above).
-            onnx.checker.check_model(str(path))
+        os.chdir(path.parent if str(path.parent) else ".")
+        onnx.checker.check_model(proto)
     except Exception as exc:
         message = str(exc).strip().splitlines()
         detail = message[0] if message else type(exc).__name__
         raise InvalidModelError(f"{path} is not a valid ONNX model: {detail}") from None
+    finally:
+        os.chdir(previous)
 
 
 def tensor_bytes(model: ModelProto) -> int:

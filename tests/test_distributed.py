@@ -19,14 +19,14 @@ from builders import mlp, randn, save, save_npz
 CLI = "import sys; from onnxprune_cli.main import main; sys.argv = ['onnxprune', *sys.argv[1:]]; main()"
 
 
-def test_one_process_owns_every_item_and_sums_nothing():
+def test_one_process_owns_every_item_and_shares_nothing():
     import torch
 
     assert distributed.world() == 1 and distributed.rank() == 0 and distributed.is_writer()
     assert list(distributed.owned(5)) == [0, 1, 2, 3, 4]
-    t = torch.arange(4.0)
-    assert distributed.sum_over_ranks(t) is t and t.tolist() == [0.0, 1.0, 2.0, 3.0]
-    assert distributed.count_over_ranks(7) == 7
+    parts = {"a": torch.arange(4.0)}
+    shared = distributed.share(parts, {"a": 4, "b": 2})
+    assert len(shared) == 1 and shared[0] is parts
     assert distributed.from_writer({"a": 1}) == {"a": 1}
     assert distributed.describe() == "1 process"
 
@@ -40,13 +40,14 @@ def _free_port() -> int:
 
 
 def _rank_statistics(rank: int, port: int, folder: str) -> None:
-    """One gloo rank: the gradients it computes and the squares summed over both ranks."""
+    """One gloo rank: the gradients it computes, and the statistics it streams and collects."""
     import torch
     import torch.distributed as dist
 
     from onnxprune.bridge.convert import convert
     from onnxprune.data import Dataset, input_specs
     from onnxprune.estimators.diagonal import SquaredGradients
+    from onnxprune.estimators.woodfisher import BlockGram
     from onnxprune.gradients import FisherLoss, GradientSource
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -55,36 +56,54 @@ def _rank_statistics(rank: int, port: int, folder: str) -> None:
         data = Dataset({"x": randn(20, 5, seed=2)}, None, "test")
         loss = FisherLoss(0, "logits", "logits", "sampled")
         source = GradientSource(convert(proto), data, input_specs(proto), loss, 7, 2, 0, torch.device("cpu"))
+        computed: list[int] = []
         seen: list[int] = []
-        squares = SquaredGradients(6 * 5)
-        source.stream(["w1"], lambda k, g: (seen.append(k), squares.update(g["w1"][None])))
-        squares.sum_over_ranks()
+        squares, grams = SquaredGradients(6 * 5), BlockGram(6 * 5, 4)
+
+        def consume(k, g):
+            seen.append(k)
+            squares.update(g["w1"][None])
+            grams.update(g["w1"][None])
+
+        source.stream(["w1"], consume, progress=lambda n: computed.append(n))
         rows = source.collect(["w1"])["w1"]
-        torch.save({"seen": seen, "total": squares.total, "count": squares.count, "rows": rows},
-                   f"{folder}/rank{rank}.pt")  # fmt: skip
+        torch.save({"computed": len(computed), "seen": seen, "total": squares.total, "count": squares.count,
+                    "gram": grams._folded(), "rows": rows}, f"{folder}/rank{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
 
 
-def test_each_rank_computes_its_share_of_the_gradients_and_the_sums_are_whole(tmp_path):
+def test_each_rank_computes_its_share_and_folds_every_gradient_in_one_process_order(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
     from onnxprune.bridge.convert import convert
     from onnxprune.data import Dataset, input_specs
+    from onnxprune.estimators.diagonal import SquaredGradients
+    from onnxprune.estimators.woodfisher import BlockGram
     from onnxprune.gradients import FisherLoss, GradientSource
 
     mp.spawn(_rank_statistics, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert parts[0]["seen"] == [0, 2, 4, 6] and parts[1]["seen"] == [1, 3, 5]
+    assert parts[0]["computed"] == 4 and parts[1]["computed"] == 3  # gradients 0, 2, 4, 6 and 1, 3, 5
     proto = mlp(hidden=6, inputs=5, classes=3, seed=1)
     data = Dataset({"x": randn(20, 5, seed=2)}, None, "test")
     loss = FisherLoss(0, "logits", "logits", "sampled")
-    whole = GradientSource(convert(proto), data, input_specs(proto), loss, 7, 2, 0, torch.device("cpu")).collect(["w1"])
+    source = GradientSource(convert(proto), data, input_specs(proto), loss, 7, 2, 0, torch.device("cpu"))
+    whole = source.collect(["w1"])["w1"]
+    squares, grams = SquaredGradients(6 * 5), BlockGram(6 * 5, 4)
+    for row in whole:
+        squares.update(row[None])
+        grams.update(row[None])
+    assert torch.count_nonzero(whole.abs().sum(1)) == 7
     for part in parts:
-        assert torch.equal(part["rows"], whole["w1"])  # rows from the rank that computed them: exact
+        assert part["seen"] == list(range(7))  # every gradient, in one process's order
+        assert torch.equal(part["rows"], whole)
         assert part["count"] == 7
-        torch.testing.assert_close(part["total"], (whole["w1"].double() ** 2).sum(0), rtol=1e-12, atol=1e-15)
+        # the same sums in the same order: equal bit for bit, not to a rounding
+        assert torch.equal(part["total"], squares.total)
+        assert torch.equal(part["gram"], grams._folded())
+    torch.testing.assert_close(squares.total, (whole.double() ** 2).sum(0), rtol=1e-12, atol=1e-15)
 
 
 def _files(tmp_path):

@@ -36,13 +36,6 @@ class Statistics(Protocol):
     def update(self, grads: Tensor, keep: Tensor | None = None) -> None: ...
 
 
-class StreamedStatistics(Statistics, Protocol):
-    """Statistics of an estimator that declares `streams_gradients`: each torchrun rank folds in
-    its own share of the gradients, then `sum_over_ranks` makes every rank's the whole."""
-
-    def sum_over_ranks(self) -> None: ...
-
-
 class SpillableStatistics(Statistics, Protocol):
     """Statistics of an estimator that declares `spills`: they can move to a file in `folder`."""
 

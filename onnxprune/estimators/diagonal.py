@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import distributed
 from .base import Estimator, MemoryNeed, register, relative_damp
 
 
@@ -31,10 +30,6 @@ class SquaredGradients:
         grads = grads.to(torch.float64)
         self.total = self.total.to(grads.device) + (grads * grads).sum(0)
         self.count += len(grads)
-
-    def sum_over_ranks(self) -> None:
-        distributed.sum_over_ranks(self.total)
-        self.count = distributed.count_over_ranks(self.count)
 
     @property
     def diagonal(self) -> Tensor:

@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .. import distributed
 from ..obs import (
     from_blocks,
     obs_group_saliency,
@@ -78,17 +77,12 @@ class BlockGram:
 
     def _folded(self) -> Tensor:
         """The Gram matrices with every buffered row added (zeros where no row came: a tensor the
-        loss does not reach, or a torchrun rank that computed no gradient)."""
+        loss does not reach)."""
         self.fold()
         if self.gram is None:
             blocks = -(-self.numel // self.block_size)
             self.gram = torch.zeros(blocks, self.block_size, self.block_size)
         return self.gram
-
-    def sum_over_ranks(self) -> None:
-        """Every rank's Gram matrices and row count summed (before `finalise`)."""
-        distributed.sum_over_ranks(self._folded())
-        self.count = distributed.count_over_ranks(self.count)
 
     def finalise(self, damp: float) -> Tensor:
         """F⁻¹ per block (float32), λ = damp · mean(diag F); the Gram matrices are overwritten."""
