@@ -81,8 +81,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         ) from None
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise InvalidModelError(f"{path} is not an ONNX model: it has no graph or no IR version")
+    regions = _external_regions(proto, path.parent)  # our own messages for bad locations first
     _check(proto, path)
-    external_files = _load_external_data(proto, path.parent)
+    external_files = _load_external_data(regions)
     return LoadedModel(proto=proto, path=path, external_files=frozenset(external_files))
 
 
@@ -137,8 +138,9 @@ def _resolve_inside(base: Path, location: str, tensor_name: str) -> Path:
     return current
 
 
-def _load_external_data(proto: ModelProto, base: Path) -> set[Path]:
-    used: set[Path] = set()
+def _external_regions(proto: ModelProto, base: Path) -> list[tuple[TensorProto, Path, int, int | None]]:
+    """Each external tensor with its data file (inside `base`), offset and length."""
+    regions = []
     for tensor in iter_tensors(proto):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
@@ -151,6 +153,13 @@ def _load_external_data(proto: ModelProto, base: Path) -> set[Path]:
             raise InvalidModelError(
                 f"external data of tensor {tensor.name!r}: offset/length are not integers"
             ) from None
+        regions.append((tensor, file_path, offset, length))
+    return regions
+
+
+def _load_external_data(regions: list[tuple[TensorProto, Path, int, int | None]]) -> set[Path]:
+    used: set[Path] = set()
+    for tensor, file_path, offset, length in regions:
         tensor.raw_data = _read_region(file_path, offset, length, tensor.name)
         tensor.data_location = TensorProto.DEFAULT
         del tensor.external_data[:]
