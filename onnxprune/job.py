@@ -24,7 +24,7 @@ from .estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO, Estimator
 from .gradients import FisherLoss, GradientSource, choose_loss
 from .masks import parse_pattern
 from .oneshot import Pruner
-from .onnx_io import LoadedModel, external_data_name, load_model
+from .onnx_io import LoadedModel, external_data_name, load_model, load_payloads
 from .progress import Progress
 from .repair import Repairer, repair_passes, repair_settings
 from .report import Conversion, ModelInfo
@@ -301,6 +301,8 @@ def trace_structure(
     sample of `data`; channels touching a weight left out of the targets (--exclude) stay. A
     model with nothing removable is a usage error naming why."""
     kind = STRUCTURES.get(config.structure)()
+    if config.structure != DEFAULT_STRUCTURE:
+        load_payloads(proto)  # tracing and removing channels edit and run the model's own tensors
     feeds, _ = next(iter_feeds(data, specs, feed_plan(specs, data, 1)))
     channels = kind.trace(proto, feeds)
     if channels is None:

@@ -11,13 +11,14 @@ import os
 import shutil
 import stat
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
+import numpy as np
 import onnx
-from onnx import GraphProto, ModelProto, TensorProto
-from onnx.external_data_helper import set_external_data
+from onnx import GraphProto, ModelProto, TensorProto, helper, numpy_helper
 
 from .errors import InvalidModelError, UsageError, WriteError
 
@@ -25,11 +26,17 @@ from .errors import InvalidModelError, UsageError, WriteError
 # for the graph structure itself.
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - 64 * 2**20
+# External tensors of this size and more are read from their file when used, not at loading:
+# a large model's weights are then held once (in the torch model), not also in the proto
+# (whose memory protobuf frees only with the whole message).
+LAZY_BYTES = 1 << 20
 
 
 @dataclass
 class LoadedModel:
-    """A checked ModelProto with every tensor's bytes in memory, and where they came from."""
+    """A checked ModelProto and where its tensors' bytes came from. Tensors of external data from
+    LAZY_BYTES up stay in their file (`data_location` EXTERNAL, `location` the file's resolved
+    absolute path, read with `tensor_values`); every other tensor's bytes are in memory."""
 
     proto: ModelProto
     path: Path
@@ -158,16 +165,33 @@ def _external_regions(proto: ModelProto, base: Path) -> list[tuple[TensorProto, 
 
 
 def _load_external_data(regions: list[tuple[TensorProto, Path, int, int | None]]) -> set[Path]:
+    """Read each region into its tensor, except large ones, which are checked and left in their
+    file (their location made absolute)."""
     used: set[Path] = set()
     for tensor, file_path, offset, length in regions:
-        tensor.raw_data = _read_region(file_path, offset, length, tensor.name)
-        tensor.data_location = TensorProto.DEFAULT
-        del tensor.external_data[:]
+        with _open_region(file_path, offset, length, tensor.name) as (handle, end):
+            if end - offset >= LAZY_BYTES:
+                _point_to(tensor, file_path.resolve(), offset, end - offset)
+            else:
+                handle.seek(offset)
+                tensor.raw_data = handle.read(end - offset)
+                tensor.data_location = TensorProto.DEFAULT
+                del tensor.external_data[:]
         used.add(file_path)
     return used
 
 
-def _read_region(file_path: Path, offset: int, length: int | None, tensor_name: str) -> bytes:
+def _point_to(tensor: TensorProto, location: Path | str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", str(location)), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+@contextmanager
+def _open_region(file_path: Path, offset: int, length: int | None, tensor_name: str) -> Iterator[tuple[BinaryIO, int]]:
+    """The open data file and the region's end, once the region is known to be inside it."""
     where = f"external data of tensor {tensor_name!r} in {file_path.name}"
     if offset < 0 or (length is not None and length < 0):
         raise InvalidModelError(f"{where}: negative offset or length")
@@ -190,8 +214,42 @@ def _read_region(file_path: Path, offset: int, length: int | None, tensor_name: 
             raise InvalidModelError(
                 f"{where}: offset {offset} + length {end - offset} is past the end of the file ({info.st_size} bytes)"
             )
-        handle.seek(offset)
-        return handle.read(end - offset)
+        yield handle, end
+
+
+def is_lazy(tensor: TensorProto) -> bool:
+    """Whether the tensor's bytes are still in its external data file (see LoadedModel)."""
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+def _region(tensor: TensorProto) -> tuple[Path, int, int]:
+    fields = _external_fields(tensor)
+    return Path(fields["location"]), int(fields.get("offset", "0")), int(fields.get("length", "-1"))
+
+
+def tensor_values(tensor: TensorProto, base: Path | None = None) -> np.ndarray:
+    """The tensor's values, read from its file when it was left there at loading (or, for a
+    proto parsed without its external data, from its location relative to `base`)."""
+    if not is_lazy(tensor):
+        return numpy_helper.to_array(tensor)
+    location, offset, length = _region(tensor)
+    if not location.is_absolute() and base is not None:
+        location = base / location
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    values = np.fromfile(location, dtype=dtype, count=int(np.prod(tensor.dims)), offset=offset)
+    return values.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(tensor.dims))
+
+
+def load_payloads(model: ModelProto) -> None:
+    """Read every tensor left in its file into the proto (for code that edits or serialises it)."""
+    for tensor in iter_tensors(model):
+        if is_lazy(tensor):
+            location, offset, length = _region(tensor)
+            with open(location, "rb") as handle:
+                handle.seek(offset)
+                tensor.raw_data = handle.read(length)
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
 
 
 # ----------------------------------------------------------------------------------- saving
@@ -245,18 +303,50 @@ def save_model(model: ModelProto, path: Path, *, external_data: bool) -> None:
 
     def write(tmp: Path) -> None:
         if external_data:
-            # A fresh folder: onnx appends to an existing data file, which must never be ours
-            # to append to (it could be the input's). The tensors are marked here rather than by
-            # save_as_external_data, which refuses when a file of that name exists relative to the
-            # current directory (so --force failed when run from the output's folder).
-            for tensor in _initializers(model.graph):
-                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
-                    set_external_data(tensor, external_data_name(path))
-            onnx.save_model(model, str(tmp / path.name))
+            # A fresh folder: the data file is written whole here, never appended to (it could be
+            # the input's). Tensors still in the input's file are copied across a chunk at a time.
+            _write_external(model, tmp / external_data_name(path))
+            (tmp / path.name).write_bytes(model.SerializeToString())
         else:
+            if any(is_lazy(t) for t in iter_tensors(model)):
+                raise ValueError("save_model: tensors left in their file need external_data=True")
             (tmp / path.name).write_bytes(model.SerializeToString())
 
     atomic_write(path, write)
+
+
+# the data file's offsets of large tensors are multiples of this (memory-mapping readers)
+ALIGNMENT = 4096
+
+
+def _write_external(model: ModelProto, data_file: Path) -> None:
+    """Move the bytes of every initializer of 1 KiB or more, and of every tensor left in its
+    input file, to `data_file`, pointing the tensors at it."""
+    with open(data_file, "wb") as out:
+        for tensor in _initializers(model.graph):
+            if is_lazy(tensor) or (tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024):
+                _append(out, tensor, data_file.name)
+        for tensor in iter_tensors(model):  # Constant nodes' values left in the input's file
+            if is_lazy(tensor) and Path(_region(tensor)[0]).is_absolute():
+                _append(out, tensor, data_file.name)
+
+
+def _append(out: BinaryIO, tensor: TensorProto, name: str) -> None:
+    offset = out.tell()
+    if offset % ALIGNMENT:
+        offset += ALIGNMENT - offset % ALIGNMENT
+        out.seek(offset)
+    if is_lazy(tensor):
+        location, start, length = _region(tensor)
+        with open(location, "rb") as source:
+            source.seek(start)
+            for done in range(0, length, 1 << 26):
+                out.write(source.read(min(1 << 26, length - done)))
+    else:
+        length = len(tensor.raw_data)
+        out.write(tensor.raw_data)
+        tensor.ClearField("raw_data")
+    _point_to(tensor, name, offset, length)
 
 
 def _initializers(graph: GraphProto) -> Iterator[TensorProto]:

@@ -511,12 +511,12 @@ def test_failure_at_any_point_of_saving_leaves_the_previous_output_and_no_tempor
     def failing_fsync(path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def failing_write(proto, target_path, **kwargs):
-        Path(target_path).write_bytes(b"partial")
+    def failing_write(proto, data_path):
+        Path(data_path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if point == "write":
-        monkeypatch.setattr(onnx, "save_model", failing_write)
+        monkeypatch.setattr(onnx_io, "_write_external", failing_write)
     elif point == "fsync":
         monkeypatch.setattr(onnx_io, "_fsync", failing_fsync)
     else:

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from onnxprune.bridge.bindings import find_prunable, write_back
 from onnxprune.errors import InvalidModelError, UsageError, WriteError
-from onnxprune.onnx_io import atomic_write, load_model, save_model
+from onnxprune.onnx_io import atomic_write, is_lazy, load_model, save_model, tensor_values
 
 from builders import mlp, ort_run, randn
 
@@ -122,6 +122,34 @@ def test_save_with_external_data_round_trips(tmp_path):
     x = randn(3, 32)
     np.testing.assert_array_equal(ort_run(loaded.proto, {"x": x})[0], ort_run(mlp(hidden=64, inputs=32), {"x": x})[0])
     np.testing.assert_array_equal(ort_run(tmp_path / "out.onnx", {"x": x})[0], ort_run(loaded.proto, {"x": x})[0])
+
+
+def test_large_external_tensors_stay_in_their_file_until_read_and_are_copied_when_saved(tmp_path, monkeypatch):
+    """Tensors of external data from LAZY_BYTES up are read when used (the proto never holds a
+    large model's weights); saved, their bytes are copied into the output's own data file."""
+    import onnxprune.onnx_io as onnx_io
+
+    monkeypatch.setattr(onnx_io, "LAZY_BYTES", 4 * 16 * 4)  # w2 (4x16 float32) and up: both weights
+    path, folder = _external(tmp_path)
+    loaded = load_model(path)
+    expected = {t.name: numpy_helper.to_array(t) for t in mlp().graph.initializer}
+    lazy = {t.name for t in loaded.proto.graph.initializer if is_lazy(t)}
+    assert lazy == {"w1", "w2"}
+    for t in loaded.proto.graph.initializer:
+        assert np.array_equal(tensor_values(t), expected[t.name])
+        assert is_lazy(t) or not t.external_data  # small ones are in memory
+    new = np.full((16, 8), 0.5, np.float32)
+    out = write_back(loaded.proto, {"w1": new})
+    save_model(out, tmp_path / "out.onnx", external_data=True)
+    (folder / "weights.bin").unlink()  # the output must not read the input's data
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    arrays = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert np.array_equal(arrays["w1"], new)
+    assert all(np.array_equal(arrays[n], expected[n]) for n in expected if n != "w1")
+    x = randn(3, 8)
+    reference = mlp()
+    reference.graph.initializer[0].CopyFrom(numpy_helper.from_array(new, "w1"))
+    np.testing.assert_allclose(ort_run(tmp_path / "out.onnx", {"x": x})[0], ort_run(reference, {"x": x})[0], rtol=1e-6)
 
 
 def test_write_back_keeps_everything_but_the_replaced_tensor():

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
-from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
+
+from ..onnx_io import tensor_values
 
 # Inputs that carry weights, per operator. Gemm/MatMul: whichever operand is constant.
 WEIGHT_INPUTS: dict[str, frozenset[int]] = {
@@ -207,6 +209,8 @@ def write_back(model: ModelProto, arrays: Mapping[str, np.ndarray]) -> ModelProt
             raise ValueError(f"write_back: {name!r} has shape {shape}, got {array.shape}")
         # Replace only the payload, so the tensor's other fields (doc, metadata) stay as they were.
         _clear_payload(tensor)
+        tensor.data_location = TensorProto.DEFAULT  # a tensor left in the input's file (onnx_io.LAZY_BYTES)
+        del tensor.external_data[:]
         # raw_data is little-endian; one bytes copy of the values (a large tensor is not staged
         # through a second TensorProto)
         values = np.ascontiguousarray(array, dtype=dtype)
@@ -236,5 +240,5 @@ def read_tensor(model: ModelProto, name: str) -> np.ndarray:
     """The value of the initializer or Constant called `name`, wherever it is in the model."""
     for found, tensor in named_tensors(model):
         if found == name:
-            return numpy_helper.to_array(tensor)
+            return tensor_values(tensor)
     raise KeyError(f"no initializer or Constant named {name!r}")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from onnx import ModelProto, numpy_helper
+from onnx import ModelProto
 from torch import fx, nn
 
 with warnings.catch_warnings():
@@ -32,6 +32,7 @@ with warnings.catch_warnings():
     from onnx2torch.utils.common import OperationConverterResult
 
 from ..errors import InvalidModelError, UnsupportedOperatorError
+from ..onnx_io import tensor_values
 from .bindings import PrunableTensor, find_prunable
 from .converters import OVERRIDES
 from .preprocess import Prepared, infer_shapes, preprocess
@@ -170,7 +171,7 @@ class _Values:
             self.nodes[name] = self.fx_graph.call_function(select_output, args=self.pending.pop(name))
             return self.nodes[name]
         if self.graph.value_type(name) == ValueType.GRAPH_INITIALIZER:
-            tensor = torch.from_numpy(numpy_helper.to_array(self.graph.initializers[name].proto).copy())
+            tensor = torch.from_numpy(tensor_values(self.graph.initializers[name].proto).copy())
             attr = f"t{len(self.tensor_slots)}"
             if tensor.is_floating_point():
                 self.store.register_parameter(attr, nn.Parameter(tensor, requires_grad=False))
