@@ -53,8 +53,10 @@ def conv_patches(
 
 
 def wanda_scores(weight: Tensor, column_norms: Tensor) -> Tensor:
-    """|W_ij| · ‖X_j‖ for W [rows, cols] and the input columns' norms [cols]."""
-    return weight.abs().to(torch.float64) * column_norms.to(torch.float64)
+    """|W_ij| · ‖X_j‖ for W [rows, cols] and the input columns' norms [cols], in float32 (the
+    scores of every tensor are held together until the masks are chosen: float64 would double a
+    large model's peak for no change in order beyond ties within float32's rounding)."""
+    return weight.abs().to(torch.float32) * column_norms.to(torch.float32)
 
 
 def damped(hessian: Tensor, damp: float) -> tuple[Tensor, float]:

@@ -145,11 +145,14 @@ class Pruner:
     def step(self, sparsity: float, label: str, *, last: bool) -> StepRecord:
         """Prune to `sparsity` with fresh statistics at the current weights (one recomputation);
         `last`: the schedule's final step (where an N:M pattern is complete)."""
-        return self.apply(self.score(label), sparsity, last=last)
+        return self.apply(self.score(label, select_at=sparsity), sparsity, last=last)
 
-    def score(self, label: str) -> Scored:
+    def score(self, label: str, select_at: float | None = None) -> Scored:
         """Statistics and saliencies at the current weights and masks. One `Scored` serves any
-        number of `apply` calls from these same weights (a sweep over sparsities)."""
+        number of `apply` calls from these same weights (a sweep over sparsities); with
+        `select_at`, one `apply` at that sparsity, and where the allocation chooses each
+        tensor's mask from its own scores, they are chosen as the tensors are scored and the
+        scores dropped."""
         number = len(self.records) + 1
         source = self.sources(number) if self.sources is not None else None
         key = self._reuse_key(number, source)
@@ -160,7 +163,10 @@ class Pruner:
             return replace(shared, number=number, label=label, source=source, keep=list(self.keep))
         if self.cache is not None:
             self.cache.clear()  # one set of statistics at a time: the old entry goes before the new is built
-        scored = self._score(Scored(number, label, source, list(self.keep)))
+        scored = Scored(number, label, source, list(self.keep))
+        if select_at is not None and self.reuse != "offer" and self.pattern is None and not self.structured:
+            scored.selected_at = select_at
+        scored = self._score(scored)
         if self.reuse == "offer" and self.cache is not None and key is not None:
             scored.shared = key
             self.cache.put(key, scored)
@@ -201,7 +207,13 @@ class Pruner:
                         "infinite values; nothing was written"
                     )
                 # already-pruned entries sort below every saliency (all are >= 0)
-                scored.scores[i] = torch.where(self.keep[i], s, -1.0)
+                s = torch.where(self.keep[i], s, -1.0)
+                mask = None if scored.selected_at is None else self.allocator.tensor_mask(s, scored.selected_at)
+                if mask is None:
+                    scored.scores[i] = s
+                else:
+                    scored.selected[i] = mask
+                del s
                 if self.channels is not None:
                     self._score_classes(scored, i, stats[i])
                 if (self.plan is None or self.plan.keep_statistics) and keep_for_update:
@@ -267,10 +279,17 @@ class Pruner:
         pattern = (self.pattern.n, self.pattern.m) if self.pattern is not None and last else None
         if self.pattern is not None:
             chosen = self.pattern.masks(self, scored, sparsity, timer, last)
+        elif scored.selected:
+            if scored.selected_at != sparsity:
+                raise ValueError(f"the masks were chosen for sparsity {scored.selected_at} while scoring; score again")
+            chosen = scored.selected
         else:
             chosen = self.allocator.masks(self, scored, sparsity, timer)
         previous = scored.keep  # the masks the statistics were collected with
-        self.keep = [chosen[i].to(previous[i].device) & previous[i] for i in range(len(self.views))]
+        if chosen is scored.selected:  # masks of this step alone: narrowed in place, not copied
+            self.keep = [chosen[i].logical_and_(previous[i]) for i in range(len(self.views))]
+        else:
+            self.keep = [chosen[i].to(previous[i].device) & previous[i] for i in range(len(self.views))]
 
         def forced(i: int) -> Tensor:
             """Entries the estimator must prune: those pruned before, or, at a step below an N:M

@@ -50,6 +50,10 @@ class Scored:
     timer: dict[str, float] = field(default_factory=lambda: {"gradients": 0.0, "estimator": 0.0})
     collections: int = 0
     shared: str | None = None  # the reuse key, where these statistics are shared (reuse.py)
+    # where each mask was chosen as its tensor was scored (Allocator.tensor_mask): the masks at
+    # that sparsity, by tensor; their scores are not kept
+    selected: dict[int, Tensor] = field(default_factory=dict)
+    selected_at: float | None = None
 
 
 Source = GradientSource | ActivationSource | None

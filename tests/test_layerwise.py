@@ -158,7 +158,7 @@ def test_wanda_scores_by_hand():
     stats = InputStatistics(2, full=False)
     stats.update(x[:1].unsqueeze(0))
     stats.update(x[1:].unsqueeze(0))
-    expected = torch.tensor([[math.sqrt(2), 4.0], [3 * math.sqrt(2), 1.0]])
+    expected = torch.tensor([[math.sqrt(2), 4.0], [3 * math.sqrt(2), 1.0]], dtype=torch.float32)
     torch.testing.assert_close(wanda_scores(w, stats.column_norms()[0]), expected)
 
 

@@ -220,3 +220,36 @@ def test_woodfisher_beats_magnitude_on_the_shipped_mnist_cnn_at_90_percent(tmp_p
         dense = report.validation.accuracy_before
     assert accuracy["woodfisher"] >= accuracy["magnitude"] + 0.01, accuracy
     assert accuracy["woodfisher"] <= dense
+
+
+def test_layer_allocation_chooses_each_mask_while_scoring_and_keeps_no_scores():
+    """Per-layer masks are chosen as each tensor is scored (a large model never holds every
+    tensor's float scores): the same masks and weights as choosing them from all the scores."""
+    from onnxprune.oneshot import Pruner
+
+    results = {}
+    for mode in ("step", "score then apply"):
+        m = mlp_model()
+        tm = convert(m)
+        data = Dataset({"x": randn(40, 6, seed=4)}, None, "calib")
+        source = GradientSource(
+            tm, data, input_specs(m), FisherLoss(0, "logits", "logits", "sampled"), 32, 2, 0, torch.device("cpu")
+        )
+        estimator = ESTIMATORS.get("woodfisher")(PruneConfig(input="i", output="o", sparsity=0.6, block_size=8))
+        with Pruner(tm, tm.prunable, estimator, "layer", lambda step, s=source: s, 2**30, Progress(False)) as pruner:
+            if mode == "step":
+                scored = pruner.score("s", select_at=0.6)
+                assert scored.scores == {} and sorted(scored.selected) == [0, 1]
+                with pytest.raises(ValueError, match="score again"):
+                    pruner.apply(scored, 0.5, last=True)
+                pruner.apply(scored, 0.6, last=True)
+            else:
+                scored = pruner.score("s")
+                assert sorted(scored.scores) == [0, 1] and scored.selected == {}
+                pruner.apply(scored, 0.6, last=True)
+            results[mode] = (pruner.masks(), pruner.arrays())
+    (masks, arrays), (masks_ref, arrays_ref) = results["step"], results["score then apply"]
+    for name, mask in masks.items():
+        assert torch.equal(mask, masks_ref[name])
+        assert int((~mask).sum()) == prune_count(mask.numel(), 0.6)
+        np.testing.assert_array_equal(arrays[name], arrays_ref[name])

@@ -30,6 +30,13 @@ class Allocator(ABC):
     # Whether the statistics are kept for the masks (not only for the update).
     reads_statistics: ClassVar[bool] = False
 
+    def tensor_mask(self, scores: Tensor, sparsity: float) -> Tensor | None:
+        """The keep-mask of one tensor from its scores alone, where this allocation looks at one
+        tensor at a time (None: it needs every tensor's scores). The pruner then chooses each
+        mask as soon as the tensor is scored and never holds all the scores (a large model's
+        float scores would otherwise take as much memory as its weights)."""
+        return None
+
     @abstractmethod
     def masks(self, pruner: Pruner, scored: Scored, sparsity: float, timer: dict[str, float]) -> dict[int, Tensor]:
         """Keep-masks by tensor index, `sparsity` of all entries pruned (those pruned before stay

@@ -32,6 +32,9 @@ class Layer(Allocator):
     def masks(self, pruner, scored, sparsity, timer) -> dict[int, Tensor]:
         return layer_masks(scored.scores, sparsity)
 
+    def tensor_mask(self, scores: Tensor, sparsity: float) -> Tensor:
+        return layer_masks({0: scores}, sparsity)[0]
+
 
 @register
 class Magnitude(Allocator):
