@@ -36,7 +36,7 @@ def plan(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | No
     phases = schedule_phases(config)
     estimator = make_estimator(config)
     memory = None
-    if estimator.needs_gradients and config.method != METHOD_AUTO:
+    if config.method != METHOD_AUTO:
         views = [TensorView(t, torch_model.tensors[t.name]) for t in targets]
         weights = sum(t.numel() * t.element_size() for t in torch_model.tensors.values())
         memory = _memory_estimate(config, views, estimator, len(phases), weights)
@@ -74,8 +74,21 @@ def _memory_estimate(
     budget = memory_budget(config)
     disk_free = shutil.disk_usage(config.output.parent if str(config.output.parent) else ".").free
     # the rest of the process: what is resident now (model, data, torch, the converted model),
-    # and an onnxruntime session of the model, which the run keeps for the reference outputs
-    process = resident_bytes() + model_bytes
+    # and an onnxruntime session of the model (the reference outputs, then the written model's
+    # validation and timing, one session at a time for a large model)
+    # the keep-masks and one step's chosen masks (bool, one byte per prunable weight each), held
+    # while pruning, before any onnxruntime session of the written model
+    masks = 2 * sum(v.numel for v in views)
+    process = resident_bytes() + max(model_bytes, masks)
+    if not estimator.needs_gradients:
+        # layer inputs' sums (all layers' at once while scoring), or nothing for magnitude
+        needs = [estimator.memory(v.shape, config.num_grads) for v in views]
+        statistics, kept = sum(n.peak for n in needs), sum(n.kept for n in needs)
+        return MemoryEstimate(
+            statistics, budget, 1, "memory" if statistics else "none", 0, True, None,
+            kept_bytes=kept, building_bytes=statistics - kept, process_bytes=process,
+            total_bytes=process + statistics,
+        )  # fmt: skip
     try:
         chosen = plan_statistics(views, estimator, config.num_grads, budget, disk_free)
     except MemoryBudgetError as exc:
@@ -119,8 +132,17 @@ def format_dry_run(plan: DryRun, max_rows: int = 30) -> str:
         steps = "sparsity " + " -> ".join(f"{x:.3f}" for x in plan.schedule)
     lines.append(f"schedule: {steps}" + (f", {plan.finetune_steps} fine-tuning steps" if plan.finetune_steps else ""))
     m = plan.memory
-    if m is None:
-        lines.append("memory: the estimator keeps no statistics")
+    if m is not None and not m.gradient_collections and m.fits:
+        statistics = (
+            f"statistics {size_text(m.estimate_bytes)} (layer inputs' sums)" if m.estimate_bytes else "no statistics"
+        )
+        lines.append(
+            f"memory: {statistics}, the rest of the process about "
+            f"{size_text(m.process_bytes)} (the model in torch and in onnxruntime, the masks): peak about "
+            f"{size_text(m.total_bytes)}"
+        )
+    elif m is None:
+        lines.append("memory: chosen with the method (--method auto)")
     else:
         lines.append(
             f"memory for the statistics: about {size_text(m.estimate_bytes)} of {size_text(m.budget_bytes)} allowed; "

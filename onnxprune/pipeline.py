@@ -42,7 +42,7 @@ from .job import (
     statistics_source,
     trace_structure,
 )
-from .memory import peak_bytes
+from .memory import LARGE_MODEL_BYTES, peak_bytes, release_freed_memory, return_large_allocations
 from .oneshot import OneShotResult
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, atomic_write_bytes, save_model, tensor_bytes
 from .progress import Progress, progress_enabled
@@ -91,6 +91,7 @@ def prune(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | N
         with timed(timings, "prune"):
             resolved = resolve(config, job)
             pruned = prune_weights(resolved, job)
+        release_freed_memory()  # the scores and masks: the model is written and run next
         timings["finetune"] = round(pruned.tuning_seconds, 4)
         report = None
         if distributed.is_writer():
@@ -166,6 +167,8 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
     with timed(timings, "convert"):
         log.info("converting to torch")
         torch_model = convert(model.proto)
+        if sum(t.numel() * t.element_size() for t in torch_model.tensors.values()) >= LARGE_MODEL_BYTES:
+            return_large_allocations()
         torch_model.module.to(device)
         conversion = check_conversion(
             torch_model, evaluation, specs, reference, config.conversion_check_samples, config.eval_batch_size, device
@@ -185,6 +188,7 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
     latency = latency_table(config, model.proto, evaluation, specs, channels)
     # the targets' values now live in the torch model, and every write-back replaces them
     release_payloads(model.proto, [t.name for t in targets])
+    release_freed_memory()
     return Job(
         model=model,
         input_info=input_info,

@@ -18,9 +18,10 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnx import ModelProto, numpy_helper
+from onnx import ModelProto
 
 from .bridge.bindings import named_tensors
+from .onnx_io import tensor_values
 from .sessions import cpu_session
 from .shapes import observed_shapes, static_shapes
 
@@ -78,7 +79,12 @@ def measure_speed(
     """Latency of both files on `feeds` (`runs` timed runs each, interleaved), and their sizes,
     parameters and layer FLOPs."""
     threads = threads or available_cores()
-    seconds = time_sessions([cpu_session(p, threads) for p in (original, output)], feeds, runs) if runs > 0 else []
+    seconds: list[list[float]] = []
+    if runs > 0 and max(_model_bytes(original), _model_bytes(output)) <= INTERLEAVE_MAX_BYTES:
+        seconds = time_sessions([cpu_session(p, threads) for p in (original, output)], feeds, runs)
+    elif runs > 0:
+        # one session at a time: each holds its own copy of the weights, beside the run's own
+        seconds = [time_sessions([cpu_session(p, threads)], feeds, runs)[0] for p in (original, output)]
     latencies = [latency_of(s) for s in seconds] if seconds else [None, None]
     before, after = (footprint(path, feeds, latency) for path, latency in zip((original, output), latencies))
     speedup = 1.0 / paired_ratio(seconds[0], seconds[1]) if seconds else None
@@ -92,6 +98,17 @@ def measure_speed(
         output=after,
         speedup=speedup,
     )
+
+
+# Models of more bytes than this are timed one after the other rather than interleaved, so that
+# two onnxruntime copies of a large model's weights are never held at once.
+INTERLEAVE_MAX_BYTES = 1 << 30
+
+
+def _model_bytes(path: Path) -> int:
+    """The file's bytes and its external data's."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return sum(f.stat().st_size for f in [path, *_external_files(proto, path)] if f.exists())
 
 
 def available_cores() -> int:
@@ -132,9 +149,16 @@ def latency_of(seconds: Sequence[float]) -> Latency:
 
 def footprint(path: Path, feeds: dict[str, np.ndarray], latency: Latency | None) -> Footprint:
     """Parameters, layer FLOPs at the feeds' shapes and file sizes of the model at `path`."""
-    proto = onnx.load(str(path))
+    # its external data is read a tensor at a time, not all loaded: the run still holds the
+    # pruned weights, and a second full copy would set a large model's peak here
+    proto = onnx.load(str(path), load_external_data=False)
+    parameters = nonzero = 0
     # initializers and Constant-node values (PaddlePaddle keeps its weights in Constant nodes)
-    arrays = [numpy_helper.to_array(t) for _, t in named_tensors(proto)]
+    for _, tensor in named_tensors(proto):
+        values = tensor_values(tensor, path.parent)
+        parameters += values.size
+        nonzero += int(np.count_nonzero(values))
+        del values
     files = [path, *_external_files(proto, path)]
     compressor = zlib.compressobj(6)
     compressed = 0
@@ -144,8 +168,8 @@ def footprint(path: Path, feeds: dict[str, np.ndarray], latency: Latency | None)
                 compressed += len(compressor.compress(chunk))
     compressed += len(compressor.flush())
     return Footprint(
-        parameters=sum(a.size for a in arrays),
-        nonzero_parameters=sum(int(np.count_nonzero(a)) for a in arrays),
+        parameters=parameters,
+        nonzero_parameters=nonzero,
         layer_flops=layer_flops(proto, feeds),
         file_bytes=sum(f.stat().st_size for f in files),
         compressed_bytes=compressed,
