@@ -277,19 +277,8 @@ class Pruner:
         timer = dict(scored.timer)
         collections = scored.collections
         pattern = (self.pattern.n, self.pattern.m) if self.pattern is not None and last else None
-        if self.pattern is not None:
-            chosen = self.pattern.masks(self, scored, sparsity, timer, last)
-        elif scored.selected:
-            if scored.selected_at != sparsity:
-                raise ValueError(f"the masks were chosen for sparsity {scored.selected_at} while scoring; score again")
-            chosen = scored.selected
-        else:
-            chosen = self.allocator.masks(self, scored, sparsity, timer)
         previous = scored.keep  # the masks the statistics were collected with
-        if chosen is scored.selected:  # masks of this step alone: narrowed in place, not copied
-            self.keep = [chosen[i].logical_and_(previous[i]) for i in range(len(self.views))]
-        else:
-            self.keep = [chosen[i].to(previous[i].device) & previous[i] for i in range(len(self.views))]
+        self.keep = self._chosen(scored, sparsity, timer, last)
 
         def forced(i: int) -> Tensor:
             """Entries the estimator must prune: those pruned before, or, at a step below an N:M
@@ -335,6 +324,21 @@ class Pruner:
         record = StepRecord(scored.number, sparsity, timer["gradients"], timer["estimator"], collections)
         self.records.append(record)
         return record
+
+    def _chosen(self, scored: Scored, sparsity: float, timer: dict[str, float], last: bool) -> list[Tensor]:
+        """The step's keep-masks: the allocation's (or the pattern's, or those chosen while
+        scoring) within the masks the statistics were collected with."""
+        previous = scored.keep
+        if scored.selected and self.pattern is None:
+            if scored.selected_at != sparsity:
+                raise ValueError(f"the masks were chosen for sparsity {scored.selected_at} while scoring; score again")
+            # masks of this step alone: narrowed in place, not copied
+            return [scored.selected[i].logical_and_(previous[i]) for i in range(len(self.views))]
+        if self.pattern is not None:
+            chosen = self.pattern.masks(self, scored, sparsity, timer, last)
+        else:
+            chosen = self.allocator.masks(self, scored, sparsity, timer)
+        return [chosen[i].to(previous[i].device) & previous[i] for i in range(len(self.views))]
 
     @property
     def updates_at_once(self) -> bool:
