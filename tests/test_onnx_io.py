@@ -164,6 +164,7 @@ def test_write_back_keeps_everything_but_the_replaced_tensor():
     assert list(out.graph.node) == list(m.graph.node)
     assert out.metadata_props[0].value == "someone" and out.doc_string == "a model"
     assert out.graph.initializer[0].doc_string == "first layer"
+    assert not out.graph.initializer[0].HasField("data_location")  # not set to its default: same bytes
     assert np.array_equal(numpy_helper.to_array(out.graph.initializer[0]), new)
     for before, after in zip(m.graph.initializer[1:], out.graph.initializer[1:]):
         assert before == after

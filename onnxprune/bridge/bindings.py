@@ -209,8 +209,9 @@ def write_back(model: ModelProto, arrays: Mapping[str, np.ndarray]) -> ModelProt
             raise ValueError(f"write_back: {name!r} has shape {shape}, got {array.shape}")
         # Replace only the payload, so the tensor's other fields (doc, metadata) stay as they were.
         _clear_payload(tensor)
-        tensor.data_location = TensorProto.DEFAULT  # a tensor left in the input's file (onnx_io.LAZY_BYTES)
-        del tensor.external_data[:]
+        if tensor.data_location == TensorProto.EXTERNAL:  # left in the input's file (onnx_io.LAZY_BYTES)
+            tensor.ClearField("data_location")  # cleared, not set to DEFAULT: the bytes stay as before
+            del tensor.external_data[:]
         # raw_data is little-endian; one bytes copy of the values (a large tensor is not staged
         # through a second TensorProto)
         values = np.ascontiguousarray(array, dtype=dtype)
