@@ -173,12 +173,17 @@ def _load_external_data(regions: list[tuple[TensorProto, Path, int, int | None]]
             if end - offset >= LAZY_BYTES:
                 _point_to(tensor, file_path.resolve(), offset, end - offset)
             else:
-                handle.seek(offset)
-                tensor.raw_data = handle.read(end - offset)
-                tensor.data_location = TensorProto.DEFAULT
-                del tensor.external_data[:]
+                _read_into(tensor, handle, offset, end - offset)
         used.add(file_path)
     return used
+
+
+def _read_into(tensor: TensorProto, handle: BinaryIO, offset: int, length: int) -> None:
+    """The region's bytes as the tensor's own, no longer external."""
+    handle.seek(offset)
+    tensor.raw_data = handle.read(length)
+    tensor.data_location = TensorProto.DEFAULT
+    del tensor.external_data[:]
 
 
 def _point_to(tensor: TensorProto, location: Path | str, offset: int, length: int) -> None:
@@ -246,10 +251,7 @@ def load_payloads(model: ModelProto) -> None:
         if is_lazy(tensor):
             location, offset, length = _region(tensor)
             with open(location, "rb") as handle:
-                handle.seek(offset)
-                tensor.raw_data = handle.read(length)
-            tensor.data_location = TensorProto.DEFAULT
-            del tensor.external_data[:]
+                _read_into(tensor, handle, offset, length)
 
 
 # ----------------------------------------------------------------------------------- saving
@@ -327,7 +329,7 @@ def _write_external(model: ModelProto, data_file: Path) -> None:
             if is_lazy(tensor) or (tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024):
                 _append(out, tensor, data_file.name)
         for tensor in iter_tensors(model):  # Constant nodes' values left in the input's file
-            if is_lazy(tensor) and Path(_region(tensor)[0]).is_absolute():
+            if is_lazy(tensor) and _region(tensor)[0].is_absolute():
                 _append(out, tensor, data_file.name)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -145,3 +146,12 @@ def attention_block(ffn: bool = False, batch: int | str = 1) -> onnx.ModelProto:
         del inits["w1"], inits["w2"]
     out_width = 4 if ffn else d_model
     return model(nodes, [tensor("x", [batch, 4, d_model])], [tensor("out", [batch, 4, out_width])], inits)
+
+
+def sha256_of(path: Path) -> str:
+    """The file's digest, read in chunks (a 2.5 GiB file is not held in the test's memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()

@@ -29,7 +29,7 @@ from onnxprune.data import read_npz
 from onnxprune.errors import CalibrationDataError, WriteError
 from onnxprune.gradients import GradientSource
 
-from builders import model, randn, save, save_npz, tensor
+from builders import model, randn, save, save_npz, sha256_of, tensor
 
 DOCUMENTED = {0, 2, 3, 4, 5, 6, 7, 8, 9}
 FUZZ_RUNS = int(os.environ.get("ONNXPRUNE_FUZZ_RUNS", "200"))
@@ -554,15 +554,6 @@ def test_non_finite_gradients_are_exit_7_naming_the_tensor(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------------------ beyond protobuf's 2 GiB
-
-
-def sha256_of(path: Path) -> str:
-    """The file's digest, read in chunks (a 2.5 GiB file is not held in the test's memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @pytest.mark.slow

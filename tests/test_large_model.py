@@ -3,7 +3,6 @@ dry run predicts (issue 18). Slow: it writes 4 GiB, prunes it and writes 4 GiB a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from builders import save_npz
+from builders import save_npz, sha256_of
 
 WIDTH, LAYERS = 4096, 60  # 60 × 4096² = 1,006,632,960 weights, 3.75 GiB in float32
 
@@ -54,14 +53,6 @@ def chain_with_external_data(folder: Path, width: int, layers: int) -> Path:
     path = folder / "chain.onnx"
     path.write_bytes(model.SerializeToString())
     return path
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def onnxprune(*args: str) -> subprocess.CompletedProcess:

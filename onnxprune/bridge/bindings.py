@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
-from ..onnx_io import tensor_values
+from ..onnx_io import is_lazy, tensor_values
 
 # Inputs that carry weights, per operator. Gemm/MatMul: whichever operand is constant.
 WEIGHT_INPUTS: dict[str, frozenset[int]] = {
@@ -209,7 +209,7 @@ def write_back(model: ModelProto, arrays: Mapping[str, np.ndarray]) -> ModelProt
             raise ValueError(f"write_back: {name!r} has shape {shape}, got {array.shape}")
         # Replace only the payload, so the tensor's other fields (doc, metadata) stay as they were.
         _clear_payload(tensor)
-        if tensor.data_location == TensorProto.EXTERNAL:  # left in the input's file (onnx_io.LAZY_BYTES)
+        if is_lazy(tensor):  # left in the input's file (onnx_io.LAZY_BYTES)
             tensor.ClearField("data_location")  # cleared, not set to DEFAULT: the bytes stay as before
             del tensor.external_data[:]
         # raw_data is little-endian; one bytes copy of the values (a large tensor is not staged
