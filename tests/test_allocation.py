@@ -4,6 +4,7 @@ end) and automatic damping."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -12,9 +13,12 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnxprune import PruneConfig, prune
+from onnxprune.activations import ActivationSource
 from onnxprune.allocation import choose_sparsities, exact_counts
+from onnxprune.data import split
 from onnxprune.estimators.base import DAMP_GRID, DEFAULT_DAMP
 from onnxprune.gradients import GradientSource
+from onnxprune.job import search_split, search_statistics
 from onnxprune.masks import prune_count
 from onnxprune.pipeline import prepare
 from onnxprune.report import format_human
@@ -115,13 +119,23 @@ def test_auto_damping_picks_the_grid_value_with_the_smallest_held_out_loss_and_l
     assert report.validation.accuracy_after == given.validation.accuracy_after
 
 
-def test_auto_damping_is_skipped_for_large_models(tmp_path):
-    config = cnn_config(tmp_path, "large")
+def test_auto_damping_stops_after_its_first_trial_when_the_rest_would_take_too_long(tmp_path):
+    config = cnn_config(tmp_path, "costly", allocation="global", damp_search_seconds=0.001)
     job = prepare(config, torch.device("cpu"), {})
-    chosen, search = resolve_damping(config, job, max_params=1000)  # the CNN has more prunable weights
+    chosen, search = resolve_damping(config, job)
     assert not search["searched"] and search["chosen"] == DEFAULT_DAMP == chosen.damp
-    chosen, search = resolve_damping(config, job, max_params=10**9)
-    assert search["searched"] and chosen.damp == search["chosen"] in DAMP_GRID
+    assert search["grid"] == [DEFAULT_DAMP] and len(search["losses"]) == 1 and search["allocation"] == "global"
+    assert search["estimated_seconds"] > 0.001 and "--damp-search-seconds 0.001" in search["why"]
+    # the trial it ran is the run's: the run equals one at the default damping given
+    report = prune(config)
+    assert report.fisher.estimator["damp_search"]["losses"] == search["losses"]
+    prune(cnn_config(tmp_path, "given", allocation="global", damp=DEFAULT_DAMP))
+    first, second = weights(tmp_path / "costly.onnx"), weights(tmp_path / "given.onnx")
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    # given time for the other five trials, it searches the whole grid
+    chosen, search = resolve_damping(replace(config, damp_search_seconds=10**6), job, {DEFAULT_DAMP: 0.5}, 1.0)
+    assert search["searched"] and search["grid"] == list(DAMP_GRID) and chosen.damp == search["chosen"]
+    assert search["losses"][DAMP_GRID.index(DEFAULT_DAMP)] == 0.5  # a known loss is not measured again
 
 
 # ------------------------------------------------------------------------------ automatic allocation
@@ -211,6 +225,58 @@ def test_allocation_trials_and_the_run_share_one_set_of_statistics(tmp_path, mon
     monkeypatch.setattr(ScoreCache, "get", lambda self, key: None)
     fresh = prune(PruneConfig(output=tmp_path / "fresh.onnx", **settings))
     assert len(collections) == len(search["candidates"]) + 1
-    assert fresh.pruning.allocation_search == search
+    timed = ("seconds",)
+    assert {k: v for k, v in fresh.pruning.allocation_search.items() if k not in timed} == {
+        k: v for k, v in search.items() if k not in timed
+    }
     first, second = weights(tmp_path / "shared.onnx"), weights(tmp_path / "fresh.onnx")
     assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+def _rows(dataset, of) -> set[int]:
+    """Indices into `of` of the samples in `dataset` (the test data's rows are distinct floats)."""
+    index = {row.tobytes(): i for i, row in enumerate(of.arrays["x"])}
+    return {index[row.tobytes()] for row in dataset.arrays["x"]}
+
+
+def test_the_searches_hold_out_samples_the_statistics_never_draw(tmp_path):
+    path, calib, evaluation = rescaled_mlp(tmp_path)
+    config = PruneConfig(input=path, output=tmp_path / "o.onnx", sparsity=0.5, method="woodfisher", num_grads=96,
+                         fisher_batch=2, calibration=calib, evaluation=evaluation, progress="off")  # fmt: skip
+    job = prepare(config, torch.device("cpu"), {})
+    data = job.calibration_data
+    fit, held = search_split(config, data)
+    assert len(data) == 300 and len(held) == 75 and _rows(fit, data) == set(range(300)) - _rows(held, data)
+    gradients = GradientSource(job.torch_model, data, job.specs, None, 96, 2, config.seed, torch.device("cpu"))
+    activations = ActivationSource(job.torch_model, data, job.specs, job.targets, 96, 32, config.seed, "cpu")
+    drawn = set(gradients.indices.ravel().tolist())
+    assert len(drawn) == 192 and not drawn & _rows(held, data)
+    assert _rows(activations.samples, data) <= drawn
+    # so the trials draw from every sample, as the run without a search does
+    assert search_statistics(config, data) is data
+    # without room for both (300 − 256 × 2 drawn < 75), and with --search-holdout quarter: a random
+    # quarter, the statistics drawn from the rest
+    for crowded in (replace(config, num_grads=256), replace(config, search_holdout="quarter")):
+        fit, held = search_split(crowded, data)
+        old_fit, old_held = split(data, 75 / 300, config.seed + 3)
+        assert _rows(held, data) == _rows(old_held, data) and _rows(fit, data) == _rows(old_fit, data)
+        assert _rows(search_statistics(crowded, data), data) == _rows(fit, data)
+
+
+def test_a_run_that_keeps_the_searched_allocation_equals_that_allocation_given(tmp_path):
+    # the trials prune with the run's own statistics, so choosing costs nothing in quality
+    path, calib, evaluation = rescaled_mlp(tmp_path)
+    settings = dict(input=path, sparsity=0.5, method="woodfisher", damp=1e-3, num_grads=32, block_size=8,
+                    calibration=calib, evaluation=evaluation, progress="off")  # fmt: skip
+    auto = prune(PruneConfig(output=tmp_path / "auto.onnx", **settings))
+    chosen = auto.pruning.allocation_search["chosen"]
+    given = prune(PruneConfig(output=tmp_path / "given.onnx", **{**settings, "allocation": chosen}))
+    first, second = weights(tmp_path / "auto.onnx"), weights(tmp_path / "given.onnx")
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    assert auto.validation.accuracy_after == given.validation.accuracy_after
+    # with the held-out quarter the trials (and so the run) drew other samples than the given run
+    # its allocation given
+    quarter = prune(PruneConfig(output=tmp_path / "quarter.onnx", search_holdout="quarter", **settings))
+    prune(PruneConfig(output=tmp_path / "same.onnx", **{**settings, "allocation": quarter.pruning.allocation}))
+    third, fourth = weights(tmp_path / "quarter.onnx"), weights(tmp_path / "same.onnx")
+    assert not all(np.array_equal(third[k], fourth[k]) for k in third)
