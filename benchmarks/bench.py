@@ -134,8 +134,8 @@ def grid(only: str | None) -> list[Run]:
     if only in (None, "peers"):
         for model in ("cnn", "minilm", "ocr"):
             for sparsity in (*SIDE_BY_SIDE["more_sparsities"].get(model, ()), *SIDE_BY_SIDE["sparsities"]):
-                # automatic damping (for MiniLM, above its 5M-weight limit, that is 1e-3: the main
-                # table's WoodFisher runs are reused)
+                # automatic damping (for MiniLM 1e-3, what --damp auto keeps there on 2 cores: the
+                # main table's WoodFisher runs are reused)
                 damp = 1e-3 if model == "minilm" else "auto"
                 runs += [
                     Run(model, method, sparsity, 1, damp=damp, allocation=allocation)
@@ -310,7 +310,8 @@ TABLE_NOTES = {
         "inverses (issue 18); the rows of 3 steps before it (WoodFisher's then with float64 inverses by the "
         "Woodbury recursion from all 256 gradient rows, hence their ~15 GiB), not since. The newer rows' "
         "wall times include the report's onnxruntime speed measurement (about 7.5 s on MiniLM), which the "
-        "older rows did not have."
+        "older rows did not have. WoodFisher with the defaults (`--allocation auto`, `--damp auto`) against the "
+        "global rows, over three seeds and beside the peer's SparseGPT: docs/defaults.md."
     ),
 }
 
@@ -336,8 +337,9 @@ def render_side_by_side(results: dict[str, dict]) -> list[str]:
         "unless the method says `(layer)` (every tensor to the target sparsity, the peer's default) or "
         "`(auto: …)` (onnxprune's default allocation, and what it chose), "
         "256 gradients (WoodFisher) or 256 calibration samples (Wanda, SparseGPT); automatic damping "
-        "(`--damp auto`, which is 1e-3 for MiniLM's 10.6M weights, above the search's 5M limit); its wall "
-        "time is the whole run (loading, reference, conversion check, pruning, writing, validation). The "
+        "(`--damp auto`; MiniLM's rows with 1e-3 given, which is what `--damp auto` keeps there on 2 cores: "
+        "its first trial takes over a minute, so the other five would exceed `--damp-search-seconds`); its "
+        "wall time is the whole run (loading, reference, conversion check, pruning, writing, validation). The "
         "peer (`onnxsim.apply_*_pruning`, Python API) gets the same 256 calibration samples in batches of "
         "32; its wall time covers pruning and saving only. Both are validated by the same code: the written "
         "file in onnxruntime against the original on the evaluation set. *sparsity*: zeros over the "
@@ -396,8 +398,12 @@ SIDE_BY_SIDE_NOTES = [
     "magnitude and Wanda defaults fall to 0.15–0.47 from 70% on, while its `global_sparsity` option "
     "matches onnxprune's global magnitude). On MiniLM it is the other way round: SparseGPT global 0.415 "
     "at 70%, per layer 0.772 (the peer's, per layer: 0.748). `--allocation auto`, onnxprune's default, "
-    "prunes once each way on three quarters of the calibration samples and keeps the split with the "
-    "smaller loss on the held-out quarter; the `(auto: …)` rows show what it chose. For WoodFisher it "
+    "prunes once each way and keeps the split with the smaller loss on held-out calibration samples; the "
+    "`(auto: …)` rows show what it chose. These rows were measured when the trials drew their statistics "
+    "from three quarters of the calibration samples and held out the last quarter, so a run keeping global "
+    "drew other samples than the global row (hence 0.6341 against 0.6379 at 80%); the held-out samples "
+    "are now ones the statistics never draw, and docs/defaults.md measures the default run against global "
+    "over three seeds. For WoodFisher it "
     "chose global on all three models, MiniLM included (held-out loss 0.726 global vs 0.847 per layer at "
     "80%, 1.190 vs 1.233 at 90%), where it chose per layer for Wanda and SparseGPT. The trials share one set "
     "of statistics with each other and with the run (issue 18): an `auto` row repeats no gradient "
@@ -422,7 +428,7 @@ SIDE_BY_SIDE_NOTES = [
     "pruned values in place of the originals (same names, same graph).",
     "- **Wall time:** onnxprune's includes the automatic damping search (SparseGPT and WoodFisher prune "
     "once per grid value on held-out samples: 5 extra pruning passes on the CNN and PP-OCR models; "
-    "MiniLM, above the search's 5M-weight limit, uses 1e-3) and, in the `auto` rows, the per-layer trial "
+    "MiniLM's rows have 1e-3 given, see above) and, in the `auto` rows, the per-layer trial "
     "(the global trial is the damping search's best).",
     "",
 ]
