@@ -10,9 +10,11 @@ Everything after that starts from the same statistics on every rank and is compu
 there; rank 0 alone writes the model, its report and checkpoints, and hands its report to the
 others.
 
-What is split is the gradients' backward passes, the dominant part of collecting statistics;
-not yet the folding of rows into statistics, the inverses and scores, the layer inputs of the
-layer-wise methods (sparsegpt, wanda), the repair and fine-tuning. Every rank repeats them.
+What is split is the gradients' backward passes, the dominant part of collecting statistics,
+and fine-tuning: each rank trains on its share of every mini-batch under DistributedDataParallel,
+which sums the ranks' gradients before each optimiser step (finetune.py). Not yet split: the
+folding of rows into statistics, the inverses and scores, the layer inputs of the layer-wise
+methods (sparsegpt, wanda) and the repair. Every rank repeats them.
 """
 
 from __future__ import annotations
@@ -113,6 +115,17 @@ def from_writer(value: Any) -> Any:
     box = [value if is_writer() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def total(value: float) -> float:
+    """The sum of `value` over the ranks (`value` itself in one process)."""
+    if world() == 1:
+        return value
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    box = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(box)
+    return float(box.item())
 
 
 def describe() -> str:

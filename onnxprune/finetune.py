@@ -16,22 +16,28 @@ kept (`frozen`) or re-estimated on the calibration data after each pruning step 
 Masks are enforced twice: gradients of pruned entries are zeroed before the optimiser sees them
 (so its moments stay zero there) and the weights are multiplied by their masks after every step.
 Mini-batches are drawn from seeded permutations indexed by the global step, so a resumed run
-draws the same batches as an uninterrupted one.
+draws the same batches as an uninterrupted one. Under torchrun each rank runs every K-th sample of
+each mini-batch through the model wrapped in DistributedDataParallel, which sums the gradients
+over the ranks before the step: every rank then takes the step one process would, to float
+precision.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
 from .augment import Augmenter, make_augmenter
 from .bridge.convert import TorchModel
 from .data import Dataset, InputSpec, feed_plan, iter_feeds
@@ -246,64 +252,104 @@ class Finetuner:
             p.requires_grad_(True)
         if isinstance(self.teacher, Augmented):
             self._dense = OrtModel(self.teacher.model)
+        parallel = None
         try:
+            parallel = self._parallel()
             for _ in range(steps):
                 indices = batch_indices(len(self.data), self.batch_size, self.step_count, self.seed)
                 self.optimizer.zero_grad(set_to_none=True)
-                value = self._loss(indices)
-                if not math.isfinite(value.item()):
+                value = self._backward(indices, parallel)
+                if not math.isfinite(value):
                     raise NonFiniteError(
-                        f"the fine-tuning loss became {value.item()} at step {self.step_count + 1}; "
+                        f"the fine-tuning loss became {value} at step {self.step_count + 1}; "
                         "lower --lr; nothing was written"
                     )
-                value.backward()
                 for name, mask in masks.items():
                     grad = self.tensors[name].grad
                     if grad is not None:
                         grad.mul_(mask.to(grad.dtype))
                 self.optimizer.step()
                 self._apply(masks)
-                self.curve.append(value.item())
+                self.curve.append(value)
                 self.step_count += 1
                 if progress is not None:
                     progress(1)
         finally:
             self._dense = None
+            # DDP's gradient hooks stay on the tensors until its reducer is freed; the gradients
+            # collected at the next pruning step must not be reduced
+            del parallel
+            gc.collect()
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
+
+    def _parallel(self) -> nn.parallel.DistributedDataParallel | None:
+        """The model's module under DistributedDataParallel when torchrun started several ranks and
+        every rank has a sample of each mini-batch (None: this process trains on whole batches).
+        Only the trained tensors require gradients, so only theirs are reduced."""
+        ranks = distributed.world()
+        if ranks == 1 or min(self.batch_size, len(self.data)) < ranks:
+            return None
+        devices = [self.device.index or 0] if self.device.type == "cuda" else None
+        log.info("fine-tuning: each mini-batch split over %d ranks (DistributedDataParallel)", ranks)
+        return nn.parallel.DistributedDataParallel(
+            self.model.module, device_ids=devices, broadcast_buffers=False, find_unused_parameters=True
+        )
 
     def _apply(self, masks: dict[str, Tensor]) -> None:
         with torch.no_grad():
             for name, mask in masks.items():
                 self.tensors[name].mul_(mask.to(self.tensors[name].dtype))
 
-    def _batch(self, indices: np.ndarray) -> tuple[Dataset, np.ndarray]:
+    def _batch(self, indices: np.ndarray, share: np.ndarray) -> tuple[Dataset, np.ndarray]:
         """The step's batch and its targets: labels, the dense outputs on the calibration samples,
-        or those on the batch perturbed with the step's own seed (a resumed run draws the same)."""
+        or those on the batch perturbed with the step's own seed (a resumed run draws the same),
+        cut to `share` (positions in the batch) after any perturbation, which sees the whole batch."""
         batch = self.data.take(indices, "fine-tuning batch")
         targets = self.data.labels if self.loss.kind == "cross-entropy" else self.teacher
         if isinstance(targets, Augmented):
             rng = np.random.default_rng([self.seed, self.step_count, AUGMENT_STREAM])
             arrays = targets.augmenter.perturb(batch.arrays, rng)
-            batch = replace(batch, arrays=arrays, source="augmented fine-tuning batch")
+            batch = replace(batch, arrays=arrays, source="augmented fine-tuning batch").take(share, "fine-tuning share")
             if self._dense is None:
                 raise RuntimeError("the dense model for augmented batches is open only during run()")
-            return batch, self._dense.run(batch, self.specs, len(indices))[self.loss.output]
+            return batch, self._dense.run(batch, self.specs, len(share))[self.loss.output]
         if targets is None:
             raise ValueError(f"the {self.loss.kind} fine-tuning loss has no targets")
-        return batch, np.asarray(targets[indices])
+        return batch.take(share, "fine-tuning share"), np.asarray(targets[indices[share]])
 
-    def _loss(self, indices: np.ndarray) -> Tensor:
-        batch, targets = self._batch(indices)
-        total = torch.zeros((), device=self.device)
-        for output, samples in batch_outputs(self.model, batch, self.specs, self.plan, self.loss.output, self.device):
+    def _backward(self, indices: np.ndarray, parallel: nn.parallel.DistributedDataParallel | None) -> float:
+        """The mean loss over the step's batch, its gradients accumulated run by run (each run's
+        activations freed before the next). Under DistributedDataParallel this rank takes every
+        K-th sample; each rank's loss is scaled by K because DDP averages the ranks' gradients,
+        which are reduced once, at the last run's backward."""
+        ranks = distributed.world() if parallel is not None else 1
+        share = np.arange(len(indices))[distributed.rank() :: ranks] if ranks > 1 else np.arange(len(indices))
+        batch, targets = self._batch(indices, share)
+        model = replace(self.model, module=parallel) if parallel is not None else self.model  # type: ignore[arg-type]
+        runs = -(-len(batch) // self.plan.batch)
+        total = 0.0
+        for run, (output, samples) in enumerate(self._outputs(model, batch, parallel, runs)):
             target = torch.from_numpy(np.asarray(targets[samples]))
             if self.loss.kind == "cross-entropy":
                 target = target.reshape(-1)
-            target = target.to(self.device)
-            total = total + self.loss.per_sample(output.float(), target.float()).sum()
-        return total / len(indices)
+            loss = self.loss.per_sample(output.float(), target.to(self.device).float()).sum() / len(indices)
+            with parallel.no_sync() if parallel is not None and run < runs - 1 else nullcontext():
+                (loss * ranks).backward()
+            total += loss.item()
+        return distributed.total(total) if ranks > 1 else total
+
+    def _outputs(
+        self, model: TorchModel, batch: Dataset, parallel: nn.parallel.DistributedDataParallel | None, runs: int
+    ) -> Iterator[tuple[Tensor, slice]]:
+        """batch_outputs, each run's forward inside DDP's no_sync but the last's (so that the
+        gradients are reduced once per step)."""
+        outputs = batch_outputs(model, batch, self.specs, self.plan, self.loss.output, self.device)
+        for run in range(runs):
+            with parallel.no_sync() if parallel is not None and run < runs - 1 else nullcontext():
+                item = next(outputs)
+            yield item
 
     @property
     def augmentation(self) -> str:

@@ -79,8 +79,9 @@ ADDED = {
     "augment",
     "augment_rate",
     "augmentation",
-    # issue 18: where the searches' held-out samples come from
+    # issue 18: where the searches' held-out samples come from; why a damping search stopped
     "search_holdout",
+    "why",
 }
 
 

@@ -156,3 +156,29 @@ def test_two_ranks_prune_as_one_process(tmp_path, method):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert two_report["validation"]["quality"]["after"] == pytest.approx(one_report["validation"]["quality"]["after"])
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".onnx") == ["mlp.onnx", "out1.onnx", "out2.onnx"]
+
+
+def test_two_ranks_fine_tune_as_one_process(tmp_path):
+    # each rank runs half of every mini-batch under DistributedDataParallel; the summed gradients
+    # give every rank the step one process takes, so the weights agree to float precision
+    model, calib = _files(tmp_path)
+    outputs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"out{ranks}.onnx"
+        args = ["prune", str(model), str(out), "--sparsity", "0.5", "--method", "magnitude", "--calib", str(calib),
+                "--finetune-steps", "12", "--batch-size", "16", "--lr", "0.01", "--progress", "off", "-v",
+                "--json"]  # fmt: skip
+        done = _prune(args, ranks, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("split over 2 ranks (DistributedDataParallel)" in done.stderr) == (ranks == 2)
+        outputs[ranks] = (onnx.load(out), json.loads(done.stdout))
+    (one, one_report), (two, two_report) = outputs[1], outputs[2]
+    curve = one_report["finetune"]["loss_curve"]
+    assert len(curve) == 12 and curve[-1] < curve[0]  # it trained
+    np.testing.assert_allclose(two_report["finetune"]["loss_curve"], curve, rtol=1e-5)
+    dense = onnx.load(model)
+    for name in ("w1", "w2"):
+        a, b = read_tensor(one, name), read_tensor(two, name)
+        assert np.array_equal(a == 0, b == 0), f"{name}: masks differ"
+        assert not np.allclose(a, np.where(a == 0, 0, read_tensor(dense, name)))  # fine-tuning moved it
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
