@@ -48,6 +48,7 @@ class Run:
     seed: int = 0
     max_memory: float | None = None  # GiB for the statistics (--max-memory); None: the default
     allocation: str = "global"  # --allocation
+    search_holdout: str = "quarter"  # --search-holdout
 
     @property
     def key(self) -> str:
@@ -62,6 +63,8 @@ class Run:
             fields.pop("allocation")
         if self.max_memory is None:
             fields.pop("max_memory")
+        if self.search_holdout == "quarter":
+            fields.pop("search_holdout")
         return json.dumps(fields, sort_keys=True)
 
 
@@ -178,7 +181,8 @@ report = prune(PruneConfig(input={str(model)!r}, output={str(out)!r}, force=True
     block_size={run.block_size}, damp={run.damp!r}, schedule={run.schedule!r}, prune_steps={run.prune_steps},
     finetune_steps={run.finetune_steps}, lr={run.lr or 1e-4}, seed={run.seed}, calibration={str(calib)!r},
     evaluation={str(evaluation)!r}, progress="off", max_memory={run.max_memory!r}, scope={run.allocation!r},
-    scale_update=False, refine_masks=False, solve_weights=False, correct_statistics="off"))
+    search_holdout={run.search_holdout!r}, scale_update=False, refine_masks=False, solve_weights=False,
+    correct_statistics="off"))
 q, f = report.validation.quality, report.fisher
 curve = (f.estimator.get("auxiliary_loss") or []) if f else []
 print(json.dumps({{

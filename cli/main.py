@@ -146,9 +146,9 @@ _SHARED = [
         default=_default("search_holdout"),
         show_default=True,
         help="Where the automatic searches (--allocation/--damp/--mix/--method auto) measure their held-out "
-        "losses. unused: on calibration samples the statistics never draw, so each trial prunes with the run's "
-        "own statistics (when --calib has room for both; else as quarter); quarter: on a random quarter, the "
-        "statistics drawn from the rest (the rule before 2026-12).",
+        "losses. quarter: on a random quarter of --calib, the statistics drawn from the rest; unused: on "
+        "calibration samples the statistics never draw, so each trial prunes with the run's own statistics "
+        "(when --calib has room for both; else as quarter).",
     ),
     click.option(
         "--pattern",

@@ -75,11 +75,13 @@ class PruneConfig:
     allocation: str = ALLOCATION_AUTO
     sensitivity_samples: int = 128
     # The calibration samples the automatic searches measure their held-out losses on
-    # (job.search_split). unused: samples the statistics do not draw, so each trial prunes with
-    # the run's own statistics and a run that keeps the global trial equals --allocation global
-    # (where the calibration set holds both; else as quarter); quarter: a random quarter, the
-    # trials' and the run's statistics then drawn from the rest (the rule before 2026-12).
-    search_holdout: str = "unused"
+    # (job.search_split). quarter: a random quarter, the trials' and the run's statistics drawn
+    # from the rest; unused: samples the statistics do not draw, so each trial prunes with the
+    # run's own statistics and a run that keeps the global trial equals --allocation global
+    # (where the calibration set holds both; else as quarter). Not the default: on a digits MLP
+    # (tests/test_robustness.py) its held-out draw led SparseGPT's search to 0.945 where the
+    # quarter's led to 0.972, within the searches' noise but below magnitude by more than 0.02.
+    search_holdout: str = "quarter"
     # --damp auto tries the rest of its grid only when that is expected to take at most this long
     # (seconds; each value a trial as long as the first, measured); else the default damping
     damp_search_seconds: float = 180.0

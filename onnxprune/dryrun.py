@@ -14,7 +14,7 @@ from .errors import MemoryBudgetError
 from .estimators import METHOD_AUTO, Estimator
 from .job import load_inputs, make_estimator, schedule_phases, select_targets, trace_structure
 from .masks import prune_count
-from .memory import plan_parts, resident_bytes
+from .memory import plan_parts, resident_bytes, weight_bytes
 from .oneshot import TensorView, plan_statistics
 from .report import DryRun, MemoryEstimate, PlannedTensor, size_text
 from .reporting import data_info, model_info
@@ -38,7 +38,7 @@ def plan(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | No
     memory = None
     if config.method != METHOD_AUTO:
         views = [TensorView(t, torch_model.tensors[t.name]) for t in targets]
-        weights = sum(t.numel() * t.element_size() for t in torch_model.tensors.values())
+        weights = weight_bytes(torch_model.tensors.values())
         memory = _memory_estimate(config, views, estimator, len(phases), weights)
     params = sum(t.numel for t in targets)
     return DryRun(

@@ -11,12 +11,16 @@ or each group's gradients are collected again for the weight update.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import resource
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .estimators.base import MemoryNeed
+
+if TYPE_CHECKING:
+    import torch
 
 GIB = 2**30
 
@@ -65,26 +69,39 @@ LARGE_MODEL_BYTES = 1 << 30
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc
 
 
+def weight_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """The bytes the model's tensors take (what LARGE_MODEL_BYTES and the dry run's model term
+    are compared with)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, loaded once (None where there is none)."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def return_large_allocations() -> None:
     """Serve allocations of 4 MiB and more from their own mappings, returned to the system when
     freed (glibc; nothing elsewhere). By default glibc raises that threshold to 32 MiB as large
     blocks are freed, and a large model's per-tensor masks and temporaries (16 MiB for a
     4096 x 4096 weight) then fragment the heap: on a 268M-weight model the pruning's peak was
     3.2 GiB with the default and 2.6 GiB with this."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 4 << 20)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 4 << 20)
 
 
 def release_freed_memory() -> None:
     """Hand memory freed inside the C heap back to the system (glibc's malloc_trim; nothing
     elsewhere). Tensors of a few MiB come from the heap, which keeps what they used after they
     are freed: on a 268M-weight model 1.2 GiB was still counted after pruning without this."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from .job import (
     statistics_source,
     trace_structure,
 )
-from .memory import LARGE_MODEL_BYTES, peak_bytes, release_freed_memory, return_large_allocations
+from .memory import LARGE_MODEL_BYTES, peak_bytes, release_freed_memory, return_large_allocations, weight_bytes
 from .oneshot import OneShotResult
 from .onnx_io import EXTERNAL_DATA_THRESHOLD, atomic_write_bytes, save_model, tensor_bytes
 from .progress import Progress, progress_enabled
@@ -167,7 +167,7 @@ def prepare(config: PruneConfig, device: torch.device, timings: dict[str, float]
     with timed(timings, "convert"):
         log.info("converting to torch")
         torch_model = convert(model.proto)
-        if sum(t.numel() * t.element_size() for t in torch_model.tensors.values()) >= LARGE_MODEL_BYTES:
+        if weight_bytes(torch_model.tensors.values()) >= LARGE_MODEL_BYTES:
             return_large_allocations()
         torch_model.module.to(device)
         conversion = check_conversion(

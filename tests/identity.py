@@ -54,8 +54,7 @@ main()
 """
 # behaviour added since the pinned commit, switched off (none: the augmented distillation added
 # since leaves these runs alone, their calibration data has labels)
-# the automatic searches' held-out samples among those the statistics never draw (issue 18)
-AFTER_FLAGS: tuple[str, ...] = ("--search-holdout", "quarter")
+AFTER_FLAGS: tuple[str, ...] = ()
 CLI = "import sys; from onnxprune_cli.main import main; sys.argv = ['onnxprune', *sys.argv[1:]]; main()"
 # (and every field named *seconds); paths are compared with the work folder written as <out>
 # the last: 80% of free memory; latency and speedup: onnxruntime timed on a shared machine

@@ -120,7 +120,8 @@ def test_auto_damping_picks_the_grid_value_with_the_smallest_held_out_loss_and_l
 
 
 def test_auto_damping_stops_after_its_first_trial_when_the_rest_would_take_too_long(tmp_path):
-    config = cnn_config(tmp_path, "costly", allocation="global", damp_search_seconds=0.001)
+    # held-out samples the statistics never draw: the stopped search's trial is then a plain run's
+    config = cnn_config(tmp_path, "costly", allocation="global", damp_search_seconds=0.001, search_holdout="unused")
     job = prepare(config, torch.device("cpu"), {})
     chosen, search = resolve_damping(config, job)
     assert not search["searched"] and search["chosen"] == DEFAULT_DAMP == chosen.damp
@@ -129,7 +130,7 @@ def test_auto_damping_stops_after_its_first_trial_when_the_rest_would_take_too_l
     # the trial it ran is the run's: the run equals one at the default damping given
     report = prune(config)
     assert report.fisher.estimator["damp_search"]["losses"] == search["losses"]
-    prune(cnn_config(tmp_path, "given", allocation="global", damp=DEFAULT_DAMP))
+    prune(cnn_config(tmp_path, "given", allocation="global", damp=DEFAULT_DAMP, search_holdout="unused"))
     first, second = weights(tmp_path / "costly.onnx"), weights(tmp_path / "given.onnx")
     assert all(np.array_equal(first[k], second[k]) for k in first)
     # given time for the other five trials, it searches the whole grid
@@ -242,7 +243,8 @@ def _rows(dataset, of) -> set[int]:
 def test_the_searches_hold_out_samples_the_statistics_never_draw(tmp_path):
     path, calib, evaluation = rescaled_mlp(tmp_path)
     config = PruneConfig(input=path, output=tmp_path / "o.onnx", sparsity=0.5, method="woodfisher", num_grads=96,
-                         fisher_batch=2, calibration=calib, evaluation=evaluation, progress="off")  # fmt: skip
+                         fisher_batch=2, search_holdout="unused",
+                         calibration=calib, evaluation=evaluation, progress="off")  # fmt: skip
     job = prepare(config, torch.device("cpu"), {})
     data = job.calibration_data
     fit, held = search_split(config, data)
@@ -268,9 +270,10 @@ def test_a_run_that_keeps_the_searched_allocation_equals_that_allocation_given(t
     path, calib, evaluation = rescaled_mlp(tmp_path)
     settings = dict(input=path, sparsity=0.5, method="woodfisher", damp=1e-3, num_grads=32, block_size=8,
                     calibration=calib, evaluation=evaluation, progress="off")  # fmt: skip
-    auto = prune(PruneConfig(output=tmp_path / "auto.onnx", **settings))
+    unused = {**settings, "search_holdout": "unused"}  # the repair's held-out samples too
+    auto = prune(PruneConfig(output=tmp_path / "auto.onnx", **unused))
     chosen = auto.pruning.allocation_search["chosen"]
-    given = prune(PruneConfig(output=tmp_path / "given.onnx", **{**settings, "allocation": chosen}))
+    given = prune(PruneConfig(output=tmp_path / "given.onnx", **{**unused, "allocation": chosen}))
     first, second = weights(tmp_path / "auto.onnx"), weights(tmp_path / "given.onnx")
     assert all(np.array_equal(first[k], second[k]) for k in first)
     assert auto.validation.accuracy_after == given.validation.accuracy_after
