@@ -314,8 +314,8 @@ TABLE_NOTES = {
         "inverses (issue 18); the rows of 3 steps before it (WoodFisher's then with float64 inverses by the "
         "Woodbury recursion from all 256 gradient rows, hence their ~15 GiB), not since. The newer rows' "
         "wall times include the report's onnxruntime speed measurement (about 7.5 s on MiniLM), which the "
-        "older rows did not have. WoodFisher with the defaults (`--allocation auto`, `--damp auto`) against the "
-        "global rows, over three seeds and beside the peer's SparseGPT: docs/defaults.md."
+        "older rows did not have. WoodFisher with `--allocation auto --damp auto --search-holdout unused` "
+        "against the global rows, over three seeds and beside the peer's SparseGPT: docs/defaults.md."
     ),
 }
 
@@ -403,11 +403,11 @@ SIDE_BY_SIDE_NOTES = [
     "matches onnxprune's global magnitude). On MiniLM it is the other way round: SparseGPT global 0.415 "
     "at 70%, per layer 0.772 (the peer's, per layer: 0.748). `--allocation auto`, onnxprune's default, "
     "prunes once each way and keeps the split with the smaller loss on held-out calibration samples; the "
-    "`(auto: …)` rows show what it chose. These rows were measured when the trials drew their statistics "
-    "from three quarters of the calibration samples and held out the last quarter, so a run keeping global "
-    "drew other samples than the global row (hence 0.6341 against 0.6379 at 80%); the held-out samples "
-    "are now ones the statistics never draw, and docs/defaults.md measures the default run against global "
-    "over three seeds. For WoodFisher it "
+    "`(auto: …)` rows show what it chose. The trials draw their statistics from three quarters of the "
+    "calibration samples and hold out the last quarter, so a run keeping global draws other samples than "
+    "the global row (hence 0.6341 against 0.6379 at 80%); with `--search-holdout unused` the held-out "
+    "samples are ones the statistics never draw, and docs/defaults.md measures that against global over "
+    "three seeds. For WoodFisher it "
     "chose global on all three models, MiniLM included (held-out loss 0.726 global vs 0.847 per layer at "
     "80%, 1.190 vs 1.233 at 90%), where it chose per layer for Wanda and SparseGPT. The trials share one set "
     "of statistics with each other and with the run (issue 18): an `auto` row repeats no gradient "
