@@ -82,9 +82,7 @@ def share(parts: dict[str, torch.Tensor] | None, sizes: dict[str, int]) -> list[
         return [parts]
     names = list(sizes)
     total = sum(sizes.values())
-    device = next(iter(parts.values())).device if parts else torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _collective_device(next(iter(parts.values())).device if parts else torch.device("cpu"))
     # the values of every name, then one presence flag per name, then whether the rank sent anything
     buffer = torch.zeros(total + len(names) + 1, dtype=torch.float32, device=device)
     if parts is not None:
@@ -108,6 +106,14 @@ def share(parts: dict[str, torch.Tensor] | None, sizes: dict[str, int]) -> list[
     return result
 
 
+def _collective_device(default: torch.device) -> torch.device:
+    """Where a collective's buffer lives: this rank's GPU under NCCL (which reduces only CUDA
+    tensors), else `default`."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return default
+
+
 def from_writer(value: Any) -> Any:
     """Rank 0's `value` on every rank (pickled; unchanged in one process)."""
     if world() == 1:
@@ -121,9 +127,7 @@ def total(value: float) -> float:
     """The sum of `value` over the ranks (`value` itself in one process)."""
     if world() == 1:
         return value
-    nccl = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    box = torch.tensor([value], dtype=torch.float64, device=device)
+    box = torch.tensor([value], dtype=torch.float64, device=_collective_device(torch.device("cpu")))
     dist.all_reduce(box)
     return float(box.item())
 

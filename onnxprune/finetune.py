@@ -30,7 +30,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -329,27 +329,19 @@ class Finetuner:
         batch, targets = self._batch(indices, share)
         model = replace(self.model, module=parallel) if parallel is not None else self.model  # type: ignore[arg-type]
         runs = -(-len(batch) // self.plan.batch)
+        outputs = batch_outputs(model, batch, self.specs, self.plan, self.loss.output, self.device)
         total = 0.0
-        for run, (output, samples) in enumerate(self._outputs(model, batch, parallel, runs)):
-            target = torch.from_numpy(np.asarray(targets[samples]))
-            if self.loss.kind == "cross-entropy":
-                target = target.reshape(-1)
-            loss = self.loss.per_sample(output.float(), target.to(self.device).float()).sum() / len(indices)
+        for run in range(runs):
+            # every run's forward and backward but the last's inside no_sync: reduced once per step
             with parallel.no_sync() if parallel is not None and run < runs - 1 else nullcontext():
+                output, samples = next(outputs)
+                target = torch.from_numpy(np.asarray(targets[samples]))
+                if self.loss.kind == "cross-entropy":
+                    target = target.reshape(-1)
+                loss = self.loss.per_sample(output.float(), target.to(self.device).float()).sum() / len(indices)
                 (loss * ranks).backward()
             total += loss.item()
         return distributed.total(total) if ranks > 1 else total
-
-    def _outputs(
-        self, model: TorchModel, batch: Dataset, parallel: nn.parallel.DistributedDataParallel | None, runs: int
-    ) -> Iterator[tuple[Tensor, slice]]:
-        """batch_outputs, each run's forward inside DDP's no_sync but the last's (so that the
-        gradients are reduced once per step)."""
-        outputs = batch_outputs(model, batch, self.specs, self.plan, self.loss.output, self.device)
-        for run in range(runs):
-            with parallel.no_sync() if parallel is not None and run < runs - 1 else nullcontext():
-                item = next(outputs)
-            yield item
 
     @property
     def augmentation(self) -> str:

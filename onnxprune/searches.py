@@ -185,9 +185,7 @@ def resolve_method(config: PruneConfig, job: Job) -> tuple[PruneConfig, dict | N
         split = allocation or (config.allocation if config.allocation != AUTO else "global")
         trial = replace(config, method=method, allocation=split, steps=1)
         label = f"{method} ({split})" if allocation else method
-        started = time.perf_counter()
-        losses.append(trial_losses(config, job, [(label, trial)])[0])
-        seconds.append(round(time.perf_counter() - started, 3))
+        losses.append(trial_losses(config, job, [(label, trial)], seconds)[0])
         labels.append(label)
     best = _choose("method", labels, losses)
     method, allocation = candidates[best]
