@@ -180,7 +180,9 @@ def resolve_method(config: PruneConfig, job: Job) -> tuple[PruneConfig, dict | N
             continue
         for allocation in allocation_candidates(method, config.structure) if automatic else [None]:
             candidates.append((method, allocation))
-    labels, losses, seconds = [], [], []
+    labels: list[str] = []
+    losses: list[float] = []
+    seconds: list[float] = []
     for method, allocation in candidates:
         split = allocation or (config.allocation if config.allocation != AUTO else "global")
         trial = replace(config, method=method, allocation=split, steps=1)
