@@ -48,7 +48,9 @@ def init_factors(diagonal: Tensor, gamma: float, block: int) -> KronFactors:
     m, n = diagonal.shape
     rb, sr = block_split(m, block)
     lb, sl = block_split(n, block)
-    eye = lambda count, size: torch.eye(size, dtype=diagonal.dtype).expand(count, size, size).clone()  # noqa: E731
+    eye = lambda count, size: (
+        torch.eye(size, dtype=diagonal.dtype, device=diagonal.device).expand(count, size, size).clone()
+    )  # noqa: E731,E501
     return KronFactors(R=eye(rb, sr), L=eye(lb, sl), A=(diagonal + gamma).rsqrt())
 
 
@@ -82,7 +84,7 @@ def kfac_factors(grads: Tensor, damp: float, block: int) -> KronFactors:
     scale = mean_diagonal**-0.5 if mean_diagonal > 0 else 1.0
     R = _block_inverse_sqrt(gram_rows, m, shift).to(grads.dtype)
     L = _block_inverse_sqrt(gram_cols, n, shift).to(grads.dtype)
-    return KronFactors(R=R, L=L, A=torch.full((m, n), scale, dtype=grads.dtype))
+    return KronFactors(R=R, L=L, A=torch.full((m, n), scale, dtype=grads.dtype, device=grads.device))
 
 
 def _pad(x: Tensor, rows: int, cols: int) -> Tensor:
@@ -116,7 +118,7 @@ def q_diagonal(theta: KronFactors) -> Tensor:
 def q_dense(theta: KronFactors) -> Tensor:
     """Q as an explicit (m·n)×(m·n) matrix, row-major vec (for tests on small shapes)."""
     m, n = theta.A.shape
-    basis = torch.eye(m * n, dtype=theta.A.dtype).reshape(m * n, m, n)
+    basis = torch.eye(m * n, dtype=theta.A.dtype, device=theta.A.device).reshape(m * n, m, n)
     return q_apply(theta, basis).reshape(m * n, m * n)
 
 
@@ -252,20 +254,23 @@ def q_group_saliency(theta: KronFactors, w: Tensor, groups: list[Tensor]) -> Ten
     def factor(kind: str, matrix: Tensor, index: Tensor) -> Tensor:
         key = (kind, index.numpy().tobytes())
         if key not in factors:
-            factors[key] = torch.linalg.cholesky(matrix[index][:, index])
+            on = index.to(matrix.device)
+            factors[key] = torch.linalg.cholesky(matrix[on][:, on])
         return factors[key]
 
     values = []
     for group in groups:
-        index = group.reshape(-1).cpu()
+        index = group.reshape(-1).cpu()  # on the host: its bytes key the factor cache
         rows, cols = torch.unique(index // n), torch.unique(index % n)
+        on = index.to(w.device)
         if index.numel() == 0:
             values.append(w.new_zeros(()))
         elif rows.numel() * cols.numel() == torch.unique(index).numel():
-            values.append(rectangle_saliency(w, a, rows, cols, factor("rows", p, rows), factor("cols", s, cols)))
+            row_factor, col_factor = factor("rows", p, rows), factor("cols", s, cols)
+            values.append(rectangle_saliency(w, a, rows.to(w.device), cols.to(w.device), row_factor, col_factor))
         elif index.numel() <= DENSE_GROUP_LIMIT:
-            values.append(entries_saliency(w, a, index // n, index % n, p, s))
+            values.append(entries_saliency(w, a, on // n, on % n, p, s))
         else:
             diagonal = a * a * torch.outer(p.diagonal(), s.diagonal())
-            values.append((w * w / (2.0 * diagonal)).reshape(-1)[index].sum())
+            values.append((w * w / (2.0 * diagonal)).reshape(-1)[on].sum())
     return torch.stack(values) if values else w.new_zeros(0)

@@ -119,7 +119,8 @@ def obs_group_saliency(w: Tensor, finv: Tensor, groups: list[Tensor], chunk_byte
     if not groups or all(len(g) == 0 for g in groups):
         return totals
     flat = torch.cat([g.reshape(-1).to(w.device) for g in groups])
-    owner = torch.repeat_interleave(torch.arange(len(groups), device=w.device), torch.tensor([len(g) for g in groups]))
+    lengths_of = torch.tensor([len(g) for g in groups], device=w.device)
+    owner = torch.repeat_interleave(torch.arange(len(groups), device=w.device), lengths_of)
     # one segment per (group, block): sorted so that each segment's entries are contiguous
     key = (owner * w.shape[0] + flat // size) * size + flat % size
     key, order = torch.sort(key)

@@ -156,7 +156,7 @@ class Halves(Estimator):
     summary = "keep the even entries"
 
     def scores(self, weight, stats):
-        return (torch.arange(weight.numel()) % 2 == 0).to(torch.float32) + weight.abs() * 1e-3
+        return (torch.arange(weight.numel(), device=weight.device) % 2 == 0).to(torch.float32) + weight.abs() * 1e-3
 
 
 @pytest.fixture

@@ -82,6 +82,8 @@ class KronLearner:
         rows = grads.detach().float().reshape(-1, m, n)
         mask = None if keep is None else keep.reshape(m, n).to(rows.device)
         first = self.R is None
+        if self.R is not None and self.R.device != rows.device:  # resumed from a checkpoint (loaded on the host)
+            self.load_state_dict(self.state_dict(), rows.device)
         if first:
             self.gamma = relative_damping(rows, self.settings.damp)
             if self.settings.init == "kfac":
@@ -96,7 +98,8 @@ class KronLearner:
         steps = self.settings.initial_steps if first else self.settings.online_steps
         # a check on fresh probes and all the rows (the steps see mini-batches of them): an
         # update that makes the auxiliary loss worse there is undone (Q stays where it was)
-        check_probes = torch.randn(self.settings.probes, m, n, generator=self.generator)
+        # drawn on the host from the seeded generator (the same probes on CPU and CUDA), then moved
+        check_probes = torch.randn(self.settings.probes, m, n, generator=self.generator).to(rows.device)
         check_fvp = gradient_fvp(rows)
         before = self._check(check_probes, check_fvp, mask)
         saved = [t.detach().clone() for t in (R, L, a)]
@@ -107,7 +110,8 @@ class KronLearner:
             for group in optimizer.param_groups:
                 group["lr"] = group["base"] * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
             batch = torch.randint(len(rows), (min(self.settings.fvp_batch, len(rows)),), generator=self.generator)
-            probes = torch.randn(self.settings.probes, m, n, generator=self.generator)
+            probes = torch.randn(self.settings.probes, m, n, generator=self.generator).to(rows.device)
+            batch = batch.to(rows.device)
             surrogate, value = auxiliary_loss(self.theta(), probes, gradient_fvp(rows[batch]), self.gamma, mask)
             optimizer.zero_grad()
             surrogate.backward()
@@ -122,7 +126,7 @@ class KronLearner:
         self.checks.append([before, min(before, after) if steps else before])
         self.curve.append(values)
         self.count += len(rows)
-        self.keep = mask if mask is not None else torch.ones(m, n, dtype=torch.bool)
+        self.keep = mask if mask is not None else torch.ones(m, n, dtype=torch.bool, device=rows.device)
 
     def _check(self, probes: Tensor, fvp, mask: Tensor | None) -> float:
         with torch.no_grad():
@@ -146,14 +150,18 @@ class KronLearner:
             "generator": self.generator.get_state(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.R = state["R"].clone().requires_grad_(True)
-        self.L = state["L"].clone().requires_grad_(True)
-        self.scale = state["scale"]
-        self.a = state["a"].clone().requires_grad_(True)
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
+        """The learner as `state_dict` saved it, its tensors on `device` (where they were if None);
+        the optimiser's moments follow the factors."""
+        self.R = state["R"].to(device).clone().requires_grad_(True)
+        self.L = state["L"].to(device).clone().requires_grad_(True)
+        self.scale = state["scale"].to(device)
+        self.a = state["a"].to(device).clone().requires_grad_(True)
         self.optimizer = self._optimizer(self.R, self.L, self.a)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.gamma, self.keep, self.count, self.curve = state["gamma"], state["keep"], state["count"], state["curve"]
+        keep = state["keep"]
+        self.gamma, self.count, self.curve = state["gamma"], state["count"], state["curve"]
+        self.keep = keep.to(device) if keep is not None else None
         self.checks, self.reverted = state["checks"], state["reverted"]
         self.generator.set_state(state["generator"])
 
@@ -250,10 +258,12 @@ class FishLegSurgeon(Estimator):
         m, n = stats.shape
         theta = stats.theta()
         theta = KronFactors(R=theta.R.detach(), L=theta.L.detach(), A=theta.A.detach())
-        support = stats.keep if stats.keep is not None else torch.ones(m, n, dtype=torch.bool)
+        device = theta.A.device
+        support = stats.keep.to(device) if stats.keep is not None else torch.ones(m, n, dtype=torch.bool, device=device)
+        keep = keep.to(device)
         pruned = support & ~keep.reshape(m, n)
         update = joint_update if self.update == "joint" else summed_update
-        new = update(theta, weight.float().reshape(m, n), pruned, support)
+        new = update(theta, weight.to(device=device, dtype=torch.float32).reshape(m, n), pruned, support)
         return torch.where(keep.reshape(m, n), new, torch.zeros_like(new)).reshape(-1)
 
     def state_dict(self) -> dict:
