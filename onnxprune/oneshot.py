@@ -138,6 +138,9 @@ class Pruner:
         self.keep = [v.to_canonical(masks[v.target.name].reshape(-1).to(v.param.device)) for v in self.views]
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The pruned tensors' values in ONNX layout. On the CPU these share memory with the
+        parameters (no copy of a large model), on a GPU they are copies: take them after the last
+        change to the weights."""
         return {v.target.name: v.param.detach().cpu().numpy() for v in self.views}
 
     # ---------------------------------------------------------------- one step

@@ -32,7 +32,7 @@ from .pipeline import FinalCheck, final_check, prepare, prune_weights, removed_c
 from .progress import Progress, progress_enabled
 from .report import SCHEMA_VERSION, InputDocument
 from .reporting import data_info
-from .runtime import resolve_device
+from .runtime import reproducible, resolve_device
 from .searches import resolve, resolve_automatic, statistics_job
 
 log = logging.getLogger("onnxprune")
@@ -132,11 +132,16 @@ class SweepReport(InputDocument):
 def sweep(config: SweepConfig) -> SweepReport:
     """Prune the model at every sparsity with every method, validate each in onnxruntime, and
     write the sweep's JSON report and plot. Models are kept only with `keep_models`."""
-    base = config.settings
     if distributed.launched():
         raise UsageError("onnxprune sweep does not run under torchrun; run it in one process (prune does)")
+    device = resolve_device(config.settings.device)
+    with reproducible(device):  # on CUDA: no TF32, deterministic cuDNN
+        return _sweep(config, device)
+
+
+def _sweep(config: SweepConfig, device: torch.device) -> SweepReport:
+    base = config.settings
     started = time.perf_counter()
-    device = resolve_device(base.device)
     _check_free(config)
     timings: dict[str, float] = {}
     job = prepare(base, device, timings, methods=config.methods)
@@ -205,12 +210,14 @@ def _shared_scores(
                 pruner.restore(values, keep, 0)
                 tick = time.perf_counter()
                 pruner.apply(scored, sparsity, last=True)  # one step to each sparsity
-                arrays, added, final = pruner.arrays(), [], None
+                added, final = [], None
                 if repairer is not None:
                     repairer.reset()
                     repairer.after_step("step 1/1", keep)
                     if repairer.corrections.values:
                         final = final_check(first, job)
+                arrays = pruner.arrays()  # after the repair, which changes the weights
+                if repairer is not None:
                     added = repairer.fold(arrays)
                 if job.channels is not None:  # the smaller graph is checked against the torch model
                     final = final_check(first, job)
