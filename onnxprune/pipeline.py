@@ -56,7 +56,7 @@ from .report import (
     Validation,
 )
 from .reporting import data_info, finetune_info, fisher_info, model_info, warnings, written_data_files
-from .runtime import non_finite_output, require_finite, resolve_device, timed, torch_runner
+from .runtime import non_finite_output, reproducible, require_finite, resolve_device, timed, torch_runner
 from .searches import Resolved, resolve, statistics_job
 from .speed import Speed, measure_speed
 from .structure.constraint import ChannelConstraint
@@ -85,24 +85,25 @@ def prune(config: PruneConfig | str | os.PathLike, output: str | os.PathLike | N
     device = resolve_device(config.device)
     joined = distributed.join(device)  # under torchrun: statistics shared out over the ranks
     try:
-        torch.manual_seed(config.seed)
-        check_output_free(config)
-        job = prepare(config, device, timings)
-        with timed(timings, "prune"):
-            resolved = resolve(config, job)
-            pruned = prune_weights(resolved, job)
-        release_freed_memory()  # the scores and masks: the model is written and run next
-        timings["finetune"] = round(pruned.tuning_seconds, 4)
-        report = None
-        if distributed.is_writer():
-            written = write_and_validate(
-                config, job, pruned.arrays, pruned.added_biases, pruned.final, timings, removed=pruned.removed
-            )
-            config.checkpoint_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
-            timings["total"] = time.perf_counter() - started
-            report = build_report(config, job, resolved, pruned, written, timings)
-            publish(config, report)
-        return distributed.from_writer(report)
+        with reproducible(device):  # on CUDA: no TF32, deterministic cuDNN
+            torch.manual_seed(config.seed)
+            check_output_free(config)
+            job = prepare(config, device, timings)
+            with timed(timings, "prune"):
+                resolved = resolve(config, job)
+                pruned = prune_weights(resolved, job)
+            release_freed_memory()  # the scores and masks: the model is written and run next
+            timings["finetune"] = round(pruned.tuning_seconds, 4)
+            report = None
+            if distributed.is_writer():
+                written = write_and_validate(
+                    config, job, pruned.arrays, pruned.added_biases, pruned.final, timings, removed=pruned.removed
+                )
+                config.checkpoint_path.unlink(missing_ok=True)  # the run is complete: nothing to resume
+                timings["total"] = time.perf_counter() - started
+                report = build_report(config, job, resolved, pruned, written, timings)
+                publish(config, report)
+            return distributed.from_writer(report)
     finally:
         if joined:
             distributed.leave()

@@ -28,6 +28,38 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda" if available else "cpu")
 
 
+@contextmanager
+def reproducible(device: torch.device) -> Iterator[None]:
+    """On CUDA, full float32 arithmetic (cuDNN's convolutions use TF32 by default, about 1e-3
+    relative: the conversion check measured 5e-4 to 2e-3 on onnx's backend models) and cuDNN's
+    deterministic algorithms (the same seed gives the same gradients, so the same masks); the
+    settings are restored afterwards. Nothing changes on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if conv is not None and not hasattr(conv, "fp32_precision"):
+        conv = None  # before torch 2.9: the legacy flag
+    saved = (conv.fp32_precision if conv is not None else cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+    matmul = torch.get_float32_matmul_precision()  # a caller's "high" would allow TF32 in products
+    torch.set_float32_matmul_precision("highest")
+    if conv is not None:
+        conv.fp32_precision = "ieee"
+    else:
+        cudnn.allow_tf32 = False
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        if conv is not None:
+            conv.fp32_precision = saved[0]
+        else:
+            cudnn.allow_tf32 = saved[0]
+        cudnn.deterministic, cudnn.benchmark = saved[1], saved[2]
+        torch.set_float32_matmul_precision(matmul)
+
+
 def torch_runner(torch_model: TorchModel, device: torch.device) -> Runner:
     """A feeds → outputs function running the torch model without gradients. A failure inside
     the converted model is reported as exit 4, naming the ONNX node that failed."""
