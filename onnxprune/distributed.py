@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 
 def world() -> int:
     """How many ranks share the work (1 outside torchrun)."""
@@ -64,10 +66,22 @@ def join(device: torch.device) -> bool:
         return False
     backend = "gloo"
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_own_gpu())
         backend = "nccl"
     dist.init_process_group(backend=backend)
     return True
+
+
+def _own_gpu() -> int:
+    """This rank's GPU: the one of its local rank (NCCL cannot put two ranks on one GPU)."""
+    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    ranks = max(local + 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # every rank of the machine stops
+    if ranks > gpus:
+        raise UsageError(
+            f"torchrun started {ranks} ranks on this machine but torch sees {gpus} GPU(s): each rank needs a GPU "
+            f"of its own; start at most {gpus} (--nproc-per-node {gpus}) or add --device cpu (gloo)"
+        )
+    return local
 
 
 def leave() -> None:

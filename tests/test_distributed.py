@@ -10,9 +10,11 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from onnxprune import distributed
 from onnxprune.bridge.bindings import read_tensor
+from onnxprune.errors import UsageError
 
 from builders import mlp, randn, save, save_npz
 
@@ -115,6 +117,7 @@ def _files(tmp_path):
 
 
 def _prune(args: list[str], ranks: int, cwd) -> subprocess.CompletedProcess:
+    args = [*args, "--device", "cpu"]  # gloo on the CPU: a machine with one GPU cannot hold two NCCL ranks
     if ranks == 1:
         command = [sys.executable, "-c", CLI, *args]
     else:
@@ -182,3 +185,17 @@ def test_two_ranks_fine_tune_as_one_process(tmp_path):
         assert np.array_equal(a == 0, b == 0), f"{name}: masks differ"
         assert not np.allclose(a, np.where(a == 0, 0, read_tensor(dense, name)))  # fine-tuning moved it
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_more_ranks_than_gpus_stop_every_rank_with_a_setting_that_fits(monkeypatch, local_rank):
+    # NCCL cannot put two ranks on one GPU: torch failed with "invalid device ordinal" on rank 1
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    fits = r"2 ranks on this machine but torch sees 1 GPU.*--nproc-per-node 1.*--device cpu"
+    with pytest.raises(UsageError, match=fits):
+        distributed._own_gpu()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed._own_gpu() == 0

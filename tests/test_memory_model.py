@@ -22,7 +22,7 @@ CHILD = """
 import json, resource, sys
 from onnxprune import PruneConfig, plan, prune
 config = PruneConfig(input=sys.argv[2], output=sys.argv[3], sparsity=0.8, method="woodfisher", damp=1e-3,
-    allocation="global", num_grads=32, block_size=128, calibration=sys.argv[4], progress="off",
+    allocation="global", num_grads=32, block_size=128, calibration=sys.argv[4], progress="off", device="cpu",
     scale_update=False, refine_masks=False, solve_weights=False, correct_statistics="off")
 if sys.argv[1] == "plan":
     m = plan(config).memory
