@@ -331,6 +331,14 @@ _SHARED = [
         "data after each pruning step and write them back.",
     ),
     click.option(
+        "--shared-factors/--no-shared-factors",
+        default=_default("shared_factors"),
+        show_default=True,
+        help="The allocation search's candidates take their WoodFisher joint updates from one Cholesky "
+        "factor per block, in saliency order (each candidate's pruned set is a prefix of it); "
+        "--no-shared-factors factors each candidate's set again (equal to float rounding, slower).",
+    ),
+    click.option(
         "--scale-update/--no-scale-update",
         default=_default("scale_update"),
         show_default=True,

@@ -147,6 +147,11 @@ class PruneConfig:
     # `damp_search_seconds`; else DEFAULT_DAMP (estimators/base.py).
     damp: float | str = "auto"
     obs_update: str = "joint"  # joint (exact, per block), summed (original WoodFisher), none
+    # The allocation search's candidates prune thresholds of the same saliencies from the same
+    # statistics: WoodFisher factors each block once in saliency order and every candidate's joint
+    # update is a triangular solve of a prefix (equal to float rounding); False: each candidate
+    # factors its own pruned set (as before 2026-12; MiniLM's search spent ~19 s a candidate there).
+    shared_factors: bool = True
     # The combined estimator's weight of the task-loss Fisher against each layer's reconstruction
     # error, in [0, 1] (0: SparseGPT); "auto": chosen from MIX_GRID on held-out calibration samples.
     mix: float | str = "auto"

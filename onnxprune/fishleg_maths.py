@@ -48,9 +48,10 @@ def init_factors(diagonal: Tensor, gamma: float, block: int) -> KronFactors:
     m, n = diagonal.shape
     rb, sr = block_split(m, block)
     lb, sl = block_split(n, block)
-    eye = lambda count, size: (
-        torch.eye(size, dtype=diagonal.dtype, device=diagonal.device).expand(count, size, size).clone()
-    )  # noqa: E731,E501
+
+    def eye(count: int, size: int) -> Tensor:
+        return torch.eye(size, dtype=diagonal.dtype, device=diagonal.device).expand(count, size, size).clone()
+
     return KronFactors(R=eye(rb, sr), L=eye(lb, sl), A=(diagonal + gamma).rsqrt())
 
 

@@ -77,6 +77,50 @@ def obs_joint_update(w: Tensor, finv: Tensor, prune: Tensor) -> Tensor:
     return torch.where(prune, torch.zeros_like(new), new)
 
 
+def saliency_order(w: Tensor, finv: Tensor) -> Tensor:
+    """Each block's positions by ascending single-weight saliency (ties by position): the order in
+    which a threshold on the saliencies prunes them."""
+    return torch.argsort(obs_saliency(w, finv), dim=1, stable=True)
+
+
+def permute_blocks(matrices: Tensor, order: Tensor) -> Tensor:
+    """M[π, π] per block [B, c, c] for the orders π [B, c]."""
+    c = matrices.shape[-1]
+    rows = matrices.gather(1, order.unsqueeze(2).expand(-1, -1, c))
+    return rows.gather(2, order.unsqueeze(1).expand(-1, c, -1))
+
+
+def ordered_factor(finv: Tensor, order: Tensor) -> Tensor:
+    """The Cholesky factor L (float64) of F⁻¹[π, π] per block. Its leading k×k part is the factor
+    of F⁻¹[Q, Q] for Q the first k positions of π, so one factorisation serves every pruned set
+    that is a prefix of π: all the thresholds of a search's candidates."""
+    return torch.linalg.cholesky(permute_blocks(finv, order).to(torch.float64))
+
+
+def unordered_inverse(factor: Tensor, order: Tensor) -> Tensor:
+    """F⁻¹ back from `ordered_factor` (L Lᵀ in the original positions, float64)."""
+    ordered = factor.to(torch.float64) @ factor.to(torch.float64).transpose(1, 2)
+    return permute_blocks(ordered, torch.argsort(order, dim=1))
+
+
+def prefix_update(w: Tensor, factor: Tensor, order: Tensor, prune: Tensor) -> tuple[Tensor, Tensor]:
+    """`obs_joint_update` from the ordered factor, for blocks whose pruned set is a prefix of their
+    order: with F⁻¹[π,π] = L Lᵀ and Q the first k positions, δw_π = −L [L_QQ⁻¹ w_Q; 0] (one
+    triangular solve, no factorisation). Returns (new weights, which blocks were prefixes); the
+    other blocks' rows are meaningless and must be solved otherwise."""
+    w_o, p_o = w.gather(1, order), prune.gather(1, order)
+    k = p_o.sum(1)
+    prefix = torch.arange(w.shape[1], device=w.device).unsqueeze(0) < k.unsqueeze(1)
+    ok = (p_o == prefix).all(1)
+    factor = factor.to(w.dtype)
+    # a forward solve's leading entries depend on the leading rows alone: solving with all of L
+    # and cutting at k gives L_QQ⁻¹ w_Q
+    y = torch.linalg.solve_triangular(factor, (w_o * prefix).unsqueeze(2), upper=False).squeeze(2) * prefix
+    new_o = w_o - (factor @ y.unsqueeze(2)).squeeze(2)
+    new_o = torch.where(prefix, torch.zeros_like(new_o), new_o)
+    return torch.empty_like(new_o).scatter_(1, order, new_o), ok
+
+
 def obs_summed_update(w: Tensor, finv: Tensor, prune: Tensor) -> Tensor:
     """The original WoodFisher update: the sum of independent single-weight OBS updates,
     −Σ_q w_q F⁻¹e_q / [F⁻¹]_qq, ignoring how the removed weights interact; pruned entries 0."""

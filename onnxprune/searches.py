@@ -133,6 +133,12 @@ def trial_losses(
     for label, trial in trials:
         started = time.perf_counter()
         estimator = ESTIMATORS.get(trial.method)(trial)
+        # candidates that differ only in how they threshold the same scores share the statistics
+        # (reuse.py) and, with thresholds on whole tensors, what is prepared for their updates; every
+        # trial prepares them alike, so that the run a search chooses does not depend on which
+        # search's trial it reuses
+        thresholds = trial.structure == "unstructured" and trial.pattern is None
+        estimator.shared_statistics = config.shared_factors and thresholds
         source = statistics_source(trial, trial_job, estimator)
         with make_pruner(trial, trial_job, estimator, source, Progress(False), reuse="offer") as pruner:
             repairer = make_repairer(config, job, pruner, Progress(False), repair, min_samples=0)

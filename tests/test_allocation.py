@@ -17,6 +17,7 @@ from onnxprune.activations import ActivationSource
 from onnxprune.allocation import choose_sparsities, exact_counts
 from onnxprune.data import split
 from onnxprune.estimators.base import DAMP_GRID, DEFAULT_DAMP
+from onnxprune.estimators.woodfisher import BlockGram
 from onnxprune.gradients import GradientSource
 from onnxprune.job import search_split, search_statistics
 from onnxprune.masks import prune_count
@@ -121,7 +122,9 @@ def test_auto_damping_picks_the_grid_value_with_the_smallest_held_out_loss_and_l
 
 def test_auto_damping_stops_after_its_first_trial_when_the_rest_would_take_too_long(tmp_path):
     # held-out samples the statistics never draw: the stopped search's trial is then a plain run's
-    config = cnn_config(tmp_path, "costly", allocation="global", damp_search_seconds=0.001, search_holdout="unused")
+    # (to the bit where the trial factors its pruned sets as the plain run does)
+    exact = dict(search_holdout="unused", shared_factors=False)
+    config = cnn_config(tmp_path, "costly", allocation="global", damp_search_seconds=0.001, **exact)
     job = prepare(config, torch.device("cpu"), {})
     chosen, search = resolve_damping(config, job)
     assert not search["searched"] and search["chosen"] == DEFAULT_DAMP == chosen.damp
@@ -270,7 +273,9 @@ def test_a_run_that_keeps_the_searched_allocation_equals_that_allocation_given(t
     path, calib, evaluation = rescaled_mlp(tmp_path)
     settings = dict(input=path, sparsity=0.5, method="woodfisher", damp=1e-3, num_grads=32, block_size=8,
                     calibration=calib, evaluation=evaluation, progress="off")  # fmt: skip
-    unused = {**settings, "search_holdout": "unused"}  # the repair's held-out samples too
+    # the repair's held-out samples too; the given run factors its pruned sets itself, so the
+    # search does too (shared factors: equal to float rounding, test below)
+    unused = {**settings, "search_holdout": "unused", "shared_factors": False}
     auto = prune(PruneConfig(output=tmp_path / "auto.onnx", **unused))
     chosen = auto.pruning.allocation_search["chosen"]
     given = prune(PruneConfig(output=tmp_path / "given.onnx", **{**unused, "allocation": chosen}))
@@ -283,3 +288,31 @@ def test_a_run_that_keeps_the_searched_allocation_equals_that_allocation_given(t
     prune(PruneConfig(output=tmp_path / "same.onnx", **{**settings, "allocation": quarter.pruning.allocation}))
     third, fourth = weights(tmp_path / "quarter.onnx"), weights(tmp_path / "same.onnx")
     assert not all(np.array_equal(third[k], fourth[k]) for k in third)
+
+
+def test_the_allocation_candidates_share_one_factor_per_block_and_update_as_each_would_alone(tmp_path, monkeypatch):
+    # the candidates prune thresholds of the same saliencies: one ordered Cholesky factor per
+    # block serves all three; the weights are those of each candidate's own factorisation
+    path, calib, evaluation = rescaled_mlp(tmp_path)
+    settings = dict(input=path, sparsity=0.6, method="woodfisher", damp=1e-3, num_grads=32, block_size=8,
+                    calibration=calib, evaluation=evaluation, progress="off", scale_update=False,
+                    refine_masks=False, solve_weights=False, correct_statistics="off")  # fmt: skip
+    factored = []
+    to_factor = BlockGram.to_ordered_factor
+    monkeypatch.setattr(BlockGram, "to_ordered_factor", lambda self, o: factored.append(1) or to_factor(self, o))
+    shared = prune(PruneConfig(output=tmp_path / "shared.onnx", **settings))
+    assert shared.pruning.allocation_search["candidates"] == ["global", "layer", "magnitude"]
+    assert len(factored) == 2  # once per tensor (w1, w2), not per candidate
+    factored.clear()
+    alone = prune(PruneConfig(output=tmp_path / "alone.onnx", shared_factors=False, **settings))
+    assert not factored
+    assert alone.pruning.allocation == shared.pruning.allocation
+    np.testing.assert_allclose(
+        alone.pruning.allocation_search["losses"], shared.pruning.allocation_search["losses"], rtol=1e-4
+    )
+    first, second = weights(tmp_path / "shared.onnx"), weights(tmp_path / "alone.onnx")
+    for name in first:
+        assert np.array_equal(first[name] == 0, second[name] == 0), name
+        # both solve from the float32 inverse; on this deliberately ill-scaled MLP (×1e3, ×1e-3)
+        # they differ by up to 8e-5 relative, each as far from a float64 solve as the other
+        np.testing.assert_allclose(first[name], second[name], rtol=2e-4, atol=1e-6)

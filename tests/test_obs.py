@@ -11,7 +11,11 @@ from onnxprune.obs import (
     obs_joint_update,
     obs_saliency,
     obs_summed_update,
+    ordered_factor,
+    prefix_update,
+    saliency_order,
     to_blocks,
+    unordered_inverse,
     woodbury_inverse,
 )
 
@@ -92,3 +96,26 @@ def test_blocking_pads_and_restores():
     assert torch.equal(from_blocks(blocks, 10), flat)
     mask = to_blocks(torch.ones(5, dtype=torch.bool), 4)
     assert mask.dtype == torch.bool and mask[1].tolist() == [True, False, False, False]
+
+
+def test_one_ordered_factor_gives_the_joint_update_of_every_prefix_and_flags_other_sets():
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(9, 3, 4, generator=gen, dtype=F64)
+    finv = woodbury_inverse(g, 0.1)
+    w = torch.randn(3, 4, generator=gen, dtype=F64)
+    order = saliency_order(w, finv)
+    # ascending w²/(2 F⁻¹_qq), by hand for the first block
+    saliency = [(w[0, q] ** 2 / (2 * finv[0, q, q])).item() for q in range(4)]
+    assert order[0].tolist() == sorted(range(4), key=lambda q: saliency[q])
+    factor = ordered_factor(finv, order)
+    torch.testing.assert_close(unordered_inverse(factor, order), finv, rtol=1e-12, atol=1e-12)
+    rank = torch.argsort(order, dim=1)
+    for k in range(5):  # nothing, ..., the whole block
+        prune = rank < k
+        new, ok = prefix_update(w, factor, order, prune)
+        assert bool(ok.all())
+        torch.testing.assert_close(new, obs_joint_update(w, finv, prune), rtol=0, atol=1e-12)
+        assert bool((new[prune] == 0).all())
+    # the second-smallest alone is not a prefix: flagged, to be solved otherwise
+    _, ok = prefix_update(w, factor, order, rank == 1)
+    assert not bool(ok.any())

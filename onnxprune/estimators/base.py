@@ -99,6 +99,9 @@ class Estimator(ABC):
 
     def __init__(self, config: PruneConfig | None = None):
         self.settings = settings_from(type(self).reads, config)
+        # set by the searches where several trials compensate from the same statistics (their
+        # masks thresholds on the same scores): an estimator may then prepare them once for all
+        self.shared_statistics = False
 
     # `stats` below is the estimator's own Statistics type (what `statistics` returns), or None.
     def statistics(self, name: str, shape: tuple[int, int]) -> Any:

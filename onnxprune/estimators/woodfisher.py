@@ -28,7 +28,11 @@ from ..obs import (
     obs_joint_update,
     obs_saliency,
     obs_summed_update,
+    ordered_factor,
+    prefix_update,
+    saliency_order,
     to_blocks,
+    unordered_inverse,
 )
 from .base import Estimator, MemoryNeed, register, relative_damp
 
@@ -54,6 +58,9 @@ class BlockGram:
         self.inverse: Tensor | None = None
         self.damping: float | None = None
         self.spilled: Path | None = None
+        # the inverse replaced by its Cholesky factor in each block's saliency order (`factor`)
+        self.factor: Tensor | None = None
+        self.order: Tensor | None = None
 
     def update(self, grads: Tensor, keep: Tensor | None = None) -> None:
         if self.inverse is not None or self.spilled is not None:
@@ -97,6 +104,27 @@ class BlockGram:
         self.inverse, self.gram = gram, None
         return gram
 
+    def to_ordered_factor(self, order: Tensor) -> None:
+        """Replace the inverse, in its own memory, by the Cholesky factor of each block's inverse
+        in `order` (obs.ordered_factor): several updates from one factorisation."""
+        finv = self.inverse
+        if finv is None:
+            raise RuntimeError("statistics not finalised, or spilled")
+        for part, part_order in zip(chunks(finv), chunks_like(order, finv)):
+            part.copy_(ordered_factor(part, part_order))
+        self.factor, self.inverse = finv, None
+        self.order = order.to(torch.int16 if self.block_size < 2**15 else torch.int32)
+
+    def to_inverse(self) -> Tensor:
+        """The inverse back from the ordered factor (in place; equal to float rounding)."""
+        factor, order = self.factor, self.order
+        if factor is None or order is None:
+            raise RuntimeError("statistics not factored")
+        for part, part_order in zip(chunks(factor), chunks_like(order, factor)):
+            part.copy_(unordered_inverse(part, part_order.long()))
+        self.inverse, self.factor, self.order = factor, None, None
+        return factor
+
     def spill(self, folder: Path) -> None:
         """Move the inverse to a file in `folder`, freeing its memory."""
         if self.inverse is None:
@@ -128,6 +156,12 @@ def chunks(blocked: Tensor) -> list[Tensor]:
     return [blocked[start : start + step] for start in range(0, blocked.shape[0], step)]
 
 
+def chunks_like(rows: Tensor, blocked: Tensor) -> list[Tensor]:
+    """`rows` [B, ...] cut as `chunks(blocked)` cuts its blocks (as int64 where it is an index)."""
+    step = chunk_blocks(blocked.shape[-1])
+    return [rows[start : start + step].long() for start in range(0, blocked.shape[0], step)]
+
+
 def blockwise(function: Callable[..., Tensor], w: Tensor, finv: Tensor, *extra: Tensor) -> Tensor:
     """`function(w, finv, *extra)` over chunks of blocks, so that its float64 temporaries stay
     about CHUNK_BYTES (results concatenated)."""
@@ -137,6 +171,17 @@ def blockwise(function: Callable[..., Tensor], w: Tensor, finv: Tensor, *extra: 
         end = start + step
         parts.append(function(w[start:end], finv[start:end], *(e[start:end] for e in extra)))
     return torch.cat(parts) if parts else w.new_zeros(w.shape)
+
+
+def ordered_update(w: Tensor, factor: Tensor, order: Tensor, prune: Tensor) -> Tensor:
+    """`obs.prefix_update`, with the blocks whose pruned set is not a prefix of their order (ties
+    in the saliencies cut differently) solved from the inverse rebuilt for them alone."""
+    new, ok = prefix_update(w, factor, order.long(), prune)
+    if not bool(ok.all()):
+        odd = ~ok
+        finv = unordered_inverse(factor[odd], order[odd].long())
+        new[odd] = obs_joint_update(w[odd], finv, prune[odd])
+    return new
 
 
 @register
@@ -177,6 +222,8 @@ class WoodFisher(Estimator):
         """The block inverses [B, c, c] (float32), built once."""
         if stats.inverse is None and stats.spilled is not None:
             return torch.load(stats.spilled, mmap=True, weights_only=True)
+        if stats.factor is not None:
+            return stats.to_inverse()
         return stats.inverse if stats.inverse is not None else stats.finalise(self.damp)
 
     def _blocked(self, weight: Tensor, finv: Tensor) -> Tensor:
@@ -193,8 +240,25 @@ class WoodFisher(Estimator):
     def compensate(self, weight: Tensor, keep: Tensor, stats: BlockGram) -> Tensor:
         if self.update == "none":
             return super().compensate(weight, keep, stats)
+        ordered = self.update == "joint" and (self.shared_statistics or stats.factor is not None)
+        if ordered and stats.spilled is None:
+            return self._compensate_ordered(weight, keep, stats)
         finv = self.inverse(stats)
         prune = to_blocks(~keep.to(finv.device), self.block_size)
         update = obs_joint_update if self.update == "joint" else obs_summed_update
         new = blockwise(update, self._blocked(weight, finv), finv, prune)
+        return from_blocks(new, weight.numel()).to(weight.dtype)
+
+    def _compensate_ordered(self, weight: Tensor, keep: Tensor, stats: BlockGram) -> Tensor:
+        """The joint update of statistics that several trials compensate (the allocation search's
+        candidates, whose pruned sets are thresholds on the same saliencies): the first call
+        factors each block once in saliency order, every call then solves its prefix."""
+        if stats.factor is None:
+            finv = self.inverse(stats)
+            stats.to_ordered_factor(blockwise(saliency_order, self._blocked(weight, finv), finv))
+        factor, order = stats.factor, stats.order
+        if factor is None or order is None:
+            raise RuntimeError("the ordered factor was not built")
+        prune = to_blocks(~keep.to(factor.device), self.block_size)
+        new = blockwise(ordered_update, self._blocked(weight, factor), factor, order, prune)
         return from_blocks(new, weight.numel()).to(weight.dtype)
