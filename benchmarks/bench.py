@@ -49,6 +49,7 @@ class Run:
     max_memory: float | None = None  # GiB for the statistics (--max-memory); None: the default
     allocation: str = "global"  # --allocation
     search_holdout: str = "quarter"  # --search-holdout
+    shared_factors: bool = True  # --shared-factors (runs with a search before 2026-12-04: False)
 
     @property
     def key(self) -> str:
@@ -65,6 +66,8 @@ class Run:
             fields.pop("max_memory")
         if self.search_holdout == "quarter":
             fields.pop("search_holdout")
+        if self.shared_factors:
+            fields.pop("shared_factors")
         return json.dumps(fields, sort_keys=True)
 
 
@@ -181,7 +184,8 @@ report = prune(PruneConfig(input={str(model)!r}, output={str(out)!r}, force=True
     block_size={run.block_size}, damp={run.damp!r}, schedule={run.schedule!r}, prune_steps={run.prune_steps},
     finetune_steps={run.finetune_steps}, lr={run.lr or 1e-4}, seed={run.seed}, calibration={str(calib)!r},
     evaluation={str(evaluation)!r}, progress="off", max_memory={run.max_memory!r}, scope={run.allocation!r},
-    search_holdout={run.search_holdout!r}, scale_update=False, refine_masks=False, solve_weights=False,
+    search_holdout={run.search_holdout!r}, shared_factors={run.shared_factors!r}, scale_update=False,
+    refine_masks=False, solve_weights=False,
     correct_statistics="off"))
 q, f = report.validation.quality, report.fisher
 curve = (f.estimator.get("auxiliary_loss") or []) if f else []
