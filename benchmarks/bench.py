@@ -219,6 +219,34 @@ def load_results(path: Path = RESULTS) -> dict[str, dict]:
     return {entry["key"]: entry for entry in map(json.loads, path.read_text().splitlines())}
 
 
+def machine() -> str:
+    """The machine and versions a document's figures come from, as its header states them."""
+    import onnxruntime
+    import torch
+
+    from onnxprune import __version__
+
+    return (
+        f"{platform.machine()} CPU with {os.cpu_count()} cores (onnxprune {__version__}, torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__})"
+    )
+
+
+def measure_missing(path: Path, results: dict[str, dict], runs: list[Run], redo: bool, after=None) -> None:
+    """Measure each run not yet in `results` (all with `redo`), appending each to `path` as it ends;
+    `after()` is called after each (a document rewritten as the results come in)."""
+    for run in runs:
+        if run.key in results and "error" not in results[run.key] and not redo:
+            continue
+        started = time.perf_counter()
+        print(f"== {run}", file=sys.stderr, flush=True)
+        value = measure(run)
+        print(f"   {value} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        append_result(path, results, {"key": run.key, **value})
+        if after is not None:
+            after()
+
+
 def append_result(path: Path, results: dict[str, dict], row: dict) -> None:
     """`row` recorded under its key, and appended to the results file at once (an interrupted
     benchmark resumes after it)."""

@@ -14,16 +14,13 @@ estimator is measured alone: the repair after pruning is off (docs/quality.md me
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import bench
-from bench import MODEL_FILES, Run, append_result, load_results, measure
+from bench import MODEL_FILES, Run, load_results, machine, measure_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "defaults.jsonl"
@@ -67,17 +64,11 @@ def _spread(values: list[float]) -> str:
 
 
 def render(results: dict[str, dict], sparsities, seeds) -> str:
-    import onnxruntime
-    import torch
-
-    from onnxprune import __version__
-
     lines = [
         "# WoodFisher with its automatic searches on all-MiniLM-L6-v2",
         "",
-        "Produced by `make bench` (`benchmarks/defaults.py`); do not edit by hand. On "
-        f"{platform.machine()} CPU with {os.cpu_count()} cores (onnxprune {__version__}, torch {torch.__version__}, "
-        f"onnxruntime {onnxruntime.__version__}); every run a separate process, one at a time.",
+        f"Produced by `make bench` (`benchmarks/defaults.py`); do not edit by hand. On {machine()}; every run a "
+        "separate process, one at a time.",
         "",
         "*auto*: `--method woodfisher --search-holdout unused --no-shared-factors` (the defaults when these "
         "rows were measured; docs/shared_factors.md measures the shared factors, the default since): "
@@ -193,15 +184,11 @@ def main() -> None:
             make = [sys.executable, str(ROOT / "models" / "make_minilm.py"), "--exporter", "legacy"]
             subprocess.run(make, check=True)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        for run in runs(args.sparsities, args.seeds):
-            if run.key in results and "error" not in results[run.key] and not args.redo:
-                continue
-            started = time.perf_counter()
-            print(f"== {run}", file=sys.stderr, flush=True)
-            value = measure(run)
-            print(f"   {value} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-            append_result(RESULTS, results, {"key": run.key, **value})
+
+        def rewrite() -> None:
             DOC.write_text(render(results, SPARSITIES, SEEDS))
+
+        measure_missing(RESULTS, results, runs(args.sparsities, args.seeds), args.redo, rewrite)
     DOC.write_text(render(results, SPARSITIES, SEEDS))
     print(f"wrote {DOC}", file=sys.stderr)
 

@@ -15,14 +15,11 @@ off); each run a fresh process (bench.measure), results in benchmarks/results/sh
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench import Run, append_result, load_results, measure
+from bench import Run, load_results, machine, measure_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "shared_factors.jsonl"
@@ -55,18 +52,12 @@ def _machines(results: dict[str, dict], sparsities) -> str:
 
 
 def render(results: dict[str, dict], sparsities, seeds) -> str:
-    import onnxruntime
-    import torch
-
-    from onnxprune import __version__
-
     lines = [
         "# The allocation search's shared block factors on all-MiniLM-L6-v2",
         "",
-        "Produced by `make bench` (`benchmarks/shared_factors.py`); do not edit by hand. On "
-        f"{platform.machine()} CPU with {os.cpu_count()} cores (onnxprune {__version__}, torch {torch.__version__}, "
-        f"onnxruntime {onnxruntime.__version__}); every run a separate process, one at a time, all in one "
-        f"invocation. Wall times from another day's machine are not comparable{_machines(results, sparsities)}.",
+        f"Produced by `make bench` (`benchmarks/shared_factors.py`); do not edit by hand. On {machine()}; every "
+        "run a separate process, one at a time, all in one invocation. Wall times from another day's machine "
+        f"are not comparable{_machines(results, sparsities)}.",
         "",
         "*auto*: WoodFisher with `--allocation auto --damp auto --search-holdout unused` (docs/defaults.md's "
         "setting; global, layer and magnitude tried on held-out samples); *auto, --no-shared-factors*: the same, "
@@ -118,16 +109,8 @@ def main() -> None:
     results = load_results(RESULTS)
     if not args.render:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        for sparsity in args.sparsities:
-            for seed in args.seeds:
-                for run in runs(sparsity, seed).values():
-                    if run.key in results and "error" not in results[run.key] and not args.redo:
-                        continue
-                    started = time.perf_counter()
-                    print(f"== {run}", file=sys.stderr, flush=True)
-                    value = measure(run)
-                    print(f"   {value} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-                    append_result(RESULTS, results, {"key": run.key, **value})
+        todo = [run for sparsity in args.sparsities for seed in args.seeds for run in runs(sparsity, seed).values()]
+        measure_missing(RESULTS, results, todo, args.redo)
     DOC.write_text(render(results, args.sparsities, args.seeds))
     print(f"wrote {DOC}", file=sys.stderr)
 
