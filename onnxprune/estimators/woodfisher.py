@@ -253,12 +253,15 @@ class WoodFisher(Estimator):
         """The joint update of statistics that several trials compensate (the allocation search's
         candidates, whose pruned sets are thresholds on the same saliencies): the first call
         factors each block once in saliency order, every call then solves its prefix."""
+        w = None
         if stats.factor is None:
             finv = self.inverse(stats)
-            stats.to_ordered_factor(blockwise(saliency_order, self._blocked(weight, finv), finv))
+            w = self._blocked(weight, finv)
+            stats.to_ordered_factor(blockwise(saliency_order, w, finv))
         factor, order = stats.factor, stats.order
         if factor is None or order is None:
             raise RuntimeError("the ordered factor was not built")
+        w = self._blocked(weight, factor) if w is None else w  # blocked once, for the order and the update
         prune = to_blocks(~keep.to(factor.device), self.block_size)
-        new = blockwise(ordered_update, self._blocked(weight, factor), factor, order, prune)
+        new = blockwise(ordered_update, w, factor, order, prune)
         return from_blocks(new, weight.numel()).to(weight.dtype)
