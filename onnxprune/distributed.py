@@ -10,17 +10,20 @@ Everything after that starts from the same statistics on every rank and is compu
 there; rank 0 alone writes the model, its report and checkpoints, and hands its report to the
 others.
 
-What is split is the gradients' backward passes, the dominant part of collecting statistics,
-and fine-tuning: each rank trains on its share of every mini-batch under DistributedDataParallel,
-which sums the ranks' gradients before each optimiser step (finetune.py). Not yet split: the
-folding of rows into statistics, the inverses and scores, the layer inputs of the layer-wise
-methods (sparsegpt, wanda) and the repair. Every rank repeats them.
+What is split is the gradients' backward passes, the dominant part of collecting statistics;
+for estimators whose statistics are per tensor (WoodFisher), the tensors themselves: each rank
+folds, inverts, scores and updates its share (`assign`, by size), and the scores, masks and new
+weights of every tensor come from the rank that computed them (`from_owners`); and fine-tuning:
+each rank trains on its share of every mini-batch under DistributedDataParallel, which sums the
+ranks' gradients before each optimiser step (finetune.py). Not yet split: the layer inputs of the
+layer-wise methods (sparsegpt, wanda), the statistics of the other estimators and the repair.
+Every rank repeats them.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -126,6 +129,46 @@ def _collective_device(default: torch.device) -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return default
+
+
+def assign(sizes: Sequence[int], ranks: int) -> list[int]:
+    """The rank that computes each of the work items of `sizes` (their costs): the largest first,
+    each to the least loaded rank (ties to the lower rank), the same on every rank."""
+    load, owners = [0] * ranks, [0] * len(sizes)
+    for item in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owner = min(range(ranks), key=lambda r: (load[r], r))
+        owners[item], load[owner] = owner, load[owner] + sizes[item]
+    return owners
+
+
+def from_owners(
+    values: dict[int, torch.Tensor], owners: Sequence[int], device: torch.device
+) -> dict[int, torch.Tensor]:
+    """Every item's tensor on every rank, broadcast from the rank that owns it (`owners[i]`;
+    `values` holds this rank's own, any dtype and shape; an item its owner has no value for is
+    left out). Received tensors land on `device`; one process gets `values` back."""
+    if world() == 1:
+        return dict(values)
+    described: list[dict[int, tuple[str, tuple[int, ...]]] | None] = [None] * world()
+    dist.all_gather_object(
+        described, {i: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for i, v in values.items()}
+    )
+    wire_device = _collective_device(device)
+    result: dict[int, torch.Tensor] = {}
+    for item, owner in enumerate(owners):
+        known = described[owner] or {}
+        if item not in known:
+            continue
+        dtype = getattr(torch, known[item][0])
+        wire = torch.uint8 if dtype == torch.bool else dtype  # collectives carry no booleans
+        if owner == rank():
+            dist.broadcast(values[item].to(wire_device, wire).contiguous(), src=owner)
+            result[item] = values[item]
+        else:
+            buffer = torch.empty(known[item][1], dtype=wire, device=wire_device)
+            dist.broadcast(buffer, src=owner)
+            result[item] = buffer.to(device=device, dtype=dtype)
+    return result
 
 
 def from_writer(value: Any) -> Any:

@@ -36,6 +36,7 @@ from .schedule import oneshot_targets
 from .structure import ChannelGraph
 from .structure.constraint import ChannelConstraint, class_entries
 from .structure.latency import LatencyTable
+from .tensor_split import split_for
 from .views import (  # noqa: F401  (re-exported: the pruner's pieces)
     OneShotResult,
     Scored,
@@ -106,6 +107,7 @@ class Pruner:
         if estimator.needs_gradients and sources is not None:
             self._plan_memory(sources(0).count, budget, spill_folder)
         self.groups = self.plan.groups if self.plan else (tuple(range(len(self.views))),)
+        self.split = split_for(self)  # under torchrun: the tensors this rank computes
 
     def _plan_memory(self, count: int, budget: int, spill_folder: Path | None) -> None:
         """The statistics' memory plan (and the spill folder, when it says disk)."""
@@ -128,8 +130,6 @@ class Pruner:
     def __exit__(self, *exc) -> None:
         self._cleanup.close()
 
-    # ---------------------------------------------------------------- masks, for fine-tuning and checkpoints
-
     def masks(self) -> dict[str, Tensor]:
         """Keep-masks in ONNX layout, by tensor name."""
         return {v.target.name: v.to_onnx(k).reshape(v.param.shape) for v, k in zip(self.views, self.keep)}
@@ -142,8 +142,6 @@ class Pruner:
         parameters (no copy of a large model), on a GPU they are copies: take them after the last
         change to the weights."""
         return {v.target.name: v.param.detach().cpu().numpy() for v in self.views}
-
-    # ---------------------------------------------------------------- one step
 
     def step(self, sparsity: float, label: str, *, last: bool) -> StepRecord:
         """Prune to `sparsity` with fresh statistics at the current weights (one recomputation);
@@ -225,6 +223,7 @@ class Pruner:
                         cast(SpillableStatistics, stats[i]).spill(self._spill)
             scored.timer["estimator"] += time.perf_counter() - started
             del stats
+        self.split.gather_scores(scored)
         return scored
 
     def _score_classes(self, scored: Scored, i: int, stats: Statistics | None) -> None:
@@ -299,7 +298,8 @@ class Pruner:
         updates: dict[int, Tensor] = {}
         self.updates = {}
         # statistics shared from a search's trial are all kept, whatever this pruner's plan says
-        kept = bool(scored.stats) and all(i in scored.stats for i in range(len(self.views)))
+        mine = [i for i in range(len(self.views)) if self.split.mine(i)]
+        kept = self.split.agreed(bool(scored.stats or not mine) and all(i in scored.stats for i in mine))
         recollect = self.estimator.compensates and self.plan is not None and not self.plan.keep_statistics and not kept
         for g, group in enumerate(self.groups, 1):
             if recollect:
@@ -324,6 +324,7 @@ class Pruner:
         # scores were computed at
         for i, new in updates.items():
             self.views[i].write(new)
+        self.split.gather_updates(self)
         record = StepRecord(scored.number, sparsity, timer["gradients"], timer["estimator"], collections)
         self.records.append(record)
         return record
@@ -394,11 +395,12 @@ class Pruner:
         del self.records[records:]
 
     def _tracked(self, group: Sequence[int], label: str, number: int):
-        """The group's tensors, counted on the progress display."""
+        """The group's tensors this rank computes (all but under torchrun's split), counted on the progress display."""
         suffix = f", group {number}/{len(self.groups)}" if len(self.groups) > 1 else ""
         with self.progress.task(f"{label}{suffix}", len(group), "tensors") as task:
             for i in group:
-                yield i
+                if self.split.mine(i):
+                    yield i
                 task.advance()
 
     def _statistics(
@@ -411,10 +413,9 @@ class Pruner:
         number: int,
         total: int | None = None,
     ) -> dict[int, Statistics | None]:
-        """Statistics for the tensors of `group`, from freshly collected (masked) gradients or
-        the layers' calibration inputs."""
+        """Statistics for this rank's tensors of `group`, from fresh (masked) gradients or layer inputs."""
         views, estimator = self.views, self.estimator
-        stats = {i: estimator.statistics(views[i].target.name, views[i].shape) for i in group}
+        stats = {i: estimator.statistics(views[i].target.name, views[i].shape) for i in group if self.split.mine(i)}
         total = len(self.groups) if total is None else total
         suffix = f", group {number}/{total}" if total > 1 else ""
         if estimator.needs_activations:
@@ -450,7 +451,7 @@ class Pruner:
                 if not bool(torch.isfinite(row).all()):
                     raise NonFiniteError(f"gradients of {name!r} contain NaN or infinite values; nothing was written")
                 i = index[name]
-                target = stats[i]
+                target = stats.get(i)  # None: no statistics, or another rank's tensor
                 if target is not None:
                     target.update(views[i].to_canonical(row), keep=keep[i])
             timer["estimator"] += time.perf_counter() - begun

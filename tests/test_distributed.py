@@ -33,6 +33,19 @@ def test_one_process_owns_every_item_and_shares_nothing():
     assert distributed.describe() == "1 process"
 
 
+def test_items_go_to_the_least_loaded_rank_largest_first():
+    # by hand: 5 -> rank 0 (5, 0); 3 -> rank 1 (5, 3); the other 3 -> rank 1 (5, 6); 1 -> rank 0 (6, 6)
+    assert distributed.assign([5, 3, 3, 1], 2) == [0, 1, 1, 0]
+    assert distributed.assign([1, 1, 1, 1, 1], 2) == [0, 1, 0, 1, 0]  # equal sizes: in order, alternating
+    assert distributed.assign([4, 2], 1) == [0, 0]
+    assert distributed.assign([2, 9, 2], 3) == [1, 0, 2]
+
+
+def test_one_process_gets_its_own_values_back():
+    values = {0: torch.arange(3.0), 2: torch.tensor([True, False])}
+    assert distributed.from_owners(values, [0, 0, 0], torch.device("cpu")) == values
+
+
 def _free_port() -> int:
     import socket
 
@@ -108,6 +121,89 @@ def test_each_rank_computes_its_share_and_folds_every_gradient_in_one_process_or
     torch.testing.assert_close(squares.total, (whole.double() ** 2).sum(0), rtol=1e-12, atol=1e-15)
 
 
+def _rank_exchange(rank: int, port: int, folder: str) -> None:
+    """One gloo rank's items (by owners [0, 1, 0, 1]) and everything it received."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        own = {
+            0: {0: torch.tensor([1.0, 1e-300, -2.5], dtype=torch.float64), 2: torch.tensor([True, False, True])},
+            1: {1: torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7},  # item 3: rank 1 has no value
+        }[rank]
+        torch.save(distributed.from_owners(own, [0, 1, 0, 1], torch.device("cpu")), f"{folder}/got{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_receives_each_item_from_its_owner_exactly(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_exchange, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"got{rank}.pt")
+        assert sorted(got) == [0, 1, 2]  # item 3's owner had nothing for it
+        assert got[0].dtype == torch.float64 and got[0].tolist() == [1.0, 1e-300, -2.5]  # not through float32
+        assert got[1].shape == (2, 3) and torch.equal(got[1], torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7)
+        assert got[2].dtype == torch.bool and got[2].tolist() == [True, False, True]
+
+
+def _split_run() -> dict:
+    """tests/test_oneshot.py's MLP (two tensors) pruned in two steps on a budget that holds one
+    tensor's statistics: each group's gradients collected again for its update."""
+    from test_oneshot import run
+
+    from onnxprune.config import PruneConfig
+    from onnxprune.estimators import ESTIMATORS
+
+    estimator = ESTIMATORS.get("woodfisher")(PruneConfig(input="i", output="o", sparsity=0.5, block_size=8))
+    budget = estimator.memory((16, 6), 32).alone + 100
+    result = run(budget=budget, steps=2, sparsity=0.7)[3]
+    return {
+        "arrays": result.arrays,
+        "storage": result.plan.storage,
+        "collections": [s.collections for s in result.steps],
+    }
+
+
+def _rank_split_run(rank: int, port: int, folder: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from onnxprune.estimators import woodfisher
+
+    woodfisher.FOLD_ROWS, woodfisher.CHUNK_BYTES = 1, 8 * 8 * 8  # as the test below sets them in one process
+    # a rank taking another branch around a collective would wait forever: fail within a minute
+    init = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=3, timeout=timedelta(seconds=60))
+    try:
+        torch.save(_split_run(), f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_three_ranks_split_two_tensors_and_collect_again_as_one_process(tmp_path, monkeypatch):
+    # 2 tensors on 3 ranks: rank 2 computes none, yet collects each group's gradients again with the
+    # others (its empty share must not let it skip the collection its peers wait for)
+    import torch.multiprocessing as mp
+
+    from onnxprune.estimators import woodfisher
+
+    mp.spawn(_rank_split_run, args=(_free_port(), str(tmp_path)), nprocs=3, join=True)
+    monkeypatch.setattr(woodfisher, "FOLD_ROWS", 1)
+    monkeypatch.setattr(woodfisher, "CHUNK_BYTES", 8 * 8 * 8)
+    one = _split_run()
+    assert one["storage"] == "recompute" and one["collections"] == [4, 4]  # two groups, each twice, per step
+    for rank in range(3):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["storage"] == "recompute" and got["collections"] == [4, 4]
+        for name, values in one["arrays"].items():
+            assert np.array_equal(got["arrays"][name] == 0, values == 0), f"rank {rank}, {name}: masks differ"
+            np.testing.assert_allclose(got["arrays"][name], values, rtol=1e-5, atol=1e-6)
+
+
 def _files(tmp_path):
     model = save(mlp(hidden=24, inputs=10, classes=4, seed=3), tmp_path / "mlp.onnx")
     x = randn(96, 10, seed=4)
@@ -129,25 +225,29 @@ def _prune(args: list[str], ranks: int, cwd) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-# WoodFisher in the default suite; the other two (another way of summing each) in `make test-slow`
+# WoodFisher in the default suite (its tensors split over the ranks: masks chosen from every tensor's
+# scores, or per tensor while scoring); the other two (another way of summing each) in `make test-slow`
 @pytest.mark.parametrize(
-    "method",
+    "method, allocation",
     [
-        "woodfisher",
-        pytest.param("diagonal-fisher", marks=pytest.mark.slow),
-        pytest.param("fishleg", marks=pytest.mark.slow),
+        ("woodfisher", "global"),
+        ("woodfisher", "layer"),
+        pytest.param("diagonal-fisher", "global", marks=pytest.mark.slow),
+        pytest.param("fishleg", "global", marks=pytest.mark.slow),
     ],
 )
-def test_two_ranks_prune_as_one_process(tmp_path, method):
+def test_two_ranks_prune_as_one_process(tmp_path, method, allocation):
     model, calib = _files(tmp_path)
     outputs = {}
     for ranks in (1, 2):
         out = tmp_path / f"out{ranks}.onnx"
         args = ["prune", str(model), str(out), "--sparsity", "0.7", "--method", method, "--calib", str(calib),
-                "--num-grads", "32", "--damp", "1e-3", "--allocation", "global", "--progress", "off",
-                "--json"]  # fmt: skip
+                "--num-grads", "32", "--damp", "1e-3", "--allocation", allocation, "--progress", "off",
+                "--json", "-v"]  # fmt: skip
         done = _prune(args, ranks, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
+        split = "woodfisher: statistics, scores and updates of 2 tensors split over 2 ranks (this rank: 1 of them"
+        assert (split in done.stderr) == (ranks == 2 and method == "woodfisher")
         report = json.loads(done.stdout)  # one JSON document: rank 0's alone
         assert report["environment"]["ranks"] == ("1 process" if ranks == 1 else "2 ranks (gloo)")
         assert report["fisher"]["num_grads"] == 32

@@ -86,6 +86,9 @@ class Estimator(ABC):
     # Whether `statistics` only accumulate (sums of squares): they are then fed one gradient row
     # at a time as it is computed, and the N rows are never held together.
     streams_gradients: ClassVar[bool] = False
+    # Whether each tensor's statistics, scores and update depend on that tensor's gradients alone:
+    # under torchrun each rank then computes a share of the tensors (tensor_split.py).
+    splits_over_ranks: ClassVar[bool] = False
     # Whether the estimator reads `damp` (then chosen automatically when it is "auto").
     uses_damping: ClassVar[bool] = False
     # Whether it also needs each pruned layer's output-gradient Fisher (`set_sensitivity`, given

@@ -192,6 +192,7 @@ class WoodFisher(Estimator):
     uses_damping = True
     spills = True
     streams_gradients = True
+    splits_over_ranks = True
 
     reads = ("damp", "block_size", "obs_update")
 
