@@ -265,9 +265,7 @@ class Pruner:
         self.keep = [k.clone() for k in keep]
         self.updates = {}
         if self.keep_updates and self.updates_at_once:
-            self.updates = {
-                i: values[i] - torch.where(self.keep[i], view.read(), 0.0) for i, view in enumerate(self.views)
-            }
+            self.updates = {i: self.compensation(i, values[i]) for i in range(len(self.views))}
         for view, value in zip(self.views, values):
             view.write(value.clone())
         timer = scored.timer
@@ -298,7 +296,7 @@ class Pruner:
         updates: dict[int, Tensor] = {}
         self.updates = {}
         # statistics shared from a search's trial are all kept, whatever this pruner's plan says
-        mine = [i for i in range(len(self.views)) if self.split.mine(i)]
+        mine = self.split.own(len(self.views))
         kept = self.split.agreed(bool(scored.stats or not mine) and all(i in scored.stats for i in mine))
         recollect = self.estimator.compensates and self.plan is not None and not self.plan.keep_statistics and not kept
         for g, group in enumerate(self.groups, 1):
@@ -314,7 +312,7 @@ class Pruner:
             for i in self._tracked(group, f"updates, {scored.label}", g):
                 new = self._prune_tensor(i, stats[i], forced(i), pattern, previous[i])
                 if self.keep_updates and self.updates_at_once:
-                    self.updates[i] = new - torch.where(self.keep[i], self.views[i].read(), 0.0)
+                    self.updates[i] = self.compensation(i, new)
                 if recollect:
                     updates[i] = new
                 else:
@@ -343,6 +341,10 @@ class Pruner:
         else:
             chosen = self.allocator.masks(self, scored, sparsity, timer)
         return [chosen[i].to(previous[i].device) & previous[i] for i in range(len(self.views))]
+
+    def compensation(self, i: int, new: Tensor) -> Tensor:
+        """Tensor i's update to `new`: new minus its current values under its (new) keep-mask."""
+        return new - torch.where(self.keep[i], self.views[i].read(), 0.0)
 
     @property
     def updates_at_once(self) -> bool:

@@ -35,6 +35,10 @@ class TensorSplit:
         """Whether this rank computes tensor i."""
         return self.owners is None or self.owners[i] == distributed.rank()
 
+    def own(self, count: int) -> list[int]:
+        """Which of `count` tensors this rank computes."""
+        return [i for i in range(count) if self.mine(i)]
+
     def agreed(self, value: bool) -> bool:
         """Whether `value` holds on every rank: the ranks then take the same branch around the
         collectives that follow (one rank's tensors can need what another's do not)."""
@@ -52,17 +56,16 @@ class TensorSplit:
         where the repair asks for them, the updates, as the owner computed its own)."""
         if self.owners is None:
             return
-        count = len(pruner.views)
-        mine = [i for i in range(count) if self.mine(i)]
+        mine = self.own(len(pruner.views))
         keep = distributed.from_owners({i: pruner.keep[i] for i in mine}, self.owners, self.device)
         values = distributed.from_owners({i: pruner.views[i].read() for i in mine}, self.owners, self.device)
-        for i in range(count):
-            if self.mine(i):
-                continue
+        for i, value in values.items():
+            if i in mine:
+                continue  # computed here, and already written
             pruner.keep[i] = keep[i]
             if pruner.keep_updates and pruner.updates_at_once:
-                pruner.updates[i] = values[i] - torch.where(keep[i], pruner.views[i].read(), 0.0)
-            pruner.views[i].write(values[i])
+                pruner.updates[i] = pruner.compensation(i, value)
+            pruner.views[i].write(value)
 
 
 def split_for(pruner: Pruner) -> TensorSplit:
@@ -71,9 +74,8 @@ def split_for(pruner: Pruner) -> TensorSplit:
     across tensors from more than the scores (whole channels, N:M patterns, allocations that
     read the statistics)."""
     estimator, device = pruner.estimator, pruner.keep[0].device if pruner.keep else torch.device("cpu")
-    if distributed.world() == 1 or not estimator.splits_over_ranks or estimator.sequential:
-        return TensorSplit(None, device)
-    if pruner.structured or pruner.pattern is not None or pruner.allocator.reads_statistics:
+    whole = distributed.world() == 1 or not estimator.splits_over_ranks or estimator.sequential
+    if whole or pruner.structured or pruner.pattern is not None or pruner.allocator.reads_statistics:
         return TensorSplit(None, device)
     sizes = [view.numel for view in pruner.views]
     owners = distributed.assign(sizes, distributed.world())
