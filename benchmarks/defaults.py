@@ -41,11 +41,11 @@ def runs(sparsities, seeds) -> list[Run]:
         for sparsity in sparsities:
             if seed == seeds[0]:
                 out.append(Run("minilm", PEER, sparsity, 1))
-            out += list(_pair(sparsity, seed))
+            out += list(pair(sparsity, seed))
     return out
 
 
-def _pair(sparsity: float, seed: int) -> tuple[Run, Run]:
+def pair(sparsity: float, seed: int) -> tuple[Run, Run]:
     """The search's run as measured here (before the shared factors: docs/shared_factors.md measures
     them) and global alone."""
     defaults = Run(
@@ -104,10 +104,10 @@ def render(results: dict[str, dict], sparsities, seeds) -> str:
         peer = results.get(Run("minilm", PEER, sparsity, 1).key)
         paired = []
         for seed in seeds:
-            defaults, single = _pair(sparsity, seed)
-            pair = results.get(defaults.key), results.get(single.key)
-            if all(v is not None and "error" not in v for v in pair):
-                paired.append(pair)
+            defaults, single = pair(sparsity, seed)
+            measured = results.get(defaults.key), results.get(single.key)
+            if all(v is not None and "error" not in v for v in measured):
+                paired.append(measured)
         if paired:
             checks.append(_row_pair(lines, sparsity, paired, peer, earlier))
         if peer is not None and "error" not in peer:
