@@ -116,6 +116,11 @@ def test_one_ordered_factor_gives_the_joint_update_of_every_prefix_and_flags_oth
         assert bool(ok.all())
         torch.testing.assert_close(new, obs_joint_update(w, finv, prune), rtol=0, atol=1e-12)
         assert bool((new[prune] == 0).all())
+        # the factor as WoodFisher stores it (float32): solved in float32, w's dtype kept, within
+        # float32 rounding of the float64 update
+        new32, _ = prefix_update(w, factor.float(), order, prune)
+        assert new32.dtype == F64 and bool((new32[prune] == 0).all())
+        torch.testing.assert_close(new32, obs_joint_update(w, finv, prune), rtol=0, atol=1e-6)
     # the second-smallest alone is not a prefix: flagged, to be solved otherwise
     _, ok = prefix_update(w, factor, order, rank == 1)
     assert not bool(ok.any())
