@@ -13,6 +13,7 @@ rewritten from them.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -248,8 +249,10 @@ def measure_missing(path: Path, results: dict[str, dict], runs: list[Run], redo:
 
 
 def append_result(path: Path, results: dict[str, dict], row: dict) -> None:
-    """`row` recorded under its key, and appended to the results file at once (an interrupted
-    benchmark resumes after it)."""
+    """`row` recorded under its key with the time it ended (`measured_at`, UTC), and appended to
+    the results file at once (an interrupted benchmark resumes after it)."""
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    row = {**row, "measured_at": f"{when} UTC"}
     results[row["key"]] = row
     with path.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
