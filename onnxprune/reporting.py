@@ -102,8 +102,14 @@ def fisher_info(
                 f" ({source.rows_dropped / source.rows_checked:.0%} of the token rows left out: the outputs "
                 "never read them)"
             )
+        loss = "none: each layer's output error on its calibration inputs, ‖ΔW·X‖² (H = 2XᵀX)"
+        if source.loss is not None:  # combined: each output unit's rows weighted by its task-loss Fisher
+            loss = (
+                f"each layer's output error on its calibration inputs, each output unit's row weighted by "
+                f"its Fisher (K-FAC) under {source.loss.describe()}"
+            )
         return Fisher(
-            loss="none: each layer's output error on its calibration inputs, ‖ΔW·X‖² (H = 2XᵀX)",
+            loss=loss,
             statistics="layer inputs" + rows,
             fisher_batch=1,
             groups=1,

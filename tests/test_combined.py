@@ -92,6 +92,8 @@ def test_combined_prunes_the_shipped_cnn_and_reports_its_mix_search(tmp_path):
     assert search["grid"] == [0.0, 0.5, 1.0] and search["chosen"] == report.fisher.estimator["mix"]
     assert min(search["losses"]) == search["losses"][search["grid"].index(search["chosen"])]
     assert report.pruning.zeros == round(0.9 * report.pruning.params) and report.validation.accuracy_after > 0.9
+    # the statistics say which loss weighs the rows, not "none"
+    assert report.fisher.loss.startswith("each layer's output error") and "cross-entropy" in report.fisher.loss
 
 
 def test_method_auto_picks_the_known_best_of_a_constructed_example(tmp_path):
