@@ -444,7 +444,10 @@ _SHARED = [
         type=click.FloatRange(min=0, min_open=True),
         default=None,
         metavar="GIB",
-        help="Memory for the Fisher statistics, in GiB; more is refused (exit 8). Default: 80% of available.",
+        help=(
+            "Memory for the Fisher statistics of each process, in GiB; more is refused (exit 8). Default: 80% of "
+            "available, shared by the torchrun ranks of a machine."
+        ),
     ),
     click.option(
         "--progress",

@@ -189,6 +189,21 @@ def total(value: float) -> float:
     return float(box.item())
 
 
+def least(value: int) -> int:
+    """The smallest `value` over the ranks (`value` itself in one process)."""
+    if world() == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device=_collective_device(torch.device("cpu")))
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    return int(box.item())
+
+
+def local_ranks() -> int:
+    """How many of the launcher's ranks run on this machine (they share its memory); 1 outside
+    torchrun."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if launched() else 1
+
+
 def describe() -> str:
     """How the run was spread, for the report."""
     if world() == 1:

@@ -159,44 +159,72 @@ class DoesNotFit(Exception):
 DISK_MARGIN = 1.2
 
 
-def plan_memory(needs: Sequence[MemoryNeed], budget: int, compensates: bool, disk_free: int = 0) -> MemoryPlan:
+def plan_memory(
+    needs: Sequence[MemoryNeed],
+    budget: int,
+    compensates: bool,
+    disk_free: int = 0,
+    owners: Sequence[int] | None = None,
+) -> MemoryPlan:
     """Greedy groups of consecutive tensors whose statistics are built together within `budget`
     (a tensor's `peak` includes what it keeps). The kept statistics of earlier groups stay in
     memory while later groups are built if everything fits that way; else they go to disk if it
-    has room, else they are recomputed for the update."""
+    has room, else they are recomputed for the update. `owners`: under torchrun's tensor split,
+    the rank that builds each tensor's statistics (the other ranks need nothing for it); the
+    groups are then the same on every rank, each within the budget on every rank, and the
+    estimate is the most any rank needs."""
     if not needs:
         return MemoryPlan((), "none", 0, budget)
     worst = max(range(len(needs)), key=lambda i: needs[i].alone)
     if needs[worst].alone > budget:
         raise DoesNotFit(worst, needs[worst].alone)
-    kept_total = sum(n.kept for n in needs)
+    kept_total = sum(n.kept for n in needs)  # spilled by all ranks, to what may be one disk
+    per_rank = _by_rank(needs, owners)
     try:
-        groups, estimate = _grouped(needs, budget, resident=compensates)
+        groups, estimate = _grouped(per_rank, budget, resident=compensates)
         storage = "memory" if compensates else "none"
     except DoesNotFit:
         storage = "disk" if disk_free >= DISK_MARGIN * kept_total else "recompute"
-        groups, estimate = _grouped(needs, budget, resident=False)  # every tensor fits alone
+        groups, estimate = _grouped(per_rank, budget, resident=False)  # every tensor fits alone
     return MemoryPlan(groups, storage, estimate, budget, kept_total if storage == "disk" else 0)
 
 
-def _grouped(needs: Sequence[MemoryNeed], budget: int, resident: bool) -> tuple[tuple[tuple[int, ...], ...], int]:
-    """Consecutive groups and the largest memory any of them needs (its peaks, plus the kept
-    statistics of the groups before it when they stay `resident`); DoesNotFit when a tensor does
-    not fit beside what is resident."""
+def _by_rank(needs: Sequence[MemoryNeed], owners: Sequence[int] | None) -> list[list[MemoryNeed]]:
+    """Each rank's needs, tensor by tensor (nothing for a tensor another rank builds); one list
+    without a split."""
+    if owners is None:
+        return [list(needs)]
+    return [[n if owner == r else MemoryNeed() for n, owner in zip(needs, owners)] for r in range(max(owners) + 1)]
+
+
+def _grouped(per_rank: list[list[MemoryNeed]], budget: int, resident: bool) -> tuple[tuple[tuple[int, ...], ...], int]:
+    """Consecutive groups and the largest memory any rank needs for any of them (its peaks, plus
+    the kept statistics of the groups before it when they stay `resident`); a group closes when
+    the next tensor would not fit on some rank. DoesNotFit when a tensor does not fit beside what
+    is resident."""
+    ranks = range(len(per_rank))
+    load, scratch, kept_before = [0] * len(ranks), [0] * len(ranks), [0] * len(ranks)
     groups: list[tuple[int, ...]] = []
     current: list[int] = []
-    load = scratch = kept_before = estimate = 0
-    for i, need in enumerate(needs):
-        if current and kept_before + load + need.peak + max(scratch, need.scratch) > budget:
+    estimate = 0
+    for i in range(len(per_rank[0])):
+        needs = [per_rank[r][i] for r in ranks]
+        if current and any(
+            kept_before[r] + load[r] + needs[r].peak + max(scratch[r], needs[r].scratch) > budget for r in ranks
+        ):
             groups.append(tuple(current))
-            if resident:
-                kept_before += sum(needs[j].kept for j in current)
-            current, load, scratch = [], 0, 0
-        if kept_before + need.alone > budget:
-            raise DoesNotFit(i, kept_before + need.alone)
+            for r in ranks:
+                if resident:
+                    kept_before[r] += sum(per_rank[r][j].kept for j in current)
+                load[r] = scratch[r] = 0
+            current = []
+        for r in ranks:
+            if kept_before[r] + needs[r].alone > budget:
+                raise DoesNotFit(i, kept_before[r] + needs[r].alone)
         current.append(i)
-        load += need.peak
-        scratch = max(scratch, need.scratch)
-        estimate = max(estimate, kept_before + load + scratch)
+        for r in ranks:
+            load[r] += needs[r].peak
+            scratch[r] = max(scratch[r], needs[r].scratch)
+            estimate = max(estimate, kept_before[r] + load[r] + scratch[r])
     groups.append(tuple(current))
     return tuple(groups), estimate

@@ -104,15 +104,16 @@ class Pruner:
         self._spill: Path | None = None
         if (estimator.needs_gradients or estimator.needs_activations) and sources is None:
             raise ValueError(f"{estimator.name} needs calibration statistics")
+        self.split = split_for(self)  # under torchrun: the tensors this rank computes
         if estimator.needs_gradients and sources is not None:
             self._plan_memory(sources(0).count, budget, spill_folder)
         self.groups = self.plan.groups if self.plan else (tuple(range(len(self.views))),)
-        self.split = split_for(self)  # under torchrun: the tensors this rank computes
 
     def _plan_memory(self, count: int, budget: int, spill_folder: Path | None) -> None:
         """The statistics' memory plan (and the spill folder, when it says disk)."""
         disk_free = shutil.disk_usage(spill_folder).free if spill_folder is not None else 0
-        plan = self.plan = plan_statistics(self.views, self.estimator, count, budget, disk_free)
+        owners = self.split.owners  # under the split each rank builds only its own tensors' statistics
+        plan = self.plan = plan_statistics(self.views, self.estimator, count, budget, disk_free, owners)
         log.debug(
             "memory: statistics %s planned (%d group(s), %s), %s resident before them",
             human(plan.estimate),

@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .bridge.convert import TorchModel
 from .config import PruneConfig
 from .errors import NonFiniteError, UsageError
@@ -78,10 +79,15 @@ def torch_runner(torch_model: TorchModel, device: torch.device) -> Runner:
 
 
 def memory_budget(config: PruneConfig) -> int:
-    """Bytes the estimator's statistics may use: --max-memory, else 80% of what is available."""
+    """Bytes the estimator's statistics may use in this process: --max-memory, else 80% of what is
+    available, shared between the torchrun ranks on this machine. Under torchrun every rank gets
+    the smallest rank's budget: the memory plan's groups decide which gradients are exchanged
+    together, so they must be the same on every rank."""
     if config.max_memory is not None:
-        return int(config.max_memory * GIB)
-    return int(0.8 * available_bytes())
+        budget = int(config.max_memory * GIB)
+    else:
+        budget = int(0.8 * available_bytes()) // distributed.local_ranks()
+    return distributed.least(budget)
 
 
 def non_finite_output(outputs: Sequence[np.ndarray], names: Sequence[str]) -> str | None:

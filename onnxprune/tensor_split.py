@@ -5,7 +5,7 @@ then receives the others' scores, masks and new weights (see distributed.py).
 The split leaves the result as one process's: a tensor's statistics are folded from the same
 gradients in the same order wherever it is computed, the allocation then sees every tensor's
 scores on every rank, and each tensor's update is the one its owner computed. The memory plan
-still counts every tensor's statistics on each rank (an over-estimate by the split).
+counts on each rank the statistics of its own tensors (memory.plan_memory's `owners`).
 """
 
 from __future__ import annotations

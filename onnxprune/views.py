@@ -108,11 +108,19 @@ class TensorView:
 
 
 def plan_statistics(
-    views: Sequence[TensorView], estimator: Estimator, count: int, budget: int, disk_free: int
+    views: Sequence[TensorView],
+    estimator: Estimator,
+    count: int,
+    budget: int,
+    disk_free: int,
+    owners: Sequence[int] | None = None,
 ) -> MemoryPlan:
+    """The statistics' memory plan for `count` gradients (`owners`: the rank that builds each
+    tensor's statistics under torchrun's tensor split, see memory.plan_memory); MemoryBudgetError,
+    with a setting that fits, when a tensor cannot."""
     needs = [estimator.memory(v.shape, count) for v in views]
     try:
-        return plan_memory(needs, budget, estimator.compensates, disk_free)
+        return plan_memory(needs, budget, estimator.compensates, disk_free, owners)
     except DoesNotFit as failure:
         view = views[failure.index]
         raise MemoryBudgetError(

@@ -172,6 +172,7 @@ def _rank_split_run(rank: int, port: int, folder: str) -> None:
 
     import torch.distributed as dist
 
+    from onnxprune import distributed
     from onnxprune.estimators import woodfisher
 
     woodfisher.FOLD_ROWS, woodfisher.CHUNK_BYTES = 1, 8 * 8 * 8  # as the test below sets them in one process
@@ -180,13 +181,19 @@ def _rank_split_run(rank: int, port: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=3, timeout=timedelta(seconds=60))
     try:
         torch.save(_split_run(), f"{folder}/rank{rank}.pt")
+        # every tensor on rank 0: it cannot hold both tensors' statistics, and the others, owning
+        # none, must collect each group's gradients again with it
+        distributed.assign = lambda sizes, ranks: [0] * len(sizes)
+        torch.save(_split_run(), f"{folder}/rank{rank}_first.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_three_ranks_split_two_tensors_and_collect_again_as_one_process(tmp_path, monkeypatch):
-    # 2 tensors on 3 ranks: rank 2 computes none, yet collects each group's gradients again with the
-    # others (its empty share must not let it skip the collection its peers wait for)
+def test_three_ranks_plan_their_own_tensors_and_collect_again_as_one_process(tmp_path, monkeypatch):
+    # 2 tensors on 3 ranks on a budget that holds one tensor's statistics: one process collects
+    # each group's gradients again for its update; split, each rank plans only its own tensor and
+    # keeps its statistics (rank 2 computes none, yet joins every collection); with every tensor
+    # on one rank, all three collect again as one process does
     import torch.multiprocessing as mp
 
     from onnxprune.estimators import woodfisher
@@ -197,11 +204,12 @@ def test_three_ranks_split_two_tensors_and_collect_again_as_one_process(tmp_path
     one = _split_run()
     assert one["storage"] == "recompute" and one["collections"] == [4, 4]  # two groups, each twice, per step
     for rank in range(3):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert got["storage"] == "recompute" and got["collections"] == [4, 4]
-        for name, values in one["arrays"].items():
-            assert np.array_equal(got["arrays"][name] == 0, values == 0), f"rank {rank}, {name}: masks differ"
-            np.testing.assert_allclose(got["arrays"][name], values, rtol=1e-5, atol=1e-6)
+        for suffix, storage, collections in (("", "memory", [1, 1]), ("_first", "recompute", [4, 4])):
+            got = torch.load(tmp_path / f"rank{rank}{suffix}.pt", weights_only=False)
+            assert got["storage"] == storage and got["collections"] == collections, (rank, suffix)
+            for name, values in one["arrays"].items():
+                assert np.array_equal(got["arrays"][name] == 0, values == 0), f"rank {rank}{suffix}, {name}: masks"
+                np.testing.assert_allclose(got["arrays"][name], values, rtol=1e-5, atol=1e-6)
 
 
 def _files(tmp_path):

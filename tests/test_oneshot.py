@@ -173,6 +173,40 @@ def test_plan_memory_by_hand():
     assert caught.value.index == 2
 
 
+def test_plan_memory_by_hand_under_a_split_over_ranks():
+    needs = [MemoryNeed(peak=40, kept=10), MemoryNeed(peak=30, kept=10), MemoryNeed(peak=50, kept=20)]
+    # one rank holding every tensor plans as one process
+    for budget in (1000, 75, 65):
+        assert plan_memory(needs, budget, True, owners=[0, 0, 0]) == plan_memory(needs, budget, True)
+    # tensors 0 and 2 on rank 0, 1 on rank 1: 90 bytes hold everything in one group (rank 0: 40 + 50;
+    # one process needs 120)
+    split = plan_memory(needs, 90, True, owners=[0, 1, 0])
+    assert split.groups == ((0, 1, 2),) and split.storage == "memory" and split.estimate == 90
+    # 65 bytes: one process recomputes; split, 2 waits for the next group on rank 0 (40 + 50 > 65)
+    # beside the 10 that 0 keeps there, and nothing needs recomputing: 10 + 50 = 60
+    split = plan_memory(needs, 65, True, owners=[0, 1, 0])
+    assert split.groups == ((0, 1), (2,)) and split.storage == "memory" and split.estimate == 60
+    # a group closes where any rank would overflow: here rank 1 (30 + 50 > 65; rank 0 would hold 40)
+    split = plan_memory(needs, 65, True, owners=[0, 1, 1])
+    assert split.groups == ((0, 1), (2,)) and split.estimate == 60
+    # a rank that builds nothing needs nothing
+    assert plan_memory(needs, 65, True, owners=[0, 0, 0]).storage == "recompute"
+    assert plan_memory(needs, 65, True, owners=[2, 2, 2]).storage == "recompute"
+
+
+def test_the_automatic_budget_is_shared_by_the_ranks_of_a_machine(monkeypatch):
+    from onnxprune import runtime
+
+    monkeypatch.setattr(runtime, "available_bytes", lambda: 10_000)
+    config = PruneConfig(input="i.onnx", output="o.onnx", sparsity=0.5)
+    assert runtime.memory_budget(config) == 8_000
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 of the 4 ranks on this machine
+    assert runtime.memory_budget(config) == 4_000
+    # --max-memory is each process's own
+    assert runtime.memory_budget(PruneConfig(input="i.onnx", output="o.onnx", sparsity=0.5, max_memory=1.0)) == 2**30
+
+
 def test_exit_8_when_one_tensor_does_not_fit_with_a_suggestion(tmp_path):
     m = mlp_model()
     path = save(m, tmp_path / "m.onnx")
