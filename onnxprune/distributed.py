@@ -3,7 +3,8 @@
 `torchrun --nproc-per-node K onnxprune in.onnx out.onnx ...` starts K processes; each loads and
 converts the model. Of the N calibration gradients, gradient k is computed by rank k mod K only;
 after each round of K gradients the ranks exchange them (`share`), so every rank folds all N
-into its statistics in the order one process would (k = 0, 1, 2, ...). The statistics are then
+into its statistics in the order one process would (k = 0, 1, 2, ...); where the tensors are
+split between the ranks, each rank receives the rows of its own tensors only (one all-to-all). The statistics are then
 the same bit for bit as one process's (summing partial Gram matrices instead moved scores at the
 threshold by a rounding: 2 of MiniLM's 8.5M pruned entries differed), and so are the masks.
 Everything after that starts from the same statistics on every rank and is computed identically
@@ -92,15 +93,34 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def share(parts: dict[str, torch.Tensor] | None, sizes: dict[str, int]) -> list[dict[str, torch.Tensor] | None]:
+def share(
+    parts: dict[str, torch.Tensor] | None, sizes: dict[str, int], owners: dict[str, int] | None = None
+) -> list[dict[str, torch.Tensor] | None]:
     """Every rank's `parts` (flat float32 tensors by name, any subset of `sizes`' names; None when
-    the rank has nothing this round) on every rank, in rank order (one process: `[parts]`)."""
+    the rank has nothing this round), in rank order (one process: `[parts]`). With `owners` (the
+    rank that consumes each name), each rank receives only the names it owns (one all-to-all:
+    1/K of what every rank would otherwise receive); else every rank receives every name."""
     if world() == 1:
         return [parts]
-    names = list(sizes)
-    total = sum(sizes.values())
     device = _collective_device(next(iter(parts.values())).device if parts else torch.device("cpu"))
-    # the values of every name, then one presence flag per name, then whether the rank sent anything
+    if owners is None:
+        buffer = _packed(parts, sizes, list(sizes), device)
+        gathered = [torch.empty_like(buffer) for _ in range(world())]
+        dist.all_gather(gathered, buffer)
+        return [_unpacked(received, sizes, list(sizes)) for received in gathered]
+    names = [[name for name in sizes if owners[name] == r] for r in range(world())]
+    sent = [_packed(parts, sizes, names[r], device) for r in range(world())]
+    length = sum(sizes[n] for n in names[rank()]) + len(names[rank()]) + 1
+    received = torch.empty(length * world(), dtype=torch.float32, device=device)
+    # one buffer of uneven parts (gloo's list form wants parts of one size)
+    dist.all_to_all_single(received, torch.cat(sent), [length] * world(), [len(buffer) for buffer in sent])
+    return [_unpacked(buffer, sizes, names[rank()]) for buffer in received.split(length)]
+
+
+def _packed(parts: dict[str, torch.Tensor] | None, sizes: dict[str, int], names: list[str], device) -> torch.Tensor:
+    """One buffer: the values of `names` in order, then a presence flag per name, then whether the
+    rank sent anything this round."""
+    total = sum(sizes[n] for n in names)
     buffer = torch.zeros(total + len(names) + 1, dtype=torch.float32, device=device)
     if parts is not None:
         buffer[-1] = 1.0
@@ -110,17 +130,17 @@ def share(parts: dict[str, torch.Tensor] | None, sizes: dict[str, int]) -> list[
                 buffer[offset : offset + sizes[name]].copy_(parts[name])
                 buffer[total + index] = 1.0
             offset += sizes[name]
-    gathered = [torch.empty_like(buffer) for _ in range(world())]
-    dist.all_gather(gathered, buffer)
-    result: list[dict[str, torch.Tensor] | None] = []
-    for received in gathered:
-        if received[-1].item() == 0.0:
-            result.append(None)
-            continue
-        flags = received[total:-1].tolist()
-        pieces = torch.split(received[:total], [sizes[n] for n in names])
-        result.append({n: piece for n, piece, flag in zip(names, pieces, flags) if flag})
-    return result
+    return buffer
+
+
+def _unpacked(buffer: torch.Tensor, sizes: dict[str, int], names: list[str]) -> dict[str, torch.Tensor] | None:
+    """`_packed`'s parts back (None: the rank sent nothing)."""
+    if buffer[-1].item() == 0.0:
+        return None
+    total = sum(sizes[n] for n in names)
+    flags = buffer[total:-1].tolist()
+    pieces = torch.split(buffer[:total], [sizes[n] for n in names])
+    return {n: piece for n, piece, flag in zip(names, pieces, flags) if flag}
 
 
 def _collective_device(default: torch.device) -> torch.device:

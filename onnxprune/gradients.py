@@ -152,12 +152,15 @@ class GradientSource:
         consume: Callable[[int, dict[str, Tensor]], None],
         masks: dict[str, Tensor] | None = None,
         progress: Callable[[int], None] | None = None,
+        owners: dict[str, int] | None = None,
     ) -> None:
         """Hand gradient k of each weight (flat float32, ONNX layout, pruned entries 0; weights
         the loss does not reach are left out) to `consume(k, grads)` in the order k = 0, 1, ...,
         so that statistics that only accumulate (squares) never hold all N rows. On torchrun's
         ranks each rank computes its own share (`distributed.owned`) and they exchange each
-        round's, so every rank consumes all N in that order; `progress` counts the rank's own."""
+        round's, so every rank consumes all N in that order; `progress` counts the rank's own.
+        `owners` (torchrun's tensor split: the rank that folds each weight's rows): each rank
+        then receives, and consumes, the rows of its own weights only."""
         params = [self.model.tensors[name] for name in names]
         sizes = {name: p.numel() for name, p in zip(names, params)}
         previous = [p.requires_grad for p in params]
@@ -170,7 +173,7 @@ class GradientSource:
                 mine = self._gradient(k, names, params, masks) if k < self.count else None
                 if mine is not None and progress is not None:
                     progress(1)
-                for offset, grads in enumerate(distributed.share(mine, sizes)):
+                for offset, grads in enumerate(distributed.share(mine, sizes, owners)):
                     if grads is not None:
                         consume(first + offset, grads)
         finally:

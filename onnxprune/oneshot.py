@@ -469,7 +469,8 @@ class Pruner:
                 task.advance(rows * source.micro_batch)
 
             if estimator.streams_gradients:
-                source.stream(list(index), lambda k, grads: add({n: g[None] for n, g in grads.items()}), masks, advance)
+                consume = lambda k, grads: add({n: g[None] for n, g in grads.items()})  # noqa: E731
+                source.stream(list(index), consume, masks, advance, self.split.by_name(index))
             else:
                 rows = source.collect(list(index), masks, progress=advance)
         timer["gradients"] += time.perf_counter() - started - (timer["estimator"] - before)

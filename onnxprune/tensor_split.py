@@ -39,6 +39,11 @@ class TensorSplit:
         """Which of `count` tensors this rank computes."""
         return [i for i in range(count) if self.mine(i)]
 
+    def by_name(self, index: dict[str, int]) -> dict[str, int] | None:
+        """The rank that computes each named tensor (`index`: name to tensor number; None where
+        this rank computes all): the gradient exchange sends each rank its own tensors' rows."""
+        return None if self.owners is None else {name: self.owners[i] for name, i in index.items()}
+
     def agreed(self, value: bool) -> bool:
         """Whether `value` holds on every rank: the ranks then take the same branch around the
         collectives that follow (one rank's tensors can need what another's do not)."""

@@ -133,6 +133,13 @@ def _rank_exchange(rank: int, port: int, folder: str) -> None:
             1: {1: torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7},  # item 3: rank 1 has no value
         }[rank]
         torch.save(distributed.from_owners(own, [0, 1, 0, 1], torch.device("cpu")), f"{folder}/got{rank}.pt")
+        # gradient rows sent to the rank that folds them: a to 0, b and c to 1; rank 1 sends no c,
+        # and in a last round rank 1 has no gradient to send
+        sizes, owners = {"a": 2, "b": 3, "c": 1}, {"a": 0, "b": 1, "c": 1}
+        parts = {"a": torch.full((2,), rank + 0.5), "b": torch.arange(3.0) + 10 * rank, "c": torch.tensor([-1.0])}
+        rows = [distributed.share(parts if rank == 0 else {k: parts[k] for k in "ab"}, sizes, owners)]
+        rows.append(distributed.share(None if rank == 1 else parts, sizes, owners))
+        torch.save(rows, f"{folder}/rows{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -147,6 +154,13 @@ def test_every_rank_receives_each_item_from_its_owner_exactly(tmp_path):
         assert got[0].dtype == torch.float64 and got[0].tolist() == [1.0, 1e-300, -2.5]  # not through float32
         assert got[1].shape == (2, 3) and torch.equal(got[1], torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7)
         assert got[2].dtype == torch.bool and got[2].tolist() == [True, False, True]
+    # each rank gets from every rank, in rank order, only the rows of the names it owns
+    first, last = torch.load(tmp_path / "rows0.pt"), torch.load(tmp_path / "rows1.pt")
+    assert [sorted(p) for p in first[0]] == [["a"], ["a"]] and first[0][1]["a"].tolist() == [1.5, 1.5]
+    assert first[1][0]["a"].tolist() == [0.5, 0.5] and first[1][1] is None
+    assert [sorted(p) for p in last[0]] == [["b", "c"], ["b"]]
+    assert last[0][0]["b"].tolist() == [0.0, 1.0, 2.0] and last[0][1]["b"].tolist() == [10.0, 11.0, 12.0]
+    assert last[0][0]["c"].tolist() == [-1.0] and last[1][1] is None and sorted(last[1][0]) == ["b", "c"]
 
 
 def _split_run() -> dict:
