@@ -537,14 +537,14 @@ def test_non_finite_gradients_are_exit_7_naming_the_tensor(tmp_path, monkeypatch
     calib = save_npz(tmp_path / "c.npz", x=randn(64, 6, seed=3), labels=np.arange(64) % 3)
     real = GradientSource.stream
 
-    def poisoned(self, names, consume, masks=None, progress=None):
+    def poisoned(self, names, consume, masks=None, progress=None, owners=None):
         # every estimator's gradients pass here (collected rows are streamed into their matrix)
         def consume_poisoned(k, grads):
             if k == 0 and "w2" in grads:
                 grads["w2"][0] = float("inf")
             consume(k, grads)
 
-        return real(self, names, consume_poisoned, masks, progress)
+        return real(self, names, consume_poisoned, masks, progress, owners)
 
     monkeypatch.setattr(GradientSource, "stream", poisoned)
     result = run_cli(path, tmp_path / "o.onnx", "--sparsity", "0.5", "--calib", calib, "--num-grads", "8")
