@@ -104,37 +104,46 @@ def share(
         return [parts]
     device = _collective_device(next(iter(parts.values())).device if parts else torch.device("cpu"))
     if owners is None:
-        buffer = _packed(parts, sizes, list(sizes), device)
+        buffer = torch.zeros(_length(sizes, list(sizes)), dtype=torch.float32, device=device)
+        _pack(buffer, parts, sizes, list(sizes))
         gathered = [torch.empty_like(buffer) for _ in range(world())]
         dist.all_gather(gathered, buffer)
         return [_unpacked(received, sizes, list(sizes)) for received in gathered]
     names = [[name for name in sizes if owners[name] == r] for r in range(world())]
-    sent = [_packed(parts, sizes, names[r], device) for r in range(world())]
-    length = sum(sizes[n] for n in names[rank()]) + len(names[rank()]) + 1
-    received = torch.empty(length * world(), dtype=torch.float32, device=device)
-    # one buffer of uneven parts (gloo's list form wants parts of one size)
-    dist.all_to_all_single(received, torch.cat(sent), [length] * world(), [len(buffer) for buffer in sent])
-    return [_unpacked(buffer, sizes, names[rank()]) for buffer in received.split(length)]
+    lengths = [_length(sizes, n) for n in names]
+    # each destination's part packed in place in one buffer of uneven parts (gloo's list form of
+    # all-to-all wants parts of one size)
+    sent = torch.zeros(sum(lengths), dtype=torch.float32, device=device)
+    for part, destined in zip(sent.split(lengths), names):
+        _pack(part, parts, sizes, destined)
+    mine = lengths[rank()]
+    received = torch.empty(mine * world(), dtype=torch.float32, device=device)
+    dist.all_to_all_single(received, sent, [mine] * world(), lengths)
+    return [_unpacked(buffer, sizes, names[rank()]) for buffer in received.split(mine)]
 
 
-def _packed(parts: dict[str, torch.Tensor] | None, sizes: dict[str, int], names: list[str], device) -> torch.Tensor:
-    """One buffer: the values of `names` in order, then a presence flag per name, then whether the
-    rank sent anything this round."""
-    total = sum(sizes[n] for n in names)
-    buffer = torch.zeros(total + len(names) + 1, dtype=torch.float32, device=device)
-    if parts is not None:
-        buffer[-1] = 1.0
-        offset = 0
-        for index, name in enumerate(names):
-            if name in parts:
-                buffer[offset : offset + sizes[name]].copy_(parts[name])
-                buffer[total + index] = 1.0
-            offset += sizes[name]
-    return buffer
+def _length(sizes: dict[str, int], names: list[str]) -> int:
+    """The length of `_pack`'s buffer for `names`."""
+    return sum(sizes[n] for n in names) + len(names) + 1
+
+
+def _pack(buffer: torch.Tensor, parts: dict[str, torch.Tensor] | None, sizes: dict[str, int], names: list[str]) -> None:
+    """Fill `buffer` (zeros, `_length` long): the values of `names` in order, then a presence flag
+    per name, then whether the rank sent anything this round."""
+    if parts is None:
+        return
+    total = buffer.numel() - len(names) - 1
+    buffer[-1] = 1.0
+    offset = 0
+    for index, name in enumerate(names):
+        if name in parts:
+            buffer[offset : offset + sizes[name]].copy_(parts[name])
+            buffer[total + index] = 1.0
+        offset += sizes[name]
 
 
 def _unpacked(buffer: torch.Tensor, sizes: dict[str, int], names: list[str]) -> dict[str, torch.Tensor] | None:
-    """`_packed`'s parts back (None: the rank sent nothing)."""
+    """`_pack`'s parts back (None: the rank sent nothing)."""
     if buffer[-1].item() == 0.0:
         return None
     total = sum(sizes[n] for n in names)
